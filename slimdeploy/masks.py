@@ -1,0 +1,224 @@
+"""Search-time masks attached to a timm VisionTransformer (ViT-Slim's idea, with real token removal).
+
+MaskedViT holds the unmodified timm model and one learnable mask per searched dimension:
+  qk   (depth, heads, head_dim)  multiplies q after q_norm: an attention logit is linear in it
+  v    (depth, heads, head_dim)  multiplies v (so proj's matching input column is dead at 0)
+  mlp  (depth, mlp_dim)          multiplies the hidden units after the activation
+  tok  (depth, num_patches)      one value in [0, 1] per patch token per block; prefix tokens
+                                 (class, distillation, register) are never masked
+All masks start at exactly 1, where the masked model computes the dense model's function.
+
+Token masks are designed so that a hard 0 is exactly removal (unlike ViT-Slim's zeroing of the
+normed input): a token's keys/values are weighted by its mask inside the softmax
+(logits + log m), and its residual updates are multiplied by m. At m = 0 the token contributes
+no key/value and receives no update, which is what dropping it from the sequence does.
+
+With qk_norm, a hard-pruned q/k channel is also left out of the LayerNorm statistics, as the
+physically pruned HeadwiseLayerNorm does. We wrap and call timm's modules; we never patch them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from timm.models.vision_transformer import VisionTransformer
+from torch import nn
+
+from .models import arch_of
+from .types import Arch, BlockSpec, SlimSpec
+
+MASK_KINDS = ("qk", "v", "mlp", "tok")
+
+
+@dataclass
+class SearchDims:
+    """Which dimensions are searched."""
+
+    tokens: bool = True
+    attn: bool = True
+    mlp: bool = True
+    shared_qkv: bool = False  # ViT-Slim's single mask on q, k and v
+
+
+def _ste_unit(z: torch.Tensor) -> torch.Tensor:
+    """Value clamp(z, 0, 1), gradient 1: a token mask can come back from 0 during search."""
+    return z + (z.clamp(0.0, 1.0) - z).detach()
+
+
+def _masked_layernorm(x: torch.Tensor, ln: nn.LayerNorm, keep: torch.Tensor) -> torch.Tensor:
+    """LayerNorm over the channels with keep=1 only (keep: heads x channels of 0/1)."""
+    w = keep[None, :, None, :].to(x.dtype)
+    count = w.sum(-1, keepdim=True).clamp_min(1.0)
+    mean = (x * w).sum(-1, keepdim=True) / count
+    var = (((x - mean) ** 2) * w).sum(-1, keepdim=True) / count
+    y = (x - mean) / torch.sqrt(var + ln.eps)
+    return y * ln.weight + ln.bias if ln.weight is not None else y
+
+
+class MaskedViT(nn.Module):
+    """A timm VisionTransformer with search masks; `vit` keeps timm's own parameter names."""
+
+    def __init__(self, vit: VisionTransformer, dims: SearchDims | None = None):
+        super().__init__()
+        self.vit = vit
+        self.dims = dims or SearchDims()
+        self.arch: Arch = arch_of(vit)
+        a = self.arch
+        if self.dims.attn:
+            self.qk = nn.Parameter(torch.ones(a.depth, a.num_heads, a.head_dim))
+            self.v = None if self.dims.shared_qkv else nn.Parameter(torch.ones(a.depth, a.num_heads, a.head_dim))
+        else:
+            self.qk = self.v = None
+        self.mlp = nn.Parameter(torch.ones(a.depth, a.mlp_dim)) if self.dims.mlp else None
+        self.tok = nn.Parameter(torch.ones(a.depth, a.num_patches)) if self.dims.tokens else None
+
+    # ---- masks ---------------------------------------------------------------------------------
+    def mask_params(self) -> dict[str, nn.Parameter]:
+        return {k: getattr(self, k) for k in MASK_KINDS if getattr(self, k, None) is not None}
+
+    def v_mask(self) -> torch.Tensor | None:
+        return self.qk if self.dims.shared_qkv else self.v
+
+    def token_values(self) -> torch.Tensor | None:
+        """(depth, num_tokens) mask values in [0, 1]; prefix tokens fixed at 1."""
+        if self.tok is None:
+            return None
+        prefix = torch.ones(self.arch.depth, self.arch.num_prefix_tokens, device=self.tok.device, dtype=self.tok.dtype)
+        return torch.cat([prefix, _ste_unit(self.tok)], dim=1)
+
+    @torch.no_grad()
+    def set_hard(self, spec: SlimSpec) -> MaskedViT:
+        """Set every mask to the spec's 0/1 values (the masked twin of the pruned model)."""
+        a = self.arch
+        for i, b in enumerate(spec.blocks):
+            if self.qk is not None:
+                self.qk[i].copy_(_channel_mask(a, b.heads, b.qk))
+            if self.v is not None:
+                self.v[i].copy_(_channel_mask(a, b.heads, b.v))
+            if self.mlp is not None:
+                m = torch.zeros(a.mlp_dim)
+                m[b.mlp] = 1.0
+                self.mlp[i].copy_(m)
+            if self.tok is not None:
+                t = torch.zeros(a.num_tokens)
+                t[b.tokens] = 1.0
+                self.tok[i].copy_(t[a.num_prefix_tokens:])
+        return self
+
+    def l1(self) -> dict[str, torch.Tensor]:
+        """Sum of |mask| per kind (token masks after clamping to [0, 1])."""
+        out = {k: p.abs().sum() for k, p in self.mask_params().items() if k != "tok"}
+        if self.tok is not None:
+            out["tok"] = _ste_unit(self.tok).abs().sum()
+        return out
+
+    # ---- forward -------------------------------------------------------------------------------
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        vit = self.vit
+        x = vit.patch_embed(x)
+        x = vit._pos_embed(x)
+        x = vit.patch_drop(x)
+        x = vit.norm_pre(x)
+        tok = self.token_values()
+        vmask = self.v_mask()
+        for i, blk in enumerate(vit.blocks):
+            x = self._block(blk, x, None if self.qk is None else self.qk[i], None if vmask is None else vmask[i],
+                            None if self.mlp is None else self.mlp[i], None if tok is None else tok[i])
+        x = vit.norm(x)
+        if vit.global_pool == "avg" and tok is not None:
+            # average over the tokens still present after the last block, as the pruned model does
+            w = tok[-1, vit.num_prefix_tokens:][None, :, None]
+            pooled = (x[:, vit.num_prefix_tokens:] * w).sum(1) / w.sum(1).clamp_min(1e-12)
+            return vit.head(vit.head_drop(vit.fc_norm(pooled)))
+        return vit.forward_head(x)
+
+    def _block(self, blk, x, qk, v, mlp, tok):
+        B, N, _ = x.shape
+        a = blk.attn
+        H, hd = a.num_heads, a.head_dim
+        q, k, val = a.qkv(blk.norm1(x)).reshape(B, N, 3, H, hd).permute(2, 0, 3, 1, 4).unbind(0)
+        if isinstance(a.q_norm, nn.LayerNorm) and qk is not None and bool((qk == 0).any()):
+            keep = (qk != 0).to(q.dtype)
+            q, k = _masked_layernorm(q, a.q_norm, keep), _masked_layernorm(k, a.k_norm, keep)
+        else:
+            q, k = a.q_norm(q), a.k_norm(k)
+        if qk is not None:
+            q = q * qk[None, :, None, :]
+        if v is not None:
+            val = val * v[None, :, None, :]
+        bias = None
+        if tok is not None:
+            # log(0) = -inf: a removed token gets zero attention weight (exp(-inf) = 0)
+            bias = torch.log(tok).to(q.dtype)[None, None, None, :]
+        o = F.scaled_dot_product_attention(q, k, val, attn_mask=bias, scale=a.scale,
+                                           dropout_p=a.attn_drop.p if self.training else 0.0)
+        o = a.proj_drop(a.proj(o.transpose(1, 2).reshape(B, N, H * hd)))
+        gate = None if tok is None else tok[None, :, None]
+        upd = blk.drop_path1(blk.ls1(o))
+        x = x + (upd if gate is None else upd * gate)
+        m = blk.mlp
+        h = m.act(m.fc1(blk.norm2(x)))
+        if mlp is not None:
+            h = h * mlp
+        upd = blk.drop_path2(blk.ls2(m.drop2(m.fc2(m.norm(m.drop1(h))))))
+        return x + (upd if gate is None else upd * gate)
+
+
+def _channel_mask(a: Arch, heads: list[int], channels: list[list[int]]) -> torch.Tensor:
+    m = torch.zeros(a.num_heads, a.head_dim)
+    for h, cs in zip(heads, channels):
+        m[h, cs] = 1.0
+    return m
+
+
+@torch.no_grad()
+def fold_masks(masked: MaskedViT, spec: SlimSpec) -> VisionTransformer:
+    """The timm model with the kept channels' learned mask values folded into its weights.
+
+    Searched weights were trained with soft masks (e.g. 0.7) on the kept channels; folding them
+    into qkv/q_norm and fc2 keeps that function when the masks are then set hard to 1.
+    Token masks gate residual updates and cannot be folded; kept tokens become 1.
+    """
+    import copy
+
+    vit = copy.deepcopy(masked.vit).cpu()
+    a = masked.arch
+    A = a.num_heads * a.head_dim
+    vmask = masked.v_mask()
+    for i, blk in enumerate(vit.blocks):
+        attn = blk.attn
+        if masked.qk is not None:
+            qk = masked.qk[i].detach().cpu().reshape(-1)
+            if isinstance(attn.q_norm, nn.LayerNorm):
+                # per-channel scale after the norm: only a shared (per-channel, all-head) scale folds;
+                # a per-head scale stays as a mask, so leave q alone here
+                pass
+            else:
+                attn.qkv.weight[:A] *= qk[:, None]
+                if attn.qkv.bias is not None:
+                    attn.qkv.bias[:A] *= qk
+        if vmask is not None:
+            vm = vmask[i].detach().cpu().reshape(-1)
+            attn.qkv.weight[2 * A:] *= vm[:, None]
+            if attn.qkv.bias is not None:
+                attn.qkv.bias[2 * A:] *= vm
+        if masked.mlp is not None:
+            blk.mlp.fc2.weight *= masked.mlp[i].detach().cpu()[None, :]
+    return vit
+
+
+def hard_twin(vit: VisionTransformer, spec: SlimSpec, dims: SearchDims | None = None) -> MaskedViT:
+    """A MaskedViT over vit with the spec's 0/1 masks: the reference the pruned model must match."""
+    return MaskedViT(vit, dims or SearchDims()).set_hard(spec).eval()
+
+
+def block_spec_from_masks(a: Arch, qk: torch.Tensor, v: torch.Tensor, mlp: torch.Tensor, tokens: list[int]
+                          ) -> BlockSpec:
+    """A BlockSpec from 0/1 masks of one block (heads kept where any v channel is kept)."""
+    heads = [h for h in range(a.num_heads) if bool(v[h].any()) and bool(qk[h].any())]
+    return BlockSpec(tokens=tokens, heads=heads,
+                     qk=[torch.nonzero(qk[h]).flatten().tolist() for h in heads],
+                     v=[torch.nonzero(v[h]).flatten().tolist() for h in heads],
+                     mlp=torch.nonzero(mlp).flatten().tolist())

@@ -1,0 +1,71 @@
+"""Stage: physical pruning. SlimSpec + dense (or searched) weights -> a dense, smaller model.
+
+The pruned model is checked against its masked twin (the same weights with the spec's masks set
+hard to 0/1) on a batch; pruning refuses to write a model that differs beyond tolerance.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from timm.models.vision_transformer import VisionTransformer
+
+from .analysis import spec_macs, spec_params
+from .errors import SlimError
+from .fileio import save_weights, write_json
+from .masks import MaskedViT, SearchDims, fold_masks, hard_twin
+from .models import count_params, create_model
+from .slim import build_slim
+from .types import SlimSpec
+
+TOLERANCE = 1e-4  # max abs diff relative to the output scale (invariant 1)
+
+
+def searched_model(run_dir: str | Path, spec: SlimSpec) -> VisionTransformer:
+    """The searched weights with the kept channels' mask values folded in."""
+    from safetensors.torch import load_file
+
+    from .search import load_masks
+
+    run_dir = Path(run_dir)
+    masks, cfg = load_masks(run_dir)
+    dims = SearchDims(**cfg.get("dims", {})) if cfg.get("dims") else SearchDims()
+    vit = create_model(spec.source)
+    vit.load_state_dict(load_file(str(run_dir / "search" / "weights.safetensors")))
+    masked = MaskedViT(vit, dims)
+    with torch.no_grad():
+        for kind, p in masked.mask_params().items():
+            p.copy_(masks[kind])
+    return fold_masks(masked, spec)
+
+
+def equivalence(dense: VisionTransformer, slim: VisionTransformer, spec: SlimSpec, x: torch.Tensor) -> dict:
+    """Max abs difference between the pruned model and the hard-masked dense model on x."""
+    with torch.no_grad():
+        ref = hard_twin(dense, spec)(x)
+        got = slim.eval()(x)
+    diff = float((got - ref).abs().max())
+    scale = float(ref.abs().max().clamp_min(1e-6))
+    return {"max_abs_diff": diff, "output_scale": scale, "relative": diff / scale, "samples": int(x.shape[0]),
+            "tolerance": TOLERANCE, "passed": diff / scale <= TOLERANCE}
+
+
+def prune(spec: SlimSpec, dense: VisionTransformer, out_dir: str | Path, x: torch.Tensor,
+          stem: str = "pruned") -> tuple[VisionTransformer, dict]:
+    """Build the slim model of spec from dense, verify it, write <stem>.safetensors + prune.json."""
+    out_dir = Path(out_dir)
+    dense = dense.cpu().eval()
+    slim = build_slim(spec, dense)
+    check = equivalence(dense, slim, spec, x)
+    params = count_params(slim)
+    record = {**check, "params": params, "params_analytic": spec_params(spec), "macs": spec_macs(spec),
+              "dense_params": spec.arch.params}
+    if not check["passed"]:
+        raise SlimError(f"pruned model differs from its masked twin: max abs diff {check['max_abs_diff']:.3g} "
+                        f"({check['relative']:.3g} of the output scale > {TOLERANCE}); nothing written")
+    save_weights(slim.state_dict(), out_dir / f"{stem}.safetensors",
+                 metadata={"spec": json.dumps(spec.to_dict())})
+    write_json(out_dir / "prune.json", record)
+    return slim, record

@@ -1,0 +1,198 @@
+"""The physically pruned model: a timm VisionTransformer whose blocks are replaced by SlimBlocks.
+
+A SlimBlock has dense, smaller layers: qkv with only the kept heads and channels (q/k width may
+differ from v width), proj with the kept input columns, fc1/fc2 with the kept hidden units, and a
+token gather at its start when the spec drops tokens there, so the sequence really shrinks.
+Everything outside the blocks (patch embedding, tokens, position embedding, norm, head) is
+timm's, unchanged. Rebuilt from spec.json + safetensors with `load_slim`.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from timm.layers import use_fused_attn
+from timm.models.vision_transformer import Block, VisionTransformer
+from torch import nn
+
+from .models import create_model, load_checkpoint
+from .types import Arch, BlockSpec, SlimSpec
+
+
+class HeadwiseLayerNorm(nn.Module):
+    """LayerNorm over each head's channels with a per-head affine (H, C).
+
+    A pruned q/k norm needs it: each kept head keeps its own channels, so the shared
+    LayerNorm(head_dim) affine becomes a different slice per head.
+    """
+
+    def __init__(self, num_heads: int, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(num_heads, dim))
+        self.bias = nn.Parameter(torch.zeros(num_heads, dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (B, H, N, C)
+        x = F.layer_norm(x, (x.shape[-1],), eps=self.eps)
+        return x * self.weight[:, None, :] + self.bias[:, None, :]
+
+
+class SlimAttention(nn.Module):
+    """Multi-head attention with num_heads heads of qk_dim query/key and v_dim value channels."""
+
+    def __init__(self, dim: int, num_heads: int, qk_dim: int, v_dim: int, scale: float, qkv_bias: bool = True,
+                 qk_norm: bool = False, norm_eps: float = 1e-6, attn_drop: float = 0.0, proj_drop: float = 0.0):
+        super().__init__()
+        self.num_heads, self.qk_dim, self.v_dim, self.scale = num_heads, qk_dim, v_dim, scale
+        self.qkv = nn.Linear(dim, num_heads * (2 * qk_dim + v_dim), bias=qkv_bias)
+        self.q_norm = HeadwiseLayerNorm(num_heads, qk_dim, norm_eps) if qk_norm else nn.Identity()
+        self.k_norm = HeadwiseLayerNorm(num_heads, qk_dim, norm_eps) if qk_norm else nn.Identity()
+        self.attn_drop = nn.Dropout(attn_drop)
+        self.proj = nn.Linear(num_heads * v_dim, dim)
+        self.proj_drop = nn.Dropout(proj_drop)
+        self.fused_attn = use_fused_attn()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, N, _ = x.shape
+        H, Q, V = self.num_heads, self.qk_dim, self.v_dim
+        q, k, v = self.qkv(x).split([H * Q, H * Q, H * V], dim=-1)
+        q = self.q_norm(q.reshape(B, N, H, Q).transpose(1, 2))
+        k = self.k_norm(k.reshape(B, N, H, Q).transpose(1, 2))
+        v = v.reshape(B, N, H, V).transpose(1, 2)
+        if self.fused_attn:
+            x = F.scaled_dot_product_attention(q, k, v, dropout_p=self.attn_drop.p if self.training else 0.0,
+                                               scale=self.scale)
+        else:
+            attn = (q * self.scale) @ k.transpose(-2, -1)
+            x = self.attn_drop(attn.softmax(dim=-1)) @ v
+        x = x.transpose(1, 2).reshape(B, N, H * V)
+        return self.proj_drop(self.proj(x))
+
+
+class ConstantBranch(nn.Module):
+    """A branch pruned to nothing (no head / no MLP unit) still adds its output bias."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.bias = nn.Parameter(torch.zeros(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.bias.expand_as(x)
+
+
+class SlimBlock(nn.Module):
+    """timm's Block with pruned attention/MLP and an optional token gather at its start."""
+
+    def __init__(self, dense: Block, attn: nn.Module, mlp: nn.Module, keep: list[int] | None):
+        super().__init__()
+        # keep: positions (in the incoming sequence) of the tokens this block keeps
+        self.register_buffer("keep", torch.tensor(keep, dtype=torch.long) if keep is not None else None,
+                             persistent=False)
+        self.norm1, self.ls1, self.drop_path1 = dense.norm1, dense.ls1, dense.drop_path1
+        self.norm2, self.ls2, self.drop_path2 = dense.norm2, dense.ls2, dense.drop_path2
+        self.attn, self.mlp = attn, mlp
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.keep is not None:
+            x = x.index_select(1, self.keep)
+        x = x + self.drop_path1(self.ls1(self.attn(self.norm1(x))))
+        x = x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
+        return x
+
+
+def attention_rows(arch: Arch, b: BlockSpec) -> tuple[list[int], list[int], list[int]]:
+    """Rows of the dense qkv weight that the slim q, k and v keep (dense layout [q | k | v], by head)."""
+    A, hd = arch.num_heads * arch.head_dim, arch.head_dim
+    q = [h * hd + c for h, cs in zip(b.heads, b.qk) for c in cs]
+    v = [h * hd + c for h, cs in zip(b.heads, b.v) for c in cs]
+    return q, [A + r for r in q], [2 * A + r for r in v]
+
+
+def _keep_positions(prev: list[int], tokens: list[int]) -> list[int] | None:
+    if tokens == prev:
+        return None
+    where = {t: i for i, t in enumerate(prev)}
+    return [where[t] for t in tokens]
+
+
+@torch.no_grad()
+def slim_block(arch: Arch, dense: Block, b: BlockSpec, keep: list[int] | None, copy_weights: bool) -> SlimBlock:
+    """Build one SlimBlock; with copy_weights, slice the dense block's weights into it."""
+    da, dm = dense.attn, dense.mlp
+    dense = copy.deepcopy(dense) if copy_weights else dense
+    if b.num_heads:
+        qk_norm = not isinstance(da.q_norm, nn.Identity)
+        eps = da.q_norm.eps if qk_norm else 1e-6
+        attn = SlimAttention(arch.embed_dim, b.num_heads, b.qk_dim, b.v_dim, da.scale, da.qkv.bias is not None,
+                             qk_norm, eps, da.attn_drop.p, da.proj_drop.p)
+        if copy_weights:
+            q, k, v = attention_rows(arch, b)
+            rows = torch.tensor(q + k + v)
+            attn.qkv.weight.copy_(da.qkv.weight[rows])
+            if da.qkv.bias is not None:
+                attn.qkv.bias.copy_(da.qkv.bias[rows])
+            cols = torch.tensor(v) - 2 * arch.num_heads * arch.head_dim
+            attn.proj.weight.copy_(da.proj.weight[:, cols])
+            _copy_bias(attn.proj.bias, da.proj.bias)
+            if qk_norm:
+                ch = torch.tensor(b.qk)  # (heads, qk_dim)
+                for slim_n, dense_n in ((attn.q_norm, da.q_norm), (attn.k_norm, da.k_norm)):
+                    slim_n.weight.copy_(dense_n.weight[ch])
+                    slim_n.bias.copy_(dense_n.bias[ch])
+    else:
+        attn = ConstantBranch(arch.embed_dim)
+        if copy_weights:
+            _copy_bias(attn.bias, da.proj.bias)
+    if b.mlp_dim:
+        mlp = copy.deepcopy(dm) if copy_weights else dm
+        units = torch.tensor(b.mlp)
+        fc1 = nn.Linear(dm.fc1.in_features, b.mlp_dim, bias=dm.fc1.bias is not None)
+        fc2 = nn.Linear(b.mlp_dim, dm.fc2.out_features, bias=dm.fc2.bias is not None)
+        if copy_weights:
+            fc1.weight.copy_(dm.fc1.weight[units])
+            if dm.fc1.bias is not None:
+                fc1.bias.copy_(dm.fc1.bias[units])
+            fc2.weight.copy_(dm.fc2.weight[:, units])
+            if dm.fc2.bias is not None:
+                fc2.bias.copy_(dm.fc2.bias)
+        mlp.fc1, mlp.fc2 = fc1, fc2
+    else:
+        mlp = ConstantBranch(arch.embed_dim)
+        if copy_weights:
+            _copy_bias(mlp.bias, dm.fc2.bias)
+    return SlimBlock(dense, attn, mlp, keep)
+
+
+def _copy_bias(dst: torch.Tensor, src: torch.Tensor | None) -> None:
+    if src is None:
+        dst.zero_()
+    else:
+        dst.copy_(src)
+
+
+def build_slim(spec: SlimSpec, dense: VisionTransformer | None = None) -> VisionTransformer:
+    """The slim model of `spec`. With `dense`, its weights are sliced in (dense is not modified);
+    without, the structure is built with untrained weights (to load a checkpoint into)."""
+    spec.validate()
+    copy_weights = dense is not None
+    model = copy.deepcopy(dense) if dense is not None else create_model(spec.source)
+    prev = list(range(spec.arch.num_tokens))
+    blocks = []
+    for i, b in enumerate(spec.blocks):
+        blocks.append(slim_block(spec.arch, model.blocks[i], b, _keep_positions(prev, b.tokens), copy_weights))
+        prev = b.tokens
+    model.blocks = nn.Sequential(*blocks)
+    return model.eval()
+
+
+def load_slim(spec: SlimSpec | str | Path, weights: str | Path | None) -> VisionTransformer:
+    """Rebuild a slim model from its spec (object or spec.json path) and safetensors weights."""
+    if not isinstance(spec, SlimSpec):
+        spec = SlimSpec.load(spec)
+    model = build_slim(spec)
+    if weights is not None:
+        load_checkpoint(model, weights)
+    return model.eval()

@@ -1,0 +1,40 @@
+"""Dense training of a model that has no checkpoint yet (e.g. the embedded fmnist-vit)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch.nn.functional as F
+from timm.loss import SoftTargetCrossEntropy
+from torch import nn
+
+from . import dist
+from .data import DataBundle
+from .fileio import write_json
+from .models import save_dense
+from .trainer import TrainConfig, fit
+from .types import ModelConfig
+
+
+def classification_loss(label_smoothing: float = 0.0):
+    """Cross-entropy on class indices, or on soft targets (mixup/cutmix)."""
+    soft = SoftTargetCrossEntropy()
+
+    def loss_fn(out, x, y):
+        loss = soft(out, y) if y.ndim == 2 else F.cross_entropy(out, y, label_smoothing=label_smoothing)
+        return loss, {}
+    return loss_fn
+
+
+def train_dense(model: nn.Module, cfg: ModelConfig, data: DataBundle, tcfg: TrainConfig, run_dir: str | Path,
+                resume: bool = False, torch_device: str = "auto") -> list[dict]:
+    """Train model in place and write run_dir/base.safetensors + model.json + train/history.json."""
+    run_dir = Path(run_dir)
+    history = fit(model, classification_loss(tcfg.label_smoothing), data, tcfg, run_dir / "train" / "checkpoint.pt",
+                  resume=resume, desc="train", torch_device=torch_device)
+    if dist.setup().is_main:
+        model.cpu()
+        save_dense(model, cfg, run_dir)
+        write_json(run_dir / "train" / "history.json", history)
+    dist.barrier()
+    return history

@@ -1,0 +1,307 @@
+"""The shared, serialisable types: ModelConfig, Arch, BlockSpec, SlimSpec, DeviceProfile, Report.
+
+Everything here is plain data (JSON in, JSON out, versioned by `schema`), so that a
+slim model, a device profile and a report can be read without this package's code
+and without unpickling anything.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from .errors import SlimError
+from .fileio import read_json, write_json
+
+SPEC_SCHEMA = 1
+PROFILE_SCHEMA = 1
+REPORT_SCHEMA = 1
+
+
+def _from_dict(cls, d: dict[str, Any], what: str):
+    """Build a dataclass from a dict, with a clear error for missing or unknown keys."""
+    if not isinstance(d, dict):
+        raise SlimError(f"{what}: expected a JSON object")
+    names = {f.name for f in fields(cls)}
+    unknown = set(d) - names
+    if unknown:
+        raise SlimError(f"{what}: unknown keys {sorted(unknown)}")
+    try:
+        return cls(**d)
+    except TypeError as e:
+        raise SlimError(f"{what}: {e}") from None
+
+
+@dataclass
+class ModelConfig:
+    """How to rebuild the dense source model: a registry name plus the constructor arguments we own."""
+
+    name: str
+    num_classes: int | None = None
+    img_size: int | None = None
+    in_chans: int | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> ModelConfig:
+        return _from_dict(cls, d, "model config")
+
+
+@dataclass
+class Arch:
+    """Shape facts of a ViT, read off the built model (never guessed from its name)."""
+
+    embed_dim: int
+    depth: int
+    num_heads: int
+    head_dim: int
+    mlp_dim: int
+    num_tokens: int  # including prefix tokens
+    num_prefix_tokens: int
+    patch_size: int
+    img_size: int
+    in_chans: int
+    num_classes: int
+    global_pool: str
+    qkv_bias: bool
+    qk_norm: bool
+    layer_scale: bool
+    distilled: bool
+    params: int  # dense parameter count, read off the built model
+
+    @property
+    def num_patches(self) -> int:
+        return self.num_tokens - self.num_prefix_tokens
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Arch:
+        return _from_dict(cls, d, "architecture")
+
+
+@dataclass
+class BlockSpec:
+    """What one transformer block keeps.
+
+    tokens: absolute positions (in the dense model's sequence, prefix tokens first) of the
+        tokens this block computes on; a token left out here is gone for this and every
+        later block.
+    heads: kept head indices; qk[i] / v[i] are the kept channels of heads[i]. Every kept head
+        keeps the same number of q/k channels and the same number of v channels, so each
+        projection stays one dense matmul.
+    mlp: kept hidden units of the MLP.
+    """
+
+    tokens: list[int]
+    heads: list[int]
+    qk: list[list[int]]
+    v: list[list[int]]
+    mlp: list[int]
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.tokens)
+
+    @property
+    def num_heads(self) -> int:
+        return len(self.heads)
+
+    @property
+    def qk_dim(self) -> int:
+        return len(self.qk[0]) if self.qk else 0
+
+    @property
+    def v_dim(self) -> int:
+        return len(self.v[0]) if self.v else 0
+
+    @property
+    def mlp_dim(self) -> int:
+        return len(self.mlp)
+
+    def widths(self) -> dict[str, int]:
+        return {"tokens": self.num_tokens, "heads": self.num_heads, "qk": self.qk_dim, "v": self.v_dim,
+                "mlp": self.mlp_dim}
+
+
+@dataclass
+class SlimSpec:
+    """The structure of a slim model: per-block kept tokens, heads, head channels and MLP units."""
+
+    source: ModelConfig
+    arch: Arch
+    blocks: list[BlockSpec]
+    meta: dict[str, Any] = field(default_factory=dict)  # predicted latency, MACs, params, target, ...
+    schema: int = SPEC_SCHEMA
+
+    @classmethod
+    def dense(cls, source: ModelConfig, arch: Arch) -> SlimSpec:
+        """The spec that keeps everything (the dense model)."""
+        hd = list(range(arch.head_dim))
+        block = BlockSpec(
+            tokens=list(range(arch.num_tokens)),
+            heads=list(range(arch.num_heads)),
+            qk=[list(hd) for _ in range(arch.num_heads)],
+            v=[list(hd) for _ in range(arch.num_heads)],
+            mlp=list(range(arch.mlp_dim)),
+        )
+        return cls(source=source, arch=arch,
+                   blocks=[BlockSpec(**{k: _copy(v) for k, v in asdict(block).items()}) for _ in range(arch.depth)])
+
+    def validate(self) -> SlimSpec:
+        """Check every structural rule; raise SlimError naming the first broken one."""
+        a = self.arch
+        if self.schema != SPEC_SCHEMA:
+            raise SlimError(f"spec schema {self.schema} is not supported (expected {SPEC_SCHEMA})")
+        if len(self.blocks) != a.depth:
+            raise SlimError(f"spec has {len(self.blocks)} blocks but the model has {a.depth}")
+        prev = set(range(a.num_tokens))
+        prefix = set(range(a.num_prefix_tokens))
+        for i, b in enumerate(self.blocks):
+            where = f"spec block {i}"
+            _check_index_list(b.tokens, a.num_tokens, f"{where} tokens")
+            if not prefix <= set(b.tokens):
+                raise SlimError(f"{where}: prefix tokens (class/distillation/register) must be kept")
+            if not set(b.tokens) <= prev:
+                raise SlimError(f"{where}: keeps a token that an earlier block removed (tokens must be monotone)")
+            if len(b.tokens) == 0:
+                raise SlimError(f"{where}: keeps no token")
+            prev = set(b.tokens)
+            _check_index_list(b.heads, a.num_heads, f"{where} heads")
+            if len(b.qk) != len(b.heads) or len(b.v) != len(b.heads):
+                raise SlimError(f"{where}: qk and v need one channel list per kept head")
+            for name, lists in (("qk", b.qk), ("v", b.v)):
+                sizes = {len(c) for c in lists}
+                if len(sizes) > 1:
+                    raise SlimError(f"{where}: every kept head must keep the same number of {name} channels")
+                if sizes == {0}:
+                    raise SlimError(f"{where}: a kept head keeps no {name} channel (drop the head instead)")
+                for c in lists:
+                    _check_index_list(c, a.head_dim, f"{where} {name} channels")
+            _check_index_list(b.mlp, a.mlp_dim, f"{where} mlp units")
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"schema": self.schema, "source": self.source.to_dict(), "arch": self.arch.to_dict(),
+                "blocks": [asdict(b) for b in self.blocks], "meta": self.meta}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> SlimSpec:
+        if not isinstance(d, dict) or "blocks" not in d or "arch" not in d or "source" not in d:
+            raise SlimError("spec: expected an object with 'source', 'arch' and 'blocks'")
+        blocks = [_from_dict(BlockSpec, b, f"spec block {i}") for i, b in enumerate(d["blocks"])]
+        return cls(source=ModelConfig.from_dict(d["source"]), arch=Arch.from_dict(d["arch"]), blocks=blocks,
+                   meta=d.get("meta", {}), schema=d.get("schema", SPEC_SCHEMA)).validate()
+
+    def save(self, path: str | Path) -> None:
+        write_json(path, self.to_dict())
+
+    @classmethod
+    def load(cls, path: str | Path) -> SlimSpec:
+        return cls.from_dict(read_json(path, "spec"))
+
+    def summary(self) -> list[dict[str, int]]:
+        return [b.widths() for b in self.blocks]
+
+
+def _copy(v):
+    return [list(x) for x in v] if v and isinstance(v[0], list) else list(v)
+
+
+def _check_index_list(idx: list[int], n: int, what: str) -> None:
+    if any((not isinstance(i, int)) or i < 0 or i >= n for i in idx):
+        raise SlimError(f"{what}: indices must be integers in [0, {n})")
+    if any(a >= b for a, b in zip(idx, idx[1:])):
+        raise SlimError(f"{what}: indices must be sorted and unique")
+
+
+@dataclass
+class DeviceProfile:
+    """Per-layer latency tables measured on one device, backend, precision and batch size.
+
+    tables maps a component name to {"axes": [axis names], "grid": {axis: [values]},
+    "ms": nested list of medians, "spread": nested list of (p90 - p10) / median}.
+    calibration holds the least-squares fit (alpha, beta) of end-to-end latency against the
+    sum of table lookups, with the models it was measured on.
+    """
+
+    device: str
+    hardware: str
+    backend: str
+    backend_version: str
+    precision: str
+    batch_size: int
+    threads: int | None
+    model: dict[str, Any]  # the shape the tables are for (embed_dim, num_tokens, img_size, ...)
+    tables: dict[str, Any]
+    calibration: dict[str, Any] = field(default_factory=dict)
+    created: str = ""
+    command: str = ""
+    seconds: float = 0.0
+    warnings: list[str] = field(default_factory=list)
+    schema: int = PROFILE_SCHEMA
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> DeviceProfile:
+        p = _from_dict(cls, d, "device profile")
+        if p.schema != PROFILE_SCHEMA:
+            raise SlimError(f"device profile schema {p.schema} is not supported (expected {PROFILE_SCHEMA})")
+        return p
+
+    def save(self, path: str | Path) -> None:
+        write_json(path, self.to_dict())
+
+    @classmethod
+    def load(cls, path: str | Path) -> DeviceProfile:
+        return cls.from_dict(read_json(path, "device profile"))
+
+
+@dataclass
+class ModelFigures:
+    latency_ms: float
+    macs: int
+    params: int
+    top1: float | None
+    latency_spread_ms: float | None = None
+    predicted_latency_ms: float | None = None
+    top1_before_retrain: float | None = None
+
+
+@dataclass
+class Parity:
+    backend: str
+    max_abs_diff: float
+    top1_agreement: float
+    passed: bool
+    samples: int
+
+
+@dataclass
+class Report:
+    """The verified result of a run (report.json); every figure measured or computed in the run."""
+
+    model: str
+    device: str
+    backend: str
+    batch_size: int
+    target_latency_ms: float | None
+    dense: ModelFigures
+    slim: ModelFigures
+    parity: Parity
+    met_target: bool | None
+    extra: dict[str, Any] = field(default_factory=dict)
+    schema: int = REPORT_SCHEMA
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        # schema keys that must exist even when None
+        d["slim"].setdefault("predicted_latency_ms", None)
+        d["slim"].setdefault("top1_before_retrain", None)
+        return d
