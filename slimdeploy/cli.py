@@ -13,6 +13,14 @@ from typing import Annotated, Optional
 
 import click
 import typer
+
+try:  # typer >= 0.25 vendors its own click
+    from typer._click import exceptions as _typer_click
+except ImportError:  # pragma: no cover
+    _typer_click = click.exceptions
+_USAGE = (click.exceptions.UsageError, _typer_click.UsageError)
+_ABORT = (click.exceptions.Abort, getattr(typer, "Abort", click.exceptions.Abort))
+_EXIT = (click.exceptions.Exit, typer.Exit)
 from rich.console import Console
 from rich.table import Table
 
@@ -294,20 +302,243 @@ def predict(
               f"{spec_params(s) / 1e6:.3f} M params")
 
 
+# ---- select ----------------------------------------------------------------------------------
+TargetLatencyOpt = Annotated[Optional[str], typer.Option("--target-latency", help="5ms, 5 (ms), 500us, 0.005s, "
+                                                         "or 60% of the dense model's predicted latency")]
+DeviceOpt = Annotated[Optional[str], typer.Option("--device", help="device profile name (slimdeploy profile)")]
+
+
+@app.command()
+@handle_errors
+def select(
+    run: RunArg,
+    target_latency: TargetLatencyOpt = None,
+    target_macs: Annotated[Optional[str], typer.Option("--target-macs", help="e.g. 2.3G")] = None,
+    target_params: Annotated[Optional[str], typer.Option("--target-params", help="e.g. 12M")] = None,
+    keep_attn: Annotated[Optional[float], typer.Option(help="ViT-Slim rule: kept fraction of attention channels")
+                         ] = None,
+    keep_mlp: Annotated[Optional[float], typer.Option(help="ViT-Slim rule: kept fraction of MLP units")] = None,
+    keep_tokens: Annotated[Optional[float], typer.Option(help="ViT-Slim rule: kept fraction of tokens")] = None,
+    device: DeviceOpt = None, profiles_dir: ProfilesDirOpt = None,
+    importance: Annotated[str, typer.Option(help="auto, taylor or magnitude")] = "auto",
+    verify_latency: Annotated[bool, typer.Option("--verify-latency/--no-verify-latency",
+                                                 help="closed loop: prune, export and measure each choice")] = False,
+    rounds: Annotated[int, typer.Option(min=1, help="closed-loop rounds at most")] = 4,
+):
+    """Choose the slim structure that keeps the most importance within a target."""
+    from .latency import LatencyModel
+    from .models import arch_of, load_dense
+    from .select import parse_target, run_select
+    from .types import SlimSpec
+
+    lm = LatencyModel.load(device, profiles_dir) if device else None
+    dense, cfg = load_dense(run)
+    target = parse_target(target_latency, target_macs, target_params, (keep_attn, keep_mlp, keep_tokens), lm,
+                          SlimSpec.dense(cfg, arch_of(dense)))
+    res = run_select(run, target, lm, importance, verify_latency, rounds)
+    s = res["spec"]
+    msg = f"selected: {s.meta['macs'] / 1e6:.1f} MMACs, {s.meta['params'] / 1e6:.3f} M params"
+    if res["predicted_ms"] is not None:
+        msg += f", predicted {res['predicted_ms']:.3f} ms"
+    if res.get("measured_ms") is not None:
+        msg += f", measured {res['measured_ms']:.3f} ms"
+    out.print(msg + f" -> {run}/spec.json")
+
+
+# ---- retrain ---------------------------------------------------------------------------------
+@app.command()
+@handle_errors
+def retrain(
+    run: RunArg,
+    data: DataOpt = "fashion-mnist", train_limit: TrainLimitOpt = None, val_limit: ValLimitOpt = None,
+    epochs: Annotated[int, typer.Option(min=0, help="retraining epochs")] = 5,
+    batch_size: Annotated[int, typer.Option(min=1, help="global batch size")] = 128,
+    lr: Annotated[float, typer.Option(help="peak learning rate (AdamW, cosine)")] = 1e-3,
+    weight_decay: Annotated[float, typer.Option(help="weight decay")] = 0.05,
+    distill: Annotated[str, typer.Option(help="soft, hard or none")] = "soft",
+    alpha: Annotated[float, typer.Option(help="weight of the distillation term")] = 0.7,
+    tau: Annotated[float, typer.Option(help="distillation temperature")] = 2.0,
+    label_smoothing: Annotated[float, typer.Option(help="label smoothing")] = 0.0,
+    mixup: Annotated[float, typer.Option(help="mixup alpha (0 = off)")] = 0.0,
+    cutmix: Annotated[float, typer.Option(help="cutmix alpha (0 = off)")] = 0.0,
+    ema: Annotated[Optional[float], typer.Option(help="EMA decay of the weights (off by default)")] = None,
+    seed: Annotated[int, typer.Option(help="random seed")] = 0,
+    torch_device: TorchDeviceOpt = "auto", resume: ResumeOpt = False,
+):
+    """Retrain the pruned model with distillation from the dense model."""
+    from .data import load_data
+    from .models import data_config
+    from .retrain import DistillConfig
+    from .retrain import retrain as run_retrain
+    from .runs import Run
+    from .slim import load_slim
+    from .trainer import TrainConfig
+
+    r = Run(run)
+    if (r / "slim.safetensors").is_file() and not resume:
+        raise SlimError(f"{run}/slim.safetensors exists: pass --resume or remove it to retrain again")
+    teacher, _ = r.base()
+    student = load_slim(r.spec(), r / "pruned.safetensors")
+    bundle = load_data(data, data_config(teacher), r.spec().arch.num_classes, train_limit, val_limit)
+    tcfg = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay, warmup_epochs=0.2,
+                       label_smoothing=label_smoothing, mixup=mixup, cutmix=cutmix, ema_decay=ema, seed=seed)
+    rec = run_retrain(student, teacher, bundle, tcfg, DistillConfig(distill, alpha, tau), run, resume, torch_device)
+    out.print(f"retrained: top-1 {rec['top1_before_retrain']:.2f}% -> {rec['top1']:.2f}% "
+              f"(teacher {rec['teacher_top1']:.2f}%) -> {run}/slim.safetensors")
+
+
+# ---- export / verify -------------------------------------------------------------------------
+@app.command()
+@handle_errors
+def export(
+    run: RunArg,
+    trt: Annotated[bool, typer.Option("--trt", help="also build a TensorRT engine (model.plan)")] = False,
+    fp16: Annotated[bool, typer.Option("--fp16", help="FP16 TensorRT engine")] = False,
+    opset: Annotated[int, typer.Option(help="ONNX opset")] = 20,
+    batch_size: Annotated[Optional[int], typer.Option(min=1, help="fixed batch size (default: dynamic)")] = None,
+    max_batch: Annotated[int, typer.Option(min=1, help="largest batch of the TensorRT profile")] = 64,
+):
+    """Export the slim model to ONNX (and TensorRT with --trt)."""
+    from .export import export_run
+
+    rec = export_run(run, trt, fp16, opset, batch_size, max_batch)
+    out.print(f"exported {rec['onnx']} ({rec['onnx_bytes'] / 1e6:.2f} MB, sequence lengths "
+              f"{sorted(set(rec['sequence_lengths']), reverse=True)})" + (f" and {rec['plan']}" if trt else ""))
+
+
+@app.command()
+@handle_errors
+def verify(
+    run: RunArg,
+    backend: Annotated[Optional[str], typer.Option(help="ort-cpu, ort-cuda, trt or torch (default: the "
+                                                   "profile's, else ort-cpu)")] = None,
+    device: DeviceOpt = None, profiles_dir: ProfilesDirOpt = None,
+    data: DataOpt = "fashion-mnist", val_limit: ValLimitOpt = None,
+    batch_size: Annotated[Optional[int], typer.Option(min=1, help="batch size for latency (default: the "
+                                                      "profile's, else 1)")] = None,
+    threads: Annotated[Optional[int], typer.Option(min=1, help="CPU threads (default: the profile's, else 1)")
+                       ] = None,
+    torch_device: TorchDeviceOpt = "auto",
+):
+    """Check parity and accuracy of the deployed model, measure latency, write report.json/.md/.png."""
+    from .data import load_data
+    from .latency import LatencyModel
+    from .models import data_config, load_dense
+    from .runs import Run
+    from .verify import verify as run_verify
+
+    r = Run(run)
+    spec = r.spec()
+    dev = device or spec.meta.get("device")
+    lm = LatencyModel.load(dev, profiles_dir) if dev else None
+    dense, _ = load_dense(run)
+    bundle = load_data(data, data_config(dense), spec.arch.num_classes, 1, val_limit)
+    target = spec.meta.get("target_value") if spec.meta.get("target") == "latency" else None
+    rep = run_verify(run, bundle, backend or (lm.profile.backend if lm else "ort-cpu"),
+                     batch_size or (lm.profile.batch_size if lm else 1),
+                     threads or (lm.profile.threads if lm else 1), target, dev, lm, torch_device)
+    _print_report(rep.to_dict())
+    if not rep.parity.passed:
+        typer.echo(f"error: parity failed on {rep.backend}: max abs diff {rep.parity.max_abs_diff:.3g}, "
+                   f"top-1 agreement {100 * rep.parity.top1_agreement:.2f}% ({rep.extra['parity_rule']})", err=True)
+        raise typer.Exit(1)
+
+
+def _print_report(d: dict) -> None:
+    t = Table(title=f"{d['model']} on {d['device']} ({d['backend']}, batch {d['batch_size']})")
+    for col in ("", "dense", "slim"):
+        t.add_column(col, justify="right")
+
+    def f(v, fmt):
+        return "n/a" if v is None or v != v else format(v, fmt)
+    dn, sl = d["dense"], d["slim"]
+    t.add_row("latency measured (ms)", f(dn["latency_ms"], ".3f"), f(sl["latency_ms"], ".3f"))
+    t.add_row("latency predicted (ms)", f(dn.get("predicted_latency_ms"), ".3f"), f(sl["predicted_latency_ms"], ".3f"))
+    t.add_row("MACs (M)", f(dn["macs"] / 1e6, ".2f"), f(sl["macs"] / 1e6, ".2f"))
+    t.add_row("params (M)", f(dn["params"] / 1e6, ".3f"), f(sl["params"] / 1e6, ".3f"))
+    t.add_row("top-1 (%)", f(dn["top1"], ".2f"), f(sl["top1"], ".2f"))
+    t.add_row("top-1 before retraining (%)", "", f(sl["top1_before_retrain"], ".2f"))
+    p = d["parity"]
+    t.add_row("parity", "", f"{'PASS' if p['passed'] else 'FAIL'} (max |diff| {p['max_abs_diff']:.1e}, "
+                            f"agreement {100 * p['top1_agreement']:.2f}%)")
+    met = d["met_target"]
+    t.add_row("target (ms)", "", f"{f(d['target_latency_ms'], '.3f')} "
+                                 f"({'met' if met else 'NOT met' if met is False else '-'})")
+    out.print(t)
+
+
+# ---- run ---------------------------------------------------------------------------------------
+@app.command()
+@handle_errors
+def run(
+    out_dir: Annotated[Path, typer.Option("--out", help="run directory")] = Path("runs/demo"),
+    target_latency: TargetLatencyOpt = "50%",
+    target_macs: Annotated[Optional[str], typer.Option("--target-macs", help="instead of latency: e.g. 2.3G")] = None,
+    target_params: Annotated[Optional[str], typer.Option("--target-params", help="instead of latency: e.g. 12M")
+                             ] = None,
+    device: DeviceOpt = "cpu-epyc-ort1t-fmnist-vit", profiles_dir: ProfilesDirOpt = None,
+    model: ModelOpt = None, checkpoint: CheckpointOpt = None, pretrained: PretrainedOpt = False,
+    num_classes: NumClassesOpt = None, img_size: ImgSizeOpt = None, in_chans: InChansOpt = None,
+    data: DataOpt = "fashion-mnist", train_limit: TrainLimitOpt = None, val_limit: ValLimitOpt = None,
+    batch_size: Annotated[int, typer.Option(min=1, help="training batch size")] = 128,
+    train_epochs: Annotated[int, typer.Option(min=0, help="dense training epochs (no checkpoint only)")] = 8,
+    search_epochs: Annotated[int, typer.Option(min=0, help="mask search epochs")] = 2,
+    retrain_epochs: Annotated[int, typer.Option(min=0, help="retraining epochs")] = 5,
+    w_attn: Annotated[float, typer.Option(help="L1 factor of the attention masks")] = 2e-4,
+    w_mlp: Annotated[float, typer.Option(help="L1 factor of the MLP masks")] = 5e-5,
+    w_tok: Annotated[float, typer.Option(help="L1 factor of the token masks")] = 1e-4,
+    importance: Annotated[str, typer.Option(help="auto, taylor or magnitude")] = "auto",
+    verify_latency: Annotated[bool, typer.Option("--verify-latency/--no-verify-latency",
+                                                 help="closed loop on the profile's backend")] = True,
+    distill: Annotated[str, typer.Option(help="soft, hard or none")] = "soft",
+    trt: Annotated[bool, typer.Option("--trt", help="export and verify a TensorRT engine")] = False,
+    fp16: Annotated[bool, typer.Option("--fp16", help="FP16 TensorRT engine")] = False,
+    backend: Annotated[Optional[str], typer.Option(help="verify backend (default: the profile's)")] = None,
+    seed: Annotated[int, typer.Option(help="random seed")] = 0,
+    torch_device: TorchDeviceOpt = "auto",
+    resume: Annotated[bool, typer.Option("--resume/--no-resume", help="continue a run directory that exists")
+                      ] = True,
+):
+    """The whole pipeline: train (if needed), search, select, prune, retrain, export, verify."""
+    from .pipeline import RunOptions, run_pipeline
+
+    if out_dir.exists() and any(out_dir.iterdir()) and not resume:
+        raise SlimError(f"{out_dir} exists and is not empty: choose another --out or pass --resume")
+    if target_macs or target_params:
+        target_latency = None
+    elif target_latency is not None:
+        from .selector import parse_latency
+
+        parse_latency(target_latency)  # a typo fails now, not after an hour of training
+    opts = RunOptions(out=out_dir, target_latency=target_latency, target_macs=target_macs, target_params=target_params,
+                      device=device, profiles_dir=profiles_dir, model=model, checkpoint=checkpoint,
+                      pretrained=pretrained, num_classes=num_classes, img_size=img_size, in_chans=in_chans, data=data,
+                      train_limit=train_limit, val_limit=val_limit, batch_size=batch_size, train_epochs=train_epochs,
+                      search_epochs=search_epochs, retrain_epochs=retrain_epochs, w_attn=w_attn, w_mlp=w_mlp,
+                      w_tok=w_tok, importance=importance, verify_latency=verify_latency, distill=distill, trt=trt,
+                      fp16=fp16, backend=backend, seed=seed, torch_device=torch_device)
+    report = run_pipeline(opts)
+    if report is not None:
+        _print_report(report)
+        if not report["parity"]["passed"]:
+            typer.echo("error: parity failed: see report.md", err=True)
+            raise typer.Exit(1)
+
+
 def main() -> None:
     """Console entry point: click usage errors become one line too."""
     try:
-        app(standalone_mode=False)
-    except click.exceptions.UsageError as e:
-        typer.echo(f"error: {e.format_message()}", err=True)
+        rv = app(standalone_mode=False)  # returns the exit code of typer.Exit
+    except _USAGE as e:
+        if e.format_message():  # empty when no command was given: the help was shown
+            typer.echo(f"error: {e.format_message()}", err=True)
         sys.exit(2)
-    except click.exceptions.Abort:
+    except _ABORT:
         typer.echo("interrupted", err=True)
         sys.exit(130)
-    except click.exceptions.Exit as e:
+    except _EXIT as e:
         sys.exit(e.exit_code)
-    except typer.Exit as e:
-        sys.exit(e.exit_code)
+    sys.exit(rv if isinstance(rv, int) else 0)
 
 
 if __name__ == "__main__":

@@ -84,3 +84,63 @@ def write_trt_engine(onnx_path: str | Path, plan_path: str | Path, fp16: bool, m
     plan = build_engine(onnx_path, fp16=fp16, max_batch=max_batch)
     atomic_write_bytes(plan_path, plan)
     return Path(plan_path)
+
+
+def slim_of_run(run_dir: str | Path):
+    """The run's final model: slim.safetensors (retrained), else pruned.safetensors, with spec.json."""
+    from .slim import load_slim
+    from .types import SlimSpec
+
+    run_dir = Path(run_dir)
+    spec = SlimSpec.load(run_dir / "spec.json") if (run_dir / "spec.json").is_file() else None
+    if spec is None:
+        raise SlimError(f"{run_dir}/spec.json not found: run select and prune first")
+    for stem in ("slim", "pruned"):
+        if (run_dir / f"{stem}.safetensors").is_file():
+            return load_slim(spec, run_dir / f"{stem}.safetensors"), spec, stem
+    raise SlimError(f"{run_dir} has no slim.safetensors or pruned.safetensors: run prune (and retrain) first")
+
+
+def export_run(run_dir: str | Path, trt: bool = False, fp16: bool = False, opset: int = 20,
+               batch_size: int | None = None, max_batch: int = 64) -> dict:
+    """The export stage: RUN/model.onnx (+ RUN/model.plan with trt). Returns what was written."""
+    from .fileio import write_json
+
+    run_dir = Path(run_dir)
+    if fp16 and not trt:
+        raise SlimError("--fp16 applies to the TensorRT engine: add --trt (the ONNX file stays fp32)")
+    if trt:  # fail before the slow export when TensorRT cannot run here
+        from .trt import require_tensorrt
+
+        require_tensorrt()
+    model, spec, stem = slim_of_run(run_dir)
+    a = spec.arch
+    onnx_path = export_onnx(model, run_dir / "model.onnx", (a.in_chans, a.img_size, a.img_size), batch_size, opset,
+                            max_batch=max(max_batch, batch_size or 1) if batch_size is None else 4096)
+    record = {"onnx": str(onnx_path), "opset": opset, "batch_size": batch_size, "dynamic_batch": batch_size is None,
+              "weights": f"{stem}.safetensors", "onnx_bytes": onnx_path.stat().st_size,
+              "sequence_lengths": onnx_sequence_lengths(onnx_path)}
+    if trt:
+        plan = write_trt_engine(onnx_path, run_dir / "model.plan", fp16, max_batch=batch_size or max_batch)
+        record.update(plan=str(plan), precision="fp16" if fp16 else "fp32")
+    write_json(run_dir / "export.json", record)
+    return record
+
+
+def onnx_sequence_lengths(path: str | Path) -> list[int]:
+    """Token counts seen by the LayerNormalization nodes of an exported model (with shape inference):
+    proof that pruned tokens left the sequence."""
+    import onnx
+
+    model = onnx.shape_inference.infer_shapes(onnx.load(str(path)))
+    shapes = {}
+    for vi in list(model.graph.value_info) + list(model.graph.input) + list(model.graph.output):
+        dims = [d.dim_value if d.HasField("dim_value") else None for d in vi.type.tensor_type.shape.dim]
+        shapes[vi.name] = dims
+    lengths = []
+    for node in model.graph.node:
+        if node.op_type == "LayerNormalization":
+            dims = shapes.get(node.input[0])
+            if dims and len(dims) == 3 and dims[1] is not None:
+                lengths.append(dims[1])
+    return lengths

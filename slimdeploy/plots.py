@@ -78,3 +78,27 @@ def plot_spec(spec: SlimSpec, path: str | Path, title: str = "chosen structure")
     ax.legend(fontsize=7, ncol=5, loc="upper center", bbox_to_anchor=(0.5, -0.18))
     ax.set_title(title, fontsize=10)
     _save(fig, path)
+
+
+def plot_report(report, path: str | Path) -> None:
+    """Dense vs slim: measured (and predicted) latency, and top-1."""
+    d, s = report.dense, report.slim
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(7.5, 3.2))
+    names = ["dense", "slim"]
+    ax1.bar(names, [d.latency_ms, s.latency_ms], color=["#999999", "#4878cf"], label="measured")
+    if d.predicted_latency_ms is not None and s.predicted_latency_ms is not None:
+        ax1.plot(names, [d.predicted_latency_ms, s.predicted_latency_ms], "D", color="#d65f5f", label="predicted")
+    if report.target_latency_ms:
+        ax1.axhline(report.target_latency_ms, ls="--", color="k", lw=1, label="target")
+    ax1.set_ylabel(f"latency (ms), batch {report.batch_size}")
+    ax1.set_title(f"{report.backend}", fontsize=9)
+    ax1.legend(fontsize=7)
+    tops = [d.top1 or 0.0, s.top1 or 0.0]
+    ax2.bar(names, tops, color=["#999999", "#4878cf"])
+    if s.top1_before_retrain is not None:
+        ax2.plot(["slim"], [s.top1_before_retrain], "v", color="#d65f5f", label="before retraining")
+        ax2.legend(fontsize=7, loc="lower right")
+    ax2.set_ylim(max(0.0, min(tops + [s.top1_before_retrain or 100]) - 10), 100)
+    ax2.set_ylabel("top-1 (%)")
+    fig.suptitle(f"{report.model}: {report.extra.get('speedup') or 0:.2f}x faster", fontsize=10)
+    _save(fig, path)

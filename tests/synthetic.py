@@ -1,0 +1,54 @@
+"""A synthetic device profile with a known staircase, and synthetic importances."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from slimdeploy.latency import LatencyModel, model_signature
+from slimdeploy.profile import token_grid, width_grid
+from slimdeploy.selector import Importance
+from slimdeploy.types import Arch, DeviceProfile
+
+
+def staircase_profile(arch: Arch, tile: int = 32, step: int = 8, batch: int = 1) -> DeviceProfile:
+    """Latency = tokens x ceil(width / tile) per matmul: flat within a tile, a jump at each tile."""
+    ns = token_grid(arch, 6)
+    hd = width_grid(arch.head_dim, step)
+    qkv_g, proj_g, mlp_g = width_grid(3 * arch.num_heads * arch.head_dim, step), \
+        width_grid(arch.num_heads * arch.head_dim, step), width_grid(arch.mlp_dim, step)
+    t = lambda w: math.ceil(w / tile)  # noqa: E731
+    D = arch.embed_dim
+    tables = {
+        "rest": {"axes": ["tokens"], "grid": {"tokens": ns}, "ms": [1e-3 * n for n in ns]},
+        "qkv": {"axes": ["tokens", "out"], "grid": {"tokens": ns, "out": qkv_g},
+                "ms": [[1e-4 * n * D / 32 * t(w) for w in qkv_g] for n in ns]},
+        "proj": {"axes": ["tokens", "in"], "grid": {"tokens": ns, "in": proj_g},
+                 "ms": [[1e-4 * n * D / 32 * t(w) for w in proj_g] for n in ns]},
+        "mlp": {"axes": ["tokens", "hidden"], "grid": {"tokens": ns, "hidden": mlp_g},
+                "ms": [[2e-4 * n * D / 32 * t(m) for m in mlp_g] for n in ns]},
+        "core": {"axes": ["tokens", "heads", "qk", "v"], "grid": {"tokens": ns, "heads": list(range(1, arch.num_heads + 1)),
+                                                                  "qk": hd, "v": hd},
+                 "ms": [[[[1e-5 * n * n * h * (t(q) + t(v)) for v in hd] for q in hd]
+                         for h in range(1, arch.num_heads + 1)] for n in ns]},
+        "stem_head": {"ms": 0.05},
+    }
+    return DeviceProfile(device="synthetic", hardware="none", backend="synthetic", backend_version="0",
+                         precision="fp32", batch_size=batch, threads=None, model=model_signature(arch),
+                         tables=tables, calibration={"alpha": 1.0, "beta": 0.01})
+
+
+def synthetic_importance(arch: Arch, seed: int = 0, tokens: bool = True) -> Importance:
+    rng = np.random.default_rng(seed)
+    depth_scale = np.linspace(1.5, 0.5, arch.depth)[:, None]  # deep blocks matter less (as ViT-Slim finds)
+    return Importance(
+        qk=rng.exponential(1.0, (arch.depth, arch.num_heads, arch.head_dim)) * depth_scale[:, :, None] * 1e-3,
+        v=rng.exponential(1.0, (arch.depth, arch.num_heads, arch.head_dim)) * depth_scale[:, :, None] * 1e-3,
+        mlp=rng.exponential(1.0, (arch.depth, arch.mlp_dim)) * depth_scale * 2e-4,
+        tok=(rng.exponential(1.0, (arch.depth, arch.num_patches)) * depth_scale * 2e-3) if tokens else None,
+    )
+
+
+def staircase_model(arch: Arch, **kw) -> LatencyModel:
+    return LatencyModel(staircase_profile(arch, **kw))

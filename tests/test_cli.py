@@ -1,0 +1,86 @@
+"""The command line: help for every command; bad input gives one line, exit code 2, no traceback."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+COMMANDS = ["train", "info", "search", "prune", "profile", "predict", "select", "retrain", "export", "verify", "run"]
+
+
+def slimdeploy(*args: str, cwd: Path | None = None, env_extra: dict | None = None) -> subprocess.CompletedProcess:
+    import os
+
+    env = {**os.environ, "SLIMDEPLOY_QUIET": "1", **(env_extra or {})}
+    return subprocess.run([sys.executable, "-m", "slimdeploy", *args], capture_output=True, text=True, cwd=cwd,
+                          env=env, timeout=600)
+
+
+def test_help_lists_every_command():
+    r = slimdeploy("--help")
+    assert r.returncode == 0
+    for c in COMMANDS:
+        assert c in r.stdout
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_every_command_has_help(command):
+    r = slimdeploy(command, "--help")
+    assert r.returncode == 0, r.stderr
+    assert "Usage" in r.stdout
+
+
+def _one_line_error(r: subprocess.CompletedProcess, needle: str) -> None:
+    assert r.returncode == 2, (r.returncode, r.stdout, r.stderr)
+    lines = [ln for ln in r.stderr.strip().splitlines() if ln.strip()]
+    assert len(lines) == 1, r.stderr
+    assert "Traceback" not in r.stderr
+    assert needle in lines[0], lines[0]
+
+
+def test_bad_inputs(tmp_path):
+    bad_ckpt = tmp_path / "bad.safetensors"
+    bad_ckpt.write_bytes(b"garbage")
+    cases = [
+        (["info", "--model", "no_such_vit"], "unknown model"),
+        (["info", "--model", "resnet18"], "not a timm VisionTransformer"),
+        (["info", "--checkpoint", str(tmp_path / "nope.safetensors")], "not found"),
+        (["info", "--checkpoint", str(bad_ckpt)], "cannot read"),
+        (["info", "--model", "fmnist-vit", "--num-classes", "3", "--checkpoint", str(bad_ckpt)], "cannot read"),
+        (["train", "--out", str(tmp_path / "r"), "--data", str(tmp_path / "no_data")], "dataset not found"),
+        (["train", "--out", str(tmp_path / "r"), "--epochs", "abc"], "valid integer"),
+        (["train", "--out", str(tmp_path / "r"), "--epochs", "-1"], "--epochs"),
+        (["train", "--out", str(tmp_path / "r"), "--train-limit", "0"], "--train-limit"),
+        (["select", str(tmp_path / "r"), "--target-latency", "fast"], "not found"),
+        (["predict", str(tmp_path / "none.json"), "--device", "x"], "not found"),
+        (["run", "--out", str(tmp_path / "r2"), "--target-latency", "soon"], "cannot read latency target"),
+        (["run", "--out", str(tmp_path / "r2"), "--device", "no-such-device"], "no profile for device"),
+    ]
+    for args, needle in cases:
+        _one_line_error(slimdeploy(*args), needle)
+
+
+def test_mismatching_checkpoint(tmp_path):
+    import torch
+    from safetensors.torch import save_file
+
+    from slimdeploy.models import create_model
+    from slimdeploy.types import ModelConfig
+
+    m = create_model(ModelConfig("fmnist-vit", num_classes=3))
+    save_file({k: v.contiguous() for k, v in m.state_dict().items()}, tmp_path / "w.safetensors")
+    _one_line_error(slimdeploy("info", "--checkpoint", str(tmp_path / "w.safetensors")), "does not match")
+    assert torch.is_tensor(next(iter(m.state_dict().values())))
+
+
+def test_dataset_missing_gives_one_line(tmp_path):
+    r = slimdeploy("train", "--out", str(tmp_path / "r"), "--epochs", "1",
+                   env_extra={"SLIMDEPLOY_FMNIST_DIR": str(tmp_path), "HOME": str(tmp_path)})
+    from .conftest import fmnist_available
+
+    if fmnist_available():
+        pytest.skip("the system copy of Fashion-MNIST is installed, so it is found")
+    _one_line_error(r, "Fashion-MNIST not found")
