@@ -13,6 +13,10 @@ from typing import Annotated, Optional
 
 import click
 import typer
+from rich.console import Console
+from rich.table import Table
+
+from .errors import SlimError
 
 try:  # typer >= 0.25 vendors its own click
     from typer._click import exceptions as _typer_click
@@ -21,10 +25,6 @@ except ImportError:  # pragma: no cover
 _USAGE = (click.exceptions.UsageError, _typer_click.UsageError)
 _ABORT = (click.exceptions.Abort, getattr(typer, "Abort", click.exceptions.Abort))
 _EXIT = (click.exceptions.Exit, typer.Exit)
-from rich.console import Console
-from rich.table import Table
-
-from .errors import SlimError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Turn a trained vision transformer into a smaller model that meets a latency target "

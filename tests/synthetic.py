@@ -28,8 +28,8 @@ def staircase_profile(arch: Arch, tile: int = 32, step: int = 8, batch: int = 1)
                  "ms": [[1e-4 * n * D / 32 * t(w) for w in proj_g] for n in ns]},
         "mlp": {"axes": ["tokens", "hidden"], "grid": {"tokens": ns, "hidden": mlp_g},
                 "ms": [[2e-4 * n * D / 32 * t(m) for m in mlp_g] for n in ns]},
-        "core": {"axes": ["tokens", "heads", "qk", "v"], "grid": {"tokens": ns, "heads": list(range(1, arch.num_heads + 1)),
-                                                                  "qk": hd, "v": hd},
+        "core": {"axes": ["tokens", "heads", "qk", "v"],
+                 "grid": {"tokens": ns, "heads": list(range(1, arch.num_heads + 1)), "qk": hd, "v": hd},
                  "ms": [[[[1e-5 * n * n * h * (t(q) + t(v)) for v in hd] for q in hd]
                          for h in range(1, arch.num_heads + 1)] for n in ns]},
         "stem_head": {"ms": 0.05},

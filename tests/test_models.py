@@ -15,7 +15,8 @@ from slimdeploy.types import ModelConfig, SlimSpec
 VARIANTS = [
     ("vit_tiny_patch16_224", dict(global_pool="token", num_prefix_tokens=1)),
     ("deit_tiny_distilled_patch16_224", dict(distilled=True, num_prefix_tokens=2)),
-    ("vit_wee_patch16_reg1_gap_256", dict(global_pool="avg", num_prefix_tokens=1)),  # 1 register token, no class token, GAP
+    # one register token, no class token, global average pooling
+    ("vit_wee_patch16_reg1_gap_256", dict(global_pool="avg", num_prefix_tokens=1)),
     ("deit3_small_patch16_224", dict(layer_scale=True)),
     ("fmnist-vit", dict(num_tokens=17, in_chans=1)),
 ]

@@ -135,8 +135,8 @@ def test_parse_targets_for_macs_and_params(setup):
     full = SlimSpec.dense(ModelConfig("t-wide"), arch)
     for cost, fn in ((MacsCost(arch), spec_macs), (ParamsCost(arch), spec_params)):
         s = Selector(arch, ModelConfig("t-wide"), imp, cost)
-        assert cost.total([[arch.num_tokens, arch.num_heads, arch.head_dim, arch.head_dim, arch.mlp_dim]] * arch.depth) \
-            == pytest.approx(fn(full))
+        dense_state = [[arch.num_tokens, arch.num_heads, arch.head_dim, arch.head_dim, arch.mlp_dim]] * arch.depth
+        assert cost.total(dense_state) == pytest.approx(fn(full))
         res = s.select(0.5 * fn(full))
         assert fn(res.spec) <= 0.5 * fn(full)
         assert res.cost == pytest.approx(fn(res.spec))
