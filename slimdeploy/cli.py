@@ -253,7 +253,7 @@ def profile(
     threads: Annotated[int, typer.Option(min=1, help="CPU threads (ort-cpu, torch on cpu)")] = 1,
     step: Annotated[int, typer.Option(min=1, help="width resolution of the tables (channels)")] = 8,
     token_points: Annotated[int, typer.Option(min=1, help="token counts measured per table")] = 6,
-    calibration_models: Annotated[int, typer.Option(min=1, help="whole models measured for calibration")] = 6,
+    calibration_models: Annotated[int, typer.Option(min=1, help="whole models measured for calibration")] = 16,
     torch_device: TorchDeviceOpt = "auto",
     profiles_dir: ProfilesDirOpt = None,
     out_file: Annotated[Optional[Path], typer.Option("--out", help="profile file to write")] = None,
@@ -273,7 +273,8 @@ def profile(
     cal = prof.calibration
     out.print(f"profile '{device}' ({prof.hardware}, {prof.backend} {prof.backend_version}, batch {batch_size}, "
               f"{prof.precision}) in {prof.seconds:.0f} s -> {path}")
-    out.print(f"calibration on {len(cal['points'])} whole models: alpha {cal['alpha']:.3f}, beta {cal['beta']:.3f} ms, "
+    coef = ", ".join(f"{k} {v:.2f}" for k, v in cal["coef"].items())
+    out.print(f"calibration on {len(cal['points'])} whole models: coef {coef}; beta {cal['beta']:.3f} ms; "
               f"median fit error {100 * cal['fit_median_abs_error']:.1f}%")
 
 

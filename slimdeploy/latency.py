@@ -19,6 +19,8 @@ import numpy as np
 from .errors import SlimError
 from .types import Arch, DeviceProfile, SlimSpec
 
+PART_KINDS = ("rest", "qkv", "core", "proj", "mlp")
+CAL_GROUPS = {"rest": "rest", "qkv": "attn", "core": "attn", "proj": "attn", "mlp": "mlp"}
 SHIPPED_PROFILES = Path(__file__).resolve().parent.parent / "profiles"
 
 
@@ -111,38 +113,45 @@ class LatencyModel:
         self.proj, self.mlp = Table(t["proj"]), Table(t["mlp"])
         self.stem = float(t["stem_head"]["ms"])
         cal = profile.calibration or {}
-        self.alpha, self.beta = float(cal.get("alpha", 1.0)), float(cal.get("beta", 0.0))
+        alpha = float(cal.get("alpha", 1.0))
+        self.coef = {k: float(cal.get("coef", {}).get(CAL_GROUPS[k], alpha)) for k in PART_KINDS}
+        self.beta = float(cal.get("beta", 0.0))
 
     @classmethod
     def load(cls, device: str, profiles_dir: str | Path | None = None) -> LatencyModel:
         return cls(DeviceProfile.load(resolve_profile(device, profiles_dir)))
 
-    def block_raw(self, n: int, h: int, q: int, v: int, m: int) -> float:
-        """Uncalibrated table sum for one block (ms)."""
-        ms = self.rest(n)
+    def block_parts(self, n: int, h: int, q: int, v: int, m: int) -> dict[str, float]:
+        """Table lookups (uncalibrated ms) of one block's parts."""
+        parts = {"rest": self.rest(n), "qkv": 0.0, "core": 0.0, "proj": 0.0, "mlp": 0.0}
         if h > 0:
-            ms += self.qkv(n, h * (2 * q + v)) + self.core(n, h, q, v) + self.proj(n, h * v)
+            parts.update(qkv=self.qkv(n, h * (2 * q + v)), core=self.core(n, h, q, v), proj=self.proj(n, h * v))
         if m > 0:
-            ms += self.mlp(n, m)
-        return ms
+            parts["mlp"] = self.mlp(n, m)
+        return parts
 
-    def raw(self, spec: SlimSpec) -> float:
-        return self.stem + sum(self.block_raw(b.num_tokens, b.num_heads, b.qk_dim, b.v_dim, b.mlp_dim)
-                               for b in spec.blocks)
+    def block_ms(self, n: int, h: int, q: int, v: int, m: int) -> float:
+        """Calibrated latency contribution of one block (ms)."""
+        return sum(self.coef[k] * val for k, val in self.block_parts(n, h, q, v, m).items())
 
-    def calibrated(self, raw_ms: float) -> float:
-        return self.alpha * raw_ms + self.beta
+    def raw_parts(self, spec: SlimSpec) -> dict[str, float]:
+        """Per calibration group, the sum of table lookups over the blocks (the calibration's regressors)."""
+        tot = dict.fromkeys(sorted(set(CAL_GROUPS.values())), 0.0)
+        for b in spec.blocks:
+            for k, val in self.block_parts(b.num_tokens, b.num_heads, b.qk_dim, b.v_dim, b.mlp_dim).items():
+                tot[CAL_GROUPS[k]] += val
+        return tot
+
+    def constant_ms(self) -> float:
+        """What does not depend on the structure: beta (stem and head are constant, so they live in beta)."""
+        return self.beta
 
     def predict(self, spec: SlimSpec) -> float:
         """Predicted end-to-end latency of the slim model in ms."""
-        return self.calibrated(self.raw(spec))
+        return self.constant_ms() + sum(self.block_ms(b.num_tokens, b.num_heads, b.qk_dim, b.v_dim, b.mlp_dim)
+                                        for b in spec.blocks)
 
     def breakdown(self, spec: SlimSpec) -> list[dict]:
-        out = []
-        for b in spec.blocks:
-            n, h, q, v, m = b.num_tokens, b.num_heads, b.qk_dim, b.v_dim, b.mlp_dim
-            row = {"rest": self.rest(n), "mlp": self.mlp(n, m) if m else 0.0}
-            row.update({"qkv": self.qkv(n, h * (2 * q + v)), "core": self.core(n, h, q, v),
-                        "proj": self.proj(n, h * v)} if h else {"qkv": 0.0, "core": 0.0, "proj": 0.0})
-            out.append({k: self.alpha * val for k, val in row.items()})
-        return out
+        """Calibrated ms per part, per block."""
+        return [{k: self.coef[k] * v for k, v in self.block_parts(b.num_tokens, b.num_heads, b.qk_dim, b.v_dim,
+                                                                  b.mlp_dim).items()} for b in spec.blocks]

@@ -9,9 +9,9 @@ Factorised measurements (never every block combination), on the backend that wil
   stem_head                          patch embedding, tokens, position embedding, final norm, head
 Widths are measured on multiples of `step` (8 by default) so staircases show; each table is made
 monotone in width (isotonic fit), which removes timing noise without hiding steps. Then whole
-models (the dense one and random slim ones) are exported and measured to fit alpha, beta of
-end-to-end = alpha * table sum + beta. Partial results are saved as they come: an interrupted
-profile resumes where it stopped.
+models (the dense one and random slim ones of every size) are exported and measured to fit the
+calibration end-to-end = beta + sum_k coef[k] * (table sum of part kind k), coef >= 0 (see
+latency.py). Partial results are saved as they come: an interrupted profile resumes where it stopped.
 """
 
 from __future__ import annotations
@@ -94,26 +94,48 @@ def nontrivial_(module: nn.Module, seed: int = 0) -> nn.Module:
     return module
 
 
+class _Scale(nn.Module):
+    """The cheapest graph on an input: what one call costs besides the component's own work."""
+
+    def forward(self, x):
+        return x * 1.0001
+
+
 class _Measurer:
-    """Times component modules on a backend, caching results by key (for resume)."""
+    """Times component modules on a backend, caching results by key (for resume).
+
+    A component's entry is its median time minus the time of a trivial graph on the same input
+    (the per-call overhead a component inside a whole model does not pay), kept >= 2% of the total.
+    """
 
     def __init__(self, backend: Backend, batch: int, cache: dict, save, budget_s: float):
         self.backend, self.batch, self.cache, self.save = backend, batch, cache, save
         self.per_call_s = budget_s
         self.unsaved = 0
 
-    def time(self, key: str, module: nn.Module, shape: tuple[int, ...]) -> float:
+    def time(self, key: str, module: nn.Module, shape: tuple[int, ...], subtract_overhead: bool = True) -> float:
         if key in self.cache:
             return self.cache[key][0]
-        x = torch.randn(self.batch, *shape)
-        sess: Session = self.backend.load_module(nontrivial_(module).eval(), x)
-        t = sess.time(x.numpy(), warmup=3, min_runs=9, min_seconds=self.per_call_s, max_runs=400)
-        self.cache[key] = (t.median_ms, t.spread)
+        base = self.overhead(shape) if subtract_overhead else 0.0
+        t = self._measure(module, shape)
+        self.cache[key] = (max(t.median_ms - base, 0.02 * t.median_ms), t.spread)
         self.unsaved += 1
         if self.unsaved >= 50:
             self.save()
             self.unsaved = 0
-        return t.median_ms
+        return self.cache[key][0]
+
+    def overhead(self, shape: tuple[int, ...]) -> float:
+        key = "overhead/" + "x".join(map(str, shape))
+        if key not in self.cache:
+            t = self._measure(_Scale(), shape, runs=30)
+            self.cache[key] = (t.median_ms, t.spread)
+        return self.cache[key][0]
+
+    def _measure(self, module: nn.Module, shape: tuple[int, ...], runs: int = 9):
+        x = torch.randn(self.batch, *shape)
+        sess: Session = self.backend.load_module(nontrivial_(module).eval(), x)
+        return sess.time(x.numpy(), warmup=3, min_runs=runs, min_seconds=self.per_call_s, max_runs=400)
 
 
 def isotonic(values: np.ndarray) -> np.ndarray:
@@ -133,21 +155,25 @@ def isotonic(values: np.ndarray) -> np.ndarray:
     return out
 
 
-def random_spec(arch: Arch, source: ModelConfig, rng: random.Random, step: int = 8, min_keep: float = 0.25
+def random_spec(arch: Arch, source: ModelConfig, rng: random.Random, step: int = 8, min_keep: float = 0.15
                 ) -> SlimSpec:
-    """A random slim structure: per block, random kept fractions of tokens (monotone), heads, widths, MLP."""
+    """A random slim structure of a random overall size: a kept fraction f ~ U(min_keep, 1), and
+    per block and dimension fractions around f (tokens dropped at some blocks, monotone)."""
     spec = SlimSpec.dense(source, arch)
+    size = rng.uniform(min_keep, 1.0)
     tokens = list(range(arch.num_tokens))
-    snap = lambda w, limit: max(1, min(limit, int(round(w / step)) * step if limit >= step else w))  # noqa: E731
+
+    def width(full: int) -> int:
+        w = full * min(1.0, max(0.05, size * rng.uniform(0.7, 1.3)))
+        return max(1, min(full, int(round(w / step)) * step if full >= step else int(round(w))))
+
     for b in spec.blocks:
-        if rng.random() < 0.5:
+        if rng.random() < 0.4:
             patches = [t for t in tokens if t >= arch.num_prefix_tokens]
-            keep = max(1, int(len(patches) * rng.uniform(0.6, 1.0)))
+            keep = max(1, int(round(len(patches) * rng.uniform(max(0.3, size), 1.0))))
             tokens = tokens[:arch.num_prefix_tokens] + sorted(rng.sample(patches, keep))
-        h = rng.randint(max(1, int(arch.num_heads * min_keep)), arch.num_heads)
-        q = snap(arch.head_dim * rng.uniform(min_keep, 1.0), arch.head_dim)
-        v = snap(arch.head_dim * rng.uniform(min_keep, 1.0), arch.head_dim)
-        m = snap(arch.mlp_dim * rng.uniform(min_keep, 1.0), arch.mlp_dim)
+        h = max(1, min(arch.num_heads, int(round(arch.num_heads * size * rng.uniform(0.7, 1.3)))))
+        q, v, m = width(arch.head_dim), width(arch.head_dim), width(arch.mlp_dim)
         heads = sorted(rng.sample(range(arch.num_heads), h))
         b.tokens, b.heads = list(tokens), heads
         b.qk = [list(range(q)) for _ in heads]
@@ -173,7 +199,7 @@ def measure_model(backend: Backend, model: nn.Module, arch: Arch, batch: int, se
 
 
 def profile_device(device: str, backend: Backend, model: nn.Module, source: ModelConfig, batch_size: int,
-                   out: str | Path, step: int = 8, token_points: int = 6, calibration_models: int = 6,
+                   out: str | Path, step: int = 8, token_points: int = 6, calibration_models: int = 16,
                    per_call_s: float = 0.03, seed: int = 0) -> DeviceProfile:
     """Measure the tables and calibration for `model`'s shape on `backend`; write the profile to `out`."""
     if step < 1 or token_points < 1 or batch_size < 1:
@@ -227,7 +253,8 @@ def profile_device(device: str, backend: Backend, model: nn.Module, source: Mode
                 n, h, q, v = dims
                 meas.time(key, _core(arch, h, q, v), (n, h * (2 * q + v)))
             else:
-                meas.time(key, _stem_head(model), (arch.in_chans, arch.img_size, arch.img_size))
+                meas.time(key, _stem_head(model), (arch.in_chans, arch.img_size, arch.img_size),
+                          subtract_overhead=False)
             progress.update(task, advance=1, info=f"{backend.name} {kind} {dims}")
         tables = _assemble(cache, ns, hs, hd_grid, qkv_grid, proj_grid, mlp_grid)
         raw_model = LatencyModel(_profile(device, backend, batch_size, arch, tables, {}, "", 0.0))
@@ -239,7 +266,7 @@ def profile_device(device: str, backend: Backend, model: nn.Module, source: Mode
                 t = measure_model(backend, slim, arch, batch_size)
                 cache[key] = (t["median_ms"], t["spread"])
                 save()
-            points.append({"raw_ms": raw_model.raw(spec), "measured_ms": cache[key][0], "spread": cache[key][1]})
+            points.append({"parts": raw_model.raw_parts(spec), "measured_ms": cache[key][0], "spread": cache[key][1]})
             progress.update(task, advance=1, info=f"{backend.name} whole model {i + 1}/{len(cal_specs)}")
     calibration = fit_calibration(points)
     warnings = []
@@ -250,6 +277,7 @@ def profile_device(device: str, backend: Backend, model: nn.Module, source: Mode
                     " ".join(shlex.quote(a) for a in ["slimdeploy", *sys.argv[1:]]),
                     time.perf_counter() - t_start + float(cache.get("_seconds", (0.0,))[0]), warnings)
     prof.model["step"] = step
+    prof.measurements = sum(1 for k in cache if not k.startswith("calibration/"))
     prof.save(out)
     partial.unlink(missing_ok=True)
     return prof
@@ -294,17 +322,43 @@ def _assemble(cache, ns, hs, hd_grid, qkv_grid, proj_grid, mlp_grid) -> dict:
 
 
 def fit_calibration(points: list[dict]) -> dict:
-    """Least-squares alpha, beta of measured = alpha * raw + beta (alpha only if one point)."""
-    raw = np.array([p["raw_ms"] for p in points])
-    meas = np.array([p["measured_ms"] for p in points])
-    if len(points) >= 2 and np.ptp(raw) > 0:
-        alpha, beta = np.polyfit(raw, meas, 1)
+    """Fit measured = beta + sum_k coef[k] * parts[k] with coef >= 0 (non-negative least squares).
+
+    With fewer points than unknowns, one shared coefficient for every kind (alpha) is fitted.
+    """
+    kinds = sorted(points[0]["parts"])
+    X = np.array([[p["parts"][k] for k in kinds] for p in points], dtype=np.float64)
+    y = np.array([p["measured_ms"] for p in points], dtype=np.float64)
+    if len(points) >= len(kinds) + 3:
+        coef, beta = _nnls_with_intercept(X, y)
     else:
-        alpha, beta = float(meas.sum() / raw.sum()), 0.0
-    pred = alpha * raw + beta
-    err = np.abs(pred - meas) / meas
-    return {"alpha": float(alpha), "beta": float(beta), "points": points,
+        total = X.sum(1, keepdims=True)
+        c, beta = _nnls_with_intercept(total, y) if len(points) >= 2 else (np.array([y.sum() / total.sum()]), 0.0)
+        coef = np.repeat(c, len(kinds))
+    pred = X @ coef + beta
+    err = np.abs(pred - y) / y
+    return {"coef": {k: float(c) for k, c in zip(kinds, coef)}, "beta": float(beta), "points": points,
             "fit_median_abs_error": float(np.median(err)), "fit_max_abs_error": float(err.max())}
+
+
+def _nnls_with_intercept(X: np.ndarray, y: np.ndarray, iters: int = 20000) -> tuple[np.ndarray, float]:
+    """min ||X c + b - y||^2 with c >= 0 and b free (projected coordinate descent on centred data)."""
+    xm, ym = X.mean(0), y.mean()
+    Xc, yc = X - xm, y - ym
+    scale = np.sqrt((Xc ** 2).sum(0))
+    scale[scale == 0] = 1.0
+    A = Xc / scale
+    c = np.linalg.lstsq(A, yc, rcond=None)[0].clip(min=0)
+    G, g = A.T @ A, A.T @ yc
+    for _ in range(iters):
+        prev = c.copy()
+        for j in range(len(c)):
+            if G[j, j] > 0:
+                c[j] = max(0.0, c[j] + (g[j] - G[j] @ c) / G[j, j])
+        if np.abs(c - prev).max() < 1e-12:
+            break
+    coef = c / scale
+    return coef, float(ym - xm @ coef)
 
 
 def load_profile_json(path: str | Path) -> dict:

@@ -108,13 +108,13 @@ class LatencyCost(Cost):
 
     def __init__(self, lm: LatencyModel):
         self.lm = lm
-        self.constant = lm.alpha * lm.stem + lm.beta
+        self.constant = lm.constant_ms()
         self._cache: dict[tuple, float] = {}
 
     def block(self, n, h, q, v, m):
         key = (n, h, q, v, m)
         if key not in self._cache:
-            self._cache[key] = self.lm.alpha * self.lm.block_raw(n, h, q, v, m)
+            self._cache[key] = self.lm.block_ms(n, h, q, v, m)
         return self._cache[key]
 
 

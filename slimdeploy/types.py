@@ -242,6 +242,7 @@ class DeviceProfile:
     created: str = ""
     command: str = ""
     seconds: float = 0.0
+    measurements: int = 0  # timed graphs behind the tables (components + per-call overhead baselines)
     warnings: list[str] = field(default_factory=list)
     schema: int = PROFILE_SCHEMA
 

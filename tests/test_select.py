@@ -45,17 +45,17 @@ def test_lands_on_step_starts(setup):
     checked = 0
     for b in spec.blocks:
         n, h, q, v, m = b.num_tokens, b.num_heads, b.qk_dim, b.v_dim, b.mlp_dim
-        base = lm.block_raw(n, h, q, v, m)
+        base = lm.block_ms(n, h, q, v, m)
         if 0 < m < arch.mlp_dim:
             bigger = min(w for w in grid_mlp if w > m)
-            assert lm.block_raw(n, h, q, v, bigger) > base
+            assert lm.block_ms(n, h, q, v, bigger) > base
             assert m % 32 == 0  # the synthetic tile: a step ends at a multiple of 32
             checked += 1
         if h and q < arch.head_dim:
-            assert lm.block_raw(n, h, min(w for w in grid_hd if w > q), v, m) > base
+            assert lm.block_ms(n, h, min(w for w in grid_hd if w > q), v, m) > base
             checked += 1
         if h and v < arch.head_dim:
-            assert lm.block_raw(n, h, q, min(w for w in grid_hd if w > v), m) > base
+            assert lm.block_ms(n, h, q, min(w for w in grid_hd if w > v), m) > base
             checked += 1
     assert checked > 0
 
