@@ -20,7 +20,7 @@ data:
 	@scripts/get_data.sh
 
 demo: setup
-	$(BIN)/slimdeploy run --out runs/demo --resume
+	$(BIN)/slimdeploy run --out runs/demo --device epyc-2c-ort1t-b1-fmnist-vit --target-latency 50%
 
 test: setup
 	@$(BIN)/python -m pytest -q; rc=$$?; if [ $$rc -eq 5 ]; then echo "no tests collected"; rc=0; fi; exit $$rc

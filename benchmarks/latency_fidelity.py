@@ -56,8 +56,9 @@ def main() -> None:
         flops = dense * spec_macs(spec) / spec_macs(dense_spec)
         rows.append({"spec": i, "measured_ms": t["median_ms"], "spread": t["spread"], "predicted_ms": pred,
                      "flops_proxy_ms": flops, "macs_ratio": spec_macs(spec) / spec_macs(dense_spec)})
-        print(f"{i:3d} measured {t['median_ms']:8.3f} ms  predicted {pred:8.3f} ({100 * (pred / t['median_ms'] - 1):+5.1f}%)"
-              f"  flops {flops:8.3f} ({100 * (flops / t['median_ms'] - 1):+5.1f}%)", flush=True)
+        m = t["median_ms"]
+        print(f"{i:3d} measured {m:8.3f} ms  predicted {pred:8.3f} ({100 * (pred / m - 1):+5.1f}%)"
+              f"  flops {flops:8.3f} ({100 * (flops / m - 1):+5.1f}%)", flush=True)
     err = np.array([abs(r["predicted_ms"] / r["measured_ms"] - 1) for r in rows])
     ferr = np.array([abs(r["flops_proxy_ms"] / r["measured_ms"] - 1) for r in rows])
     summary = {"model": args.model, "device": args.device, "hardware": p.hardware, "backend": p.backend,

@@ -82,7 +82,7 @@ def train(
     lr: Annotated[float, typer.Option(help="peak learning rate (AdamW)")] = 2e-3,
     weight_decay: Annotated[float, typer.Option(help="AdamW weight decay")] = 0.05,
     warmup_epochs: Annotated[float, typer.Option(help="linear warm-up, in epochs")] = 0.5,
-    label_smoothing: Annotated[float, typer.Option(help="label smoothing")] = 0.0,
+    label_smoothing: Annotated[float, typer.Option(help="label smoothing")] = 0.1,
     drop_path: Annotated[float, typer.Option(help="stochastic depth rate")] = 0.0,
     seed: Annotated[int, typer.Option(help="random seed")] = 0,
     workers: Annotated[int, typer.Option(min=0, help="data loader workers")] = 0,
@@ -215,7 +215,7 @@ def prune(
     data: DataOpt = "synthetic",
 ):
     """Slice the dense weights into a smaller dense model for a SlimSpec and check it is equivalent."""
-    from .data import load_data
+    from .data import first_batch, load_data
     from .models import create_model, data_config
     from .prune import prune as run_prune
     from .prune import searched_model
@@ -232,10 +232,8 @@ def prune(
         dense = searched_model(run, s)
     else:
         dense, _ = r.base()
-    b = load_data(data, data_config(dense), s.arch.num_classes, 16, 16)
-    x = next(iter(__import__("torch").utils.data.DataLoader(b.val, batch_size=16, collate_fn=None)))[0]
-    x = b.transform(x) if b.transform is not None else x
-    _, rec = run_prune(s, dense, run, x)
+    b = load_data(data, data_config(dense), s.arch.num_classes, val_limit=16, with_train=False)
+    _, rec = run_prune(s, dense, run, first_batch(b, 16))
     out.print(f"pruned: {rec['params'] / 1e6:.3f} M params (dense {rec['dense_params'] / 1e6:.3f} M), "
               f"{rec['macs'] / 1e6:.1f} MMACs; max abs diff vs masked model {rec['max_abs_diff']:.2e} -> {run}")
 
@@ -433,7 +431,7 @@ def verify(
     dev = device or spec.meta.get("device")
     lm = LatencyModel.load(dev, profiles_dir) if dev else None
     dense, _ = load_dense(run)
-    bundle = load_data(data, data_config(dense), spec.arch.num_classes, 1, val_limit)
+    bundle = load_data(data, data_config(dense), spec.arch.num_classes, val_limit=val_limit, with_train=False)
     target = spec.meta.get("target_value") if spec.meta.get("target") == "latency" else None
     rep = run_verify(run, bundle, backend or (lm.profile.backend if lm else "ort-cpu"),
                      batch_size or (lm.profile.batch_size if lm else 1),
@@ -477,7 +475,7 @@ def run(
     target_macs: Annotated[Optional[str], typer.Option("--target-macs", help="instead of latency: e.g. 2.3G")] = None,
     target_params: Annotated[Optional[str], typer.Option("--target-params", help="instead of latency: e.g. 12M")
                              ] = None,
-    device: DeviceOpt = "cpu-epyc-ort1t-fmnist-vit", profiles_dir: ProfilesDirOpt = None,
+    device: DeviceOpt = "epyc-2c-ort1t-b1-fmnist-vit", profiles_dir: ProfilesDirOpt = None,
     model: ModelOpt = None, checkpoint: CheckpointOpt = None, pretrained: PretrainedOpt = False,
     num_classes: NumClassesOpt = None, img_size: ImgSizeOpt = None, in_chans: InChansOpt = None,
     data: DataOpt = "fashion-mnist", train_limit: TrainLimitOpt = None, val_limit: ValLimitOpt = None,

@@ -153,15 +153,18 @@ class DataBundle:
 
 
 def load_data(name: str, data_cfg: dict, num_classes: int, train_limit: int | None = None,
-              val_limit: int | None = None) -> DataBundle:
-    """Resolve --data: 'fashion-mnist', 'synthetic' or a folder in ImageNet layout."""
+              val_limit: int | None = None, with_train: bool = True) -> DataBundle:
+    """Resolve --data: 'fashion-mnist', 'synthetic' or a folder in ImageNet layout.
+
+    with_train=False skips the training split (its `train` is then empty), for evaluation only."""
     for v, what in ((train_limit, "--train-limit"), (val_limit, "--val-limit")):
         if v is not None and v <= 0:
             raise SlimError(f"{what} must be a positive number of images")
     in_chans, h, w = data_cfg["input_size"]
     transform = BatchTransform(in_chans, h, tuple(data_cfg["mean"]), tuple(data_cfg["std"]))
     if name == "fashion-mnist":
-        train, val, classes = fashion_mnist("train"), fashion_mnist("val"), 10
+        val, classes = fashion_mnist("val"), 10
+        train = fashion_mnist("train") if with_train else Subset(val, [])
     elif name == "synthetic":
         n_train, n_val = train_limit or 512, val_limit or 256
         train = synthetic("train", in_chans, h, num_classes, n_train)
@@ -171,9 +174,9 @@ def load_data(name: str, data_cfg: dict, num_classes: int, train_limit: int | No
         root = Path(name).expanduser()
         if not root.is_dir():
             raise SlimError(f"dataset not found: '{name}' is neither fashion-mnist, synthetic nor a folder")
-        train = image_folder(root, "train", data_cfg, True)
         val = image_folder(root, "val", data_cfg, False)
-        classes = len(train.classes)
+        train = image_folder(root, "train", data_cfg, True) if with_train else Subset(val, [])
+        classes = len(val.classes)
         transform = None
     if classes != num_classes:
         raise SlimError(f"dataset '{name}' has {classes} classes but the model has {num_classes} outputs "
@@ -183,6 +186,12 @@ def load_data(name: str, data_cfg: dict, num_classes: int, train_limit: int | No
     if val_limit is not None and val_limit < len(val):
         val = Subset(val, range(val_limit))
     return DataBundle(train, val, transform, classes, name)
+
+
+def first_batch(bundle: DataBundle, n: int) -> torch.Tensor:
+    """The first n evaluation images, transformed as the model sees them."""
+    x, _ = next(iter(make_loader(bundle.val, bundle.transform, n, False)))
+    return x
 
 
 def make_loader(ds: Dataset, transform: BatchTransform | None, batch_size: int, train: bool, seed: int = 0,

@@ -115,8 +115,7 @@ def export_run(run_dir: str | Path, trt: bool = False, fp16: bool = False, opset
         require_tensorrt()
     model, spec, stem = slim_of_run(run_dir)
     a = spec.arch
-    onnx_path = export_onnx(model, run_dir / "model.onnx", (a.in_chans, a.img_size, a.img_size), batch_size, opset,
-                            max_batch=max(max_batch, batch_size or 1) if batch_size is None else 4096)
+    onnx_path = export_onnx(model, run_dir / "model.onnx", (a.in_chans, a.img_size, a.img_size), batch_size, opset)
     record = {"onnx": str(onnx_path), "opset": opset, "batch_size": batch_size, "dynamic_batch": batch_size is None,
               "weights": f"{stem}.safetensors", "onnx_bytes": onnx_path.stat().st_size,
               "sequence_lengths": onnx_sequence_lengths(onnx_path)}

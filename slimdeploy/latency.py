@@ -42,7 +42,8 @@ def resolve_profile(device: str, profiles_dir: str | Path | None = None) -> Path
         p = d / f"{device}.json"
         if p.is_file():
             return p
-    known = sorted({p.stem for d in profile_search_path(profiles_dir) if d.is_dir() for p in d.glob("*.json")})
+    known = sorted({p.stem for d in profile_search_path(profiles_dir) if d.is_dir() for p in d.glob("*.json")
+                    if not p.name.startswith(".")})
     where = ", ".join(str(d) for d in profile_search_path(profiles_dir))
     raise SlimError(f"no profile for device '{device}' in {where}"
                     f" (known: {', '.join(known) or 'none'}; make one with: slimdeploy profile --device {device})")
@@ -73,7 +74,7 @@ def check_profile_fits(profile: DeviceProfile, arch: Arch, batch_size: int | Non
 
 
 class Table:
-    """A measured table: piecewise-linear in its first axis (tokens), staircase in the others."""
+    """A measured table: interpolated in its first axis (tokens), a staircase in the others."""
 
     def __init__(self, d: dict):
         self.axes: list[str] = d["axes"]
@@ -86,18 +87,17 @@ class Table:
         return min(bisect_left(g, w), len(g) - 1)
 
     def __call__(self, n: float, *widths: int) -> float:
+        """ms at n tokens: the per-token cost ms/n is interpolated linearly in n, which is exact for
+        a*n + b*n^2 (linear layers and the attention core); widths read as a staircase."""
         idx = tuple(self._stair(i + 1, w) for i, w in enumerate(widths))
         g = self.grid[0]
-        if n <= g[0]:
-            return float(self.ms[(0, *idx)] * n / g[0]) if len(g) > 1 else float(self.ms[(0, *idx)])
+        if len(g) == 1 or n <= g[0]:
+            return float(self.ms[(0, *idx)] * n / g[0])
         j = min(bisect_left(g, n), len(g) - 1)
-        if g[j] == n or j == 0:
-            return float(self.ms[(j, *idx)])
-        if n > g[-1]:
-            j = len(g) - 1
         lo, hi = g[j - 1], g[j]
-        t = (n - lo) / (hi - lo)
-        return float((1 - t) * self.ms[(j - 1, *idx)] + t * self.ms[(j, *idx)])
+        t = (n - lo) / (hi - lo)  # > 1 above the grid: linear extrapolation of the per-token cost
+        per_token = (1 - t) * self.ms[(j - 1, *idx)] / lo + t * self.ms[(j, *idx)] / hi
+        return float(per_token * n)
 
     def widths(self, axis: int) -> list[int]:
         return self.grid[axis]

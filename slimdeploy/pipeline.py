@@ -38,6 +38,7 @@ class RunOptions:
     batch_size: int = 128
     train_epochs: int = 8
     train_lr: float = 2e-3
+    label_smoothing: float = 0.1
     search_epochs: int = 2
     search_lr: float = 5e-4
     w_attn: float = 2e-4
@@ -69,7 +70,7 @@ class RunOptions:
 
 def run_pipeline(o: RunOptions) -> dict:
     """Run every stage that has not run yet; return the final report as a dict."""
-    from .data import load_data
+    from .data import first_batch, load_data
     from .latency import LatencyModel, check_profile_fits
     from .masks import SearchDims
     from .models import ModelConfig, create_model, data_config, load_dense
@@ -108,8 +109,9 @@ def run_pipeline(o: RunOptions) -> dict:
             a = arch_of(model)
             cfg = ModelConfig(cfg.name, a.num_classes, a.img_size, a.in_chans)
             bundle = load_data(o.data, data_config(model), a.num_classes, o.train_limit, o.val_limit)
-            train_dense(model, cfg, bundle, TrainConfig(epochs=o.train_epochs, batch_size=o.batch_size, lr=o.train_lr,
-                                                         seed=o.seed), o.out, resume=True, torch_device=o.torch_device)
+            tcfg = TrainConfig(epochs=o.train_epochs, batch_size=o.batch_size, lr=o.train_lr,
+                               label_smoothing=o.label_smoothing, seed=o.seed)
+            train_dense(model, cfg, bundle, tcfg, o.out, resume=True, torch_device=o.torch_device)
     model, cfg = load_dense(o.out)
     from .models import arch_of
 
@@ -143,7 +145,7 @@ def run_pipeline(o: RunOptions) -> dict:
         from .prune import prune, searched_model
 
         spec = r.spec()
-        x = _eval_batch(bundle, 16)
+        x = first_batch(bundle, 16)
         prune(spec, searched_model(o.out, spec), o.out, x)
     dist.barrier()
 
@@ -177,9 +179,3 @@ def run_pipeline(o: RunOptions) -> dict:
     dist.barrier()
     return report
 
-
-def _eval_batch(bundle, n: int):
-    from .data import make_loader
-
-    x, _ = next(iter(make_loader(bundle.val, bundle.transform, n, False)))
-    return x

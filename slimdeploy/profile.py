@@ -155,12 +155,12 @@ def isotonic(values: np.ndarray) -> np.ndarray:
     return out
 
 
-def random_spec(arch: Arch, source: ModelConfig, rng: random.Random, step: int = 8, min_keep: float = 0.15
-                ) -> SlimSpec:
-    """A random slim structure of a random overall size: a kept fraction f ~ U(min_keep, 1), and
-    per block and dimension fractions around f (tokens dropped at some blocks, monotone)."""
+def random_spec(arch: Arch, source: ModelConfig, rng: random.Random, step: int = 8, min_keep: float = 0.15,
+                size: float | None = None) -> SlimSpec:
+    """A random slim structure of overall size `size` (default: random in [min_keep, 1]), with per block
+    and dimension kept fractions around it (tokens dropped at some blocks, monotone)."""
     spec = SlimSpec.dense(source, arch)
-    size = rng.uniform(min_keep, 1.0)
+    size = rng.uniform(min_keep, 1.0) if size is None else size
     tokens = list(range(arch.num_tokens))
 
     def width(full: int) -> int:
@@ -234,8 +234,10 @@ def profile_device(device: str, backend: Backend, model: nn.Module, source: Mode
             + [("proj", n, w) for n in ns for w in proj_grid] + [("mlp", n, m) for n in ns for m in mlp_grid]
             + [("core", n, h, q, v) for n in ns for h in hs for q in hd_grid for v in hd_grid] + [("stem_head",)])
     rng = random.Random(seed)
-    cal_specs = [SlimSpec.dense(source, arch)] + [random_spec(arch, source, rng, step)
-                                                  for _ in range(max(0, calibration_models - 1))]
+    # calibration models of evenly spread sizes, so that small and large models are both covered
+    k = max(0, calibration_models - 1)
+    sizes = [0.1 + 0.9 * i / max(1, k - 1) for i in range(k)]
+    cal_specs = [SlimSpec.dense(source, arch)] + [random_spec(arch, source, rng, step, size=f) for f in sizes]
     with make_progress() as progress:
         task = progress.add_task("profile", total=len(jobs) + len(cal_specs), info=backend.name)
         for job in jobs:
@@ -297,14 +299,16 @@ def _assemble(cache, ns, hs, hd_grid, qkv_grid, proj_grid, mlp_grid) -> dict:
         return cache["/".join(map(str, key))]
 
     def table(axes, grid, fn, shape):
-        ms = np.zeros(shape)
+        raw = np.zeros(shape)
         spread = np.zeros(shape)
         for idx in np.ndindex(*shape):
-            ms[idx], spread[idx] = fn(*idx)
+            raw[idx], spread[idx] = fn(*idx)
+        ms = raw
         if len(axes) > 1:  # monotone in every width axis
             for ax in range(1, len(axes)):
                 ms = np.moveaxis(isotonic(np.moveaxis(ms, ax, -1)), -1, ax)
-        return {"axes": axes, "grid": grid, "ms": np.round(ms, 5).tolist(), "spread": np.round(spread, 3).tolist()}
+        return {"axes": axes, "grid": grid, "ms": np.round(ms, 5).tolist(), "raw_ms": np.round(raw, 5).tolist(),
+                "spread": np.round(spread, 3).tolist()}
 
     return {
         "rest": table(["tokens"], {"tokens": ns}, lambda i: get("rest", ns[i]), (len(ns),)),
@@ -322,18 +326,21 @@ def _assemble(cache, ns, hs, hd_grid, qkv_grid, proj_grid, mlp_grid) -> dict:
 
 
 def fit_calibration(points: list[dict]) -> dict:
-    """Fit measured = beta + sum_k coef[k] * parts[k] with coef >= 0 (non-negative least squares).
+    """Fit measured = beta + sum_k coef[k] * parts[k] with coef >= 0, minimising relative errors
+    (rows weighted by 1 / measured: a 1 ms miss matters more on a 10 ms model than on a 100 ms one).
 
     With fewer points than unknowns, one shared coefficient for every kind (alpha) is fitted.
     """
     kinds = sorted(points[0]["parts"])
     X = np.array([[p["parts"][k] for k in kinds] for p in points], dtype=np.float64)
     y = np.array([p["measured_ms"] for p in points], dtype=np.float64)
+    w = 1.0 / y
     if len(points) >= len(kinds) + 3:
-        coef, beta = _nnls_with_intercept(X, y)
+        coef, beta = _nnls_with_intercept(X, y, w)
     else:
         total = X.sum(1, keepdims=True)
-        c, beta = _nnls_with_intercept(total, y) if len(points) >= 2 else (np.array([y.sum() / total.sum()]), 0.0)
+        c, beta = (_nnls_with_intercept(total, y, w) if len(points) >= 2
+                   else (np.array([y.sum() / total.sum()]), 0.0))
         coef = np.repeat(c, len(kinds))
     pred = X @ coef + beta
     err = np.abs(pred - y) / y
@@ -341,10 +348,14 @@ def fit_calibration(points: list[dict]) -> dict:
             "fit_median_abs_error": float(np.median(err)), "fit_max_abs_error": float(err.max())}
 
 
-def _nnls_with_intercept(X: np.ndarray, y: np.ndarray, iters: int = 20000) -> tuple[np.ndarray, float]:
-    """min ||X c + b - y||^2 with c >= 0 and b free (projected coordinate descent on centred data)."""
-    xm, ym = X.mean(0), y.mean()
-    Xc, yc = X - xm, y - ym
+def _nnls_with_intercept(X: np.ndarray, y: np.ndarray, w: np.ndarray | None = None, iters: int = 20000
+                         ) -> tuple[np.ndarray, float]:
+    """min sum_i w_i^2 (X_i c + b - y_i)^2 with c >= 0 and b free (projected coordinate descent)."""
+    w = np.ones_like(y) if w is None else w
+    # the intercept is profiled out: weighted centring
+    ww = w ** 2 / (w ** 2).sum()
+    xm, ym = ww @ X, ww @ y
+    Xc, yc = (X - xm) * w[:, None], (y - ym) * w
     scale = np.sqrt((Xc ** 2).sum(0))
     scale[scale == 0] = 1.0
     A = Xc / scale

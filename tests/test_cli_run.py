@@ -1,0 +1,36 @@
+"""`slimdeploy run` from the command line on the embedded model (synthetic data, the shipped profile),
+then `verify` on a tampered ONNX file: exit 1 with the reason."""
+
+from __future__ import annotations
+
+import json
+
+from slimdeploy.verify import report_dict_schema_errors
+
+from .test_cli import slimdeploy
+from .test_export import tamper
+
+
+def test_run_then_tampered_verify_fails(tmp_path):
+    out = tmp_path / "run"
+    common = ["--data", "synthetic", "--val-limit", "128"]
+    r = slimdeploy("run", "--out", str(out), *common, "--train-limit", "256", "--train-epochs", "1",
+                   "--search-epochs", "1", "--retrain-epochs", "1", "--batch-size", "64", "--no-verify-latency",
+                   "--target-latency", "70%", "--torch-device", "cpu")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "parity" in r.stdout and "PASS" in r.stdout
+    d = json.loads((out / "report.json").read_text())
+    assert report_dict_schema_errors(d) == []
+    assert d["device"] == "epyc-2c-ort1t-b1-fmnist-vit" and d["backend"] == "ort-cpu"
+    spec = json.loads((out / "spec.json").read_text())
+    assert spec["meta"]["predicted_latency_ms"] <= spec["meta"]["target_value"] + 1e-9
+    r = slimdeploy("info", "--run", str(out))
+    assert r.returncode == 0 and "slim" in r.stdout
+
+    tamper(out / "model.onnx")
+    r = slimdeploy("verify", str(out), *common)
+    assert r.returncode == 1
+    assert "parity failed on ort-cpu" in r.stderr and "Traceback" not in r.stderr
+    d = json.loads((out / "report.json").read_text())
+    assert d["parity"]["passed"] is False and d["parity"]["max_abs_diff"] > 1e-4
+    assert "FAIL" in (out / "report.md").read_text()
