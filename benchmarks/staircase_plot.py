@@ -33,7 +33,7 @@ def main() -> None:
         g = t[name]["grid"][axis]
         raw = np.asarray(t[name].get("raw_ms", t[name]["ms"]))[n_idx]
         ax.plot(g, raw * 1e3, ".", ms=3, color="#999999", label="measured median")
-        ax.step(g, np.asarray(t[name]["ms"])[n_idx] * 1e3, where="post", color="#4878cf", label="table (monotone)")
+        ax.step(g, np.asarray(t[name]["ms"])[n_idx] * 1e3, where="pre", color="#4878cf", label="table (monotone)")
         ax.set_title(title, fontsize=9)
         ax.set_xlabel("width (channels)")
         ax.set_ylabel("latency (us)")
@@ -45,7 +45,7 @@ def main() -> None:
     tab = np.asarray(core["ms"])[n_idx, H - 1]
     diag_raw = [raw[i, i] for i in range(len(g))]
     axes[2].plot(g, np.asarray(diag_raw) * 1e3, "o", color="#999999", label="measured median (q/k = v width)")
-    axes[2].step(g, np.asarray([tab[i, i] for i in range(len(g))]) * 1e3, where="post", color="#4878cf",
+    axes[2].step(g, np.asarray([tab[i, i] for i in range(len(g))]) * 1e3, where="pre", color="#4878cf",
                  label="table")
     axes[2].set_title(f"attention core, {H} heads, vs head width", fontsize=9)
     axes[2].set_xlabel("head width (channels)")

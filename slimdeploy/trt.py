@@ -58,11 +58,13 @@ def build_engine(onnx: str | Path | bytes, fp16: bool = False, min_batch: int = 
     builder = trt.Builder(logger)
     network = builder.create_network(0)  # explicit batch is the only mode in 10+; strongly typed in 11
     parser = trt.OnnxParser(network, logger)
-    if fp16 and major_version(trt) >= 11:
-        data = fp16_onnx(onnx) if not isinstance(onnx, bytes) else onnx
-    else:
-        data = Path(onnx).read_bytes() if not isinstance(onnx, bytes) else onnx
-    if not parser.parse(data):
+    if fp16 and major_version(trt) >= 11 and not isinstance(onnx, bytes):
+        ok = parser.parse(fp16_onnx(onnx))
+    elif isinstance(onnx, bytes):
+        ok = parser.parse(onnx)
+    else:  # from the file, so that external weight files are found
+        ok = parser.parse_from_file(str(onnx))
+    if not ok:
         errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
         raise SlimError(f"TensorRT cannot parse the ONNX model: {errors[:300]}")
     config = builder.create_builder_config()
