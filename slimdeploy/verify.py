@@ -90,10 +90,24 @@ def deployed_runner(run_dir: Path, backend: str, threads: int | None, torch_devi
     raise SlimError(f"unknown backend '{backend}'")
 
 
+def static_batch(run_dir: Path, backend: str) -> int | None:
+    """The fixed batch size of the deployed artifact, or None when its batch axis is dynamic."""
+    if backend in ("ort-cpu", "ort-cuda"):
+        import onnx
+
+        graph = onnx.load(str(run_dir / "model.onnx"), load_external_data=False).graph
+        return graph.input[0].type.tensor_type.shape.dim[0].dim_value or None
+    if backend == "trt" and (run_dir / "export.json").is_file():
+        return read_json(run_dir / "export.json", "export record").get("batch_size")
+    return None
+
+
 def check_parity(results, labels: list[np.ndarray], precision: str) -> tuple[Parity, dict]:
     ref_name, dep_name = results[0][0], results[1][0]
-    ref = np.concatenate([o["logits"] for o in results[0][1]])
-    dep = np.concatenate([np.asarray(next(iter(o.values())), dtype=np.float32) for o in results[1][1]])
+    # outputs of padded rows (a fixed-batch engine's last batch) are dropped
+    ref = np.concatenate([o["logits"][:len(y)] for o, y in zip(results[0][1], labels)])
+    dep = np.concatenate([np.asarray(next(iter(o.values())), dtype=np.float32)[:len(y)]
+                          for o, y in zip(results[1][1], labels)])
     y = np.concatenate(labels)
     diff = float(np.abs(ref - dep).max())
     agree = float((ref.argmax(1) == dep.argmax(1)).mean())
@@ -113,17 +127,21 @@ def verify(run_dir: str | Path, data, backend: str = "ort-cpu", batch_size: int 
     a = spec.arch
     shape = (a.in_chans, a.img_size, a.img_size)
     runner, precision = deployed_runner(run_dir, backend, threads, torch_device, slim, shape)
-    loader = make_loader(data.val, data.transform, eval_batch, False)
+    static = static_batch(run_dir, backend)
+    loader = make_loader(data.val, data.transform, static or eval_batch, False)
     feeds, labels = [], []
     for x, y in loader:
+        n = len(y)
+        if static and n < static:  # a fixed-batch engine: pad the last batch, drop the padding after
+            x = torch.cat([x, x[:1].expand(static - n, *x.shape[1:])])
         feeds.append({"x": x.numpy().astype(np.float32)})
         labels.append(y.numpy())
-    G_LOGGER.severity = G_LOGGER.ERROR  # polygraphy's per-batch chatter
+    G_LOGGER.module_severity = G_LOGGER.ERROR  # polygraphy's per-batch chatter
     results = Comparator.run([TorchRunner(slim, shape), runner], data_loader=feeds)
     parity, acc = check_parity(results, labels, precision)
     parity.backend = backend
     # accuracy of the dense model, from the same eval images
-    dense_top1 = 100.0 * _accuracy(dense, feeds, labels)
+    dense_top1 = 100.0 * _accuracy(dense, feeds, labels)  # padded rows are not counted
     # latency on the chosen backend at the deployment batch size
     be = get_backend(backend, threads, precision=precision, torch_device=torch_device)
     slim_t = _time_deployed(be, run_dir, slim, a, batch_size)
@@ -160,7 +178,7 @@ def _accuracy(model, feeds, labels) -> float:
     model.eval()
     correct = total = 0
     for f, y in zip(feeds, labels):
-        correct += int((model(torch.as_tensor(f["x"])).argmax(1).numpy() == y).sum())
+        correct += int((model(torch.as_tensor(f["x"])).argmax(1).numpy()[:len(y)] == y).sum())
         total += len(y)
     return correct / max(1, total)
 
