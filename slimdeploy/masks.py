@@ -138,31 +138,41 @@ class MaskedViT(nn.Module):
         B, N, _ = x.shape
         a = blk.attn
         H, hd = a.num_heads, a.head_dim
-        q, k, val = a.qkv(blk.norm1(x)).reshape(B, N, 3, H, hd).permute(2, 0, 3, 1, 4).unbind(0)
-        if isinstance(a.q_norm, nn.LayerNorm) and qk is not None and bool((qk == 0).any()):
-            keep = (qk != 0).to(q.dtype)
-            q, k = _masked_layernorm(q, a.q_norm, keep), _masked_layernorm(k, a.k_norm, keep)
+        A = H * hd
+        qk_norm = isinstance(a.q_norm, nn.LayerNorm)
+        # Channel masks multiply the rows of the weights that produce those channels, which is the
+        # same function as multiplying the activations but touches (out x in) numbers, not
+        # (batch x tokens x out): the search step stays close to a plain training step.
+        w, b = a.qkv.weight, a.qkv.bias
+        if v is not None or (qk is not None and not qk_norm):
+            ones = w.new_ones(A)
+            rows = torch.cat([qk.reshape(-1) if qk is not None and not qk_norm else ones, ones,
+                              v.reshape(-1) if v is not None else ones])
+            w, b = w * rows[:, None], (b * rows if b is not None else None)
+        q, k, val = F.linear(blk.norm1(x), w, b).reshape(B, N, 3, H, hd).permute(2, 0, 3, 1, 4).unbind(0)
+        if qk_norm and qk is not None:
+            if bool((qk == 0).any()):  # hard-pruned channels leave the norm's statistics
+                keep = (qk != 0).to(q.dtype)
+                q, k = _masked_layernorm(q, a.q_norm, keep), _masked_layernorm(k, a.k_norm, keep)
+            else:
+                q, k = a.q_norm(q), a.k_norm(k)
+            q = q * qk[None, :, None, :]  # after the norm: it cannot be folded into the weights
         else:
             q, k = a.q_norm(q), a.k_norm(k)
-        if qk is not None:
-            q = q * qk[None, :, None, :]
-        if v is not None:
-            val = val * v[None, :, None, :]
         bias = None
         if tok is not None:
             # log(0) = -inf: a removed token gets zero attention weight (exp(-inf) = 0)
             bias = torch.log(tok).to(q.dtype)[None, None, None, :]
         o = F.scaled_dot_product_attention(q, k, val, attn_mask=bias, scale=a.scale,
                                            dropout_p=a.attn_drop.p if self.training else 0.0)
-        o = a.proj_drop(a.proj(o.transpose(1, 2).reshape(B, N, H * hd)))
+        o = a.proj_drop(a.proj(o.transpose(1, 2).reshape(B, N, A)))
         gate = None if tok is None else tok[None, :, None]
         upd = blk.drop_path1(blk.ls1(o))
         x = x + (upd if gate is None else upd * gate)
         m = blk.mlp
-        h = m.act(m.fc1(blk.norm2(x)))
-        if mlp is not None:
-            h = h * mlp
-        upd = blk.drop_path2(blk.ls2(m.drop2(m.fc2(m.norm(m.drop1(h))))))
+        h = m.norm(m.drop1(m.act(m.fc1(blk.norm2(x)))))  # norm is Identity (checked): the mask commutes
+        w2 = m.fc2.weight if mlp is None else m.fc2.weight * mlp[None, :]
+        upd = blk.drop_path2(blk.ls2(m.drop2(F.linear(h, w2, m.fc2.bias))))
         return x + (upd if gate is None else upd * gate)
 
 

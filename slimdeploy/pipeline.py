@@ -155,7 +155,8 @@ def run_pipeline(o: RunOptions) -> dict:
         from .slim import load_slim
 
         student = load_slim(r.spec(), r / "pruned.safetensors")
-        retrain(student, model, bundle, TrainConfig(epochs=o.retrain_epochs, batch_size=o.batch_size,
+        teacher, _ = load_dense(o.out)  # the search trained `model` in place: reload the original weights
+        retrain(student, teacher, bundle, TrainConfig(epochs=o.retrain_epochs, batch_size=o.batch_size,
                                                     lr=o.retrain_lr, seed=o.seed, warmup_epochs=0.2),
                 DistillConfig(o.distill, o.alpha, o.tau), o.out, resume=True, torch_device=o.torch_device)
 

@@ -55,6 +55,8 @@ def test_report_schema_and_parity(run):
     assert d["slim"]["macs"] == spec.meta["macs"]
     retrain = json.loads((opts.out / "retrain.json").read_text())
     assert d["slim"]["top1_before_retrain"] == retrain["top1_before_retrain"]
+    # the teacher is the dense model itself (not the weights the search trained): same accuracy
+    assert retrain["teacher_top1"] == pytest.approx(d["dense"]["top1"])
 
 
 def test_closed_loop_rounds_recorded(run):
