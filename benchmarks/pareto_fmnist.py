@@ -94,7 +94,7 @@ def main() -> None:
     ap.add_argument("--methods", nargs="+", default=["slimdeploy", "vit-slim", "magnitude", "uniform-scratch"])
     ap.add_argument("--retrain-epochs", type=int, default=5)
     ap.add_argument("--search-epochs", type=int, default=2)
-    ap.add_argument("--train-epochs", type=int, default=8)
+    ap.add_argument("--train-epochs", type=int, default=7)
     ap.add_argument("--out", default="benchmarks/results/pareto_fmnist.json")
     args = ap.parse_args()
     os.environ.setdefault("SLIMDEPLOY_QUIET", "1")
@@ -153,7 +153,7 @@ def main() -> None:
                                   DistillConfig("soft"), tmp, torch_device="cpu")
                     top1 = rec["top1"]
                 else:
-                    scratch = TrainConfig(epochs=epochs, batch_size=128, lr=2e-3, label_smoothing=0.1)
+                    scratch = TrainConfig(epochs=epochs, batch_size=128, lr=1e-3, label_smoothing=0.1)
                     hist = fit(student, classification_loss(0.1), bundle, scratch, Path(tmp) / "c.pt",
                                torch_device="cpu")
                     top1 = hist[-1]["top1"]

@@ -36,8 +36,8 @@ class RunOptions:
     train_limit: int | None = None
     val_limit: int | None = None
     batch_size: int = 128
-    train_epochs: int = 8
-    train_lr: float = 2e-3
+    train_epochs: int = 7
+    train_lr: float = 1e-3
     label_smoothing: float = 0.1
     search_epochs: int = 2
     search_lr: float = 5e-4

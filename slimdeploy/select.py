@@ -33,7 +33,7 @@ from .selector import (
 from .types import SlimSpec
 
 WINDOW = (0.9, 1.0)  # accepted measured / target
-AIM = 0.96  # where a re-selection aims inside the window
+AIM = 0.96  # where the closed loop aims inside the window
 
 
 @dataclass
@@ -100,7 +100,13 @@ def select_structure(imp: Importance, dense_spec: SlimSpec, target: Target, lm: 
             "keeping the dense model")
         return _result(dense_spec, imp, lm, [], note="target above dense latency: dense model kept")
     selector = Selector(arch, source, imp, LatencyCost(lm))
-    budget = target.value
+    floor = selector.minimum_cost()
+    if target.value < floor:
+        raise SlimError(f"target {target.value:.3f} ms is below the smallest latency this profile allows "
+                        f"({floor:.3f} ms)")
+    # with measurements to come, aim inside the accepted window rather than at its edge: the
+    # prediction is off by a few percent either way, and an aim at the edge misses half the time
+    budget = max(floor, target.value * (AIM if verify_latency else 1.0))
     history, best = [], None
     n_rounds = max(1, rounds) if verify_latency else 1
     for r in range(n_rounds):
@@ -121,7 +127,7 @@ def select_structure(imp: Importance, dense_spec: SlimSpec, target: Target, lm: 
             if WINDOW[0] <= ratio <= WINDOW[1]:
                 break
             # rescale by the measured error; never ask for less than the profile allows
-            budget = max(selector.minimum_cost(), budget * AIM * target.value / t["median_ms"])
+            budget = max(floor, budget * AIM * target.value / t["median_ms"])
         else:
             history.append(row)
             best = (row, sel)

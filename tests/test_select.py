@@ -140,3 +140,37 @@ def test_parse_targets_for_macs_and_params(setup):
         res = s.select(0.5 * fn(full))
         assert fn(res.spec) <= 0.5 * fn(full)
         assert res.cost == pytest.approx(fn(res.spec))
+
+
+@pytest.mark.parametrize("bias", [0.8, 1.0, 1.15])
+def test_closed_loop_corrects_a_biased_prediction(setup, bias):
+    """The engine runs `bias` x slower than predicted: the loop rescales until the measurement fits."""
+    from slimdeploy.select import Target, select_structure
+
+    arch, lm, imp, sel, dense = setup
+    dense_spec = SlimSpec.dense(ModelConfig("t-wide"), arch)
+    target = 0.6 * dense
+    calls = []
+
+    def measure(spec):
+        calls.append(spec)
+        return {"median_ms": bias * lm.predict(spec), "spread": 0.0}
+
+    res = select_structure(imp, dense_spec, Target("latency", target), lm, verify_latency=True, rounds=5,
+                           measure=measure)
+    assert 0.9 <= res["measured_ms"] / target <= 1.0
+    assert len(res["rounds"]) == len(calls) and len(calls) <= 3
+    assert all(r["measured_ms"] == pytest.approx(bias * r["predicted_ms"]) for r in res["rounds"])
+
+
+def test_closed_loop_edges(setup):
+    from slimdeploy.select import Target, select_structure
+
+    arch, lm, imp, sel, dense = setup
+    dense_spec = SlimSpec.dense(ModelConfig("t-wide"), arch)
+    kept = select_structure(imp, dense_spec, Target("latency", 2 * dense), lm, verify_latency=True,
+                            measure=lambda s: pytest.fail("the dense model needs no measurement"))
+    assert kept["spec"].summary() == dense_spec.summary() and "dense model kept" in kept["note"]
+    with pytest.raises(SlimError, match="below the smallest latency this profile allows"):
+        select_structure(imp, dense_spec, Target("latency", 0.5 * sel.minimum_cost()), lm, verify_latency=True,
+                         measure=lambda s: {"median_ms": 1.0})
