@@ -21,7 +21,6 @@ import os
 import tempfile
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from slimdeploy.analysis import spec_macs, spec_params
@@ -186,7 +185,6 @@ def plot(results, path: Path) -> None:
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
     fig.savefig(path, dpi=110, bbox_inches="tight")
-    np.set_printoptions()
 
 
 if __name__ == "__main__":

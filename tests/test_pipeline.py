@@ -72,13 +72,15 @@ def test_closed_loop_rounds_recorded(run):
 def test_load_roundtrip(run):
     root, opts, report = run
     model = slimdeploy.load(opts.out)
+    # run exports at the profile's batch size (1 here): feed samples one at a time
     x = torch.randn(4, 1, 16, 16)
     import onnxruntime as ort
 
     sess = ort.InferenceSession(str(opts.out / "model.onnx"), providers=["CPUExecutionProvider"])
     with torch.no_grad():
         ref = model(x).numpy()
-    got = sess.run(None, {sess.get_inputs()[0].name: x.numpy()})[0]
+    name = sess.get_inputs()[0].name
+    got = np.concatenate([sess.run(None, {name: x[i : i + 1].numpy()})[0] for i in range(4)])
     assert np.abs(ref - got).max() <= 1e-4
 
 
@@ -111,4 +113,23 @@ def test_profile_is_complete(run):
     mlp = np.asarray(p.tables["mlp"]["ms"])
     assert (np.diff(mlp, axis=1) >= -1e-12).all()  # monotone in width
     g = onnx.load(str(opts.out / "model.onnx"))
-    assert g.graph.input[0].type.tensor_type.shape.dim[0].dim_param  # dynamic batch axis
+    # run exports a static graph at the profile's batch size: what the loop measured
+    assert g.graph.input[0].type.tensor_type.shape.dim[0].dim_value == p.batch_size
+
+
+def test_verify_on_the_torch_backend(run, tmp_path):
+    import shutil
+
+    from slimdeploy.data import load_data
+    from slimdeploy.models import data_config, load_dense
+    from slimdeploy.verify import verify
+
+    root, opts, report = run
+    copy = tmp_path / "copy"
+    shutil.copytree(opts.out, copy)
+    dense, _ = load_dense(copy)
+    bundle = load_data("synthetic", data_config(dense), 10, val_limit=64, with_train=False)
+    rep = verify(copy, bundle, backend="torch", torch_device="cpu")
+    assert rep.backend == "torch" and rep.parity.passed and rep.parity.max_abs_diff == 0.0
+    assert rep.slim.latency_ms > 0 and rep.dense.latency_ms > 0
+    assert json.loads((copy / "report.json").read_text())["backend"] == "torch"
