@@ -95,6 +95,8 @@ def main() -> None:
     ap.add_argument("--search-epochs", type=int, default=2)
     ap.add_argument("--train-epochs", type=int, default=7)
     ap.add_argument("--out", default="benchmarks/results/pareto_fmnist.json")
+    ap.add_argument("--train-limit", type=int, default=None, help="smoke runs only: a subset of the training set")
+    ap.add_argument("--val-limit", type=int, default=None, help="smoke runs only: a subset of the test set")
     args = ap.parse_args()
     os.environ.setdefault("SLIMDEPLOY_QUIET", "1")
 
@@ -108,7 +110,7 @@ def main() -> None:
     factors = {"qk": mcfg["w_attn"], "v": mcfg["w_attn"], "mlp": mcfg["w_mlp"], "tok": mcfg["w_tok"]}
     imp_search = Importance.from_masks(masks, factors)
     searched = searched_model(args.run, dense_spec)
-    bundle = load_data("fashion-mnist", data_config(base), arch.num_classes)
+    bundle = load_data("fashion-mnist", data_config(base), arch.num_classes, args.train_limit, args.val_limit)
     from slimdeploy.data import make_loader
 
     val = make_loader(bundle.val, bundle.transform, 256, False)
@@ -121,6 +123,9 @@ def main() -> None:
     if out.is_file():  # resume a partly done benchmark
         prev = json.loads(out.read_text())
         results["rows"] = prev.get("rows", [])
+        if results["rows"]:  # keep the targets of the rows already done: same dense reference
+            results["dense"], dense_ms = prev["dense"], prev["dense"]["measured_ms"]
+            results["date"] = prev["date"]
     done = {(r["method"], r["fraction"]) for r in results["rows"]}
     tcfg_retrain = TrainConfig(epochs=args.retrain_epochs, batch_size=128, lr=1e-3, warmup_epochs=0.2)
     for f in args.targets:
