@@ -25,7 +25,7 @@ import torch
 
 from slimdeploy.analysis import spec_macs, spec_params
 from slimdeploy.backends import get_backend
-from slimdeploy.data import load_data
+from slimdeploy.data import load_data, make_loader
 from slimdeploy.latency import LatencyModel
 from slimdeploy.models import arch_of, data_config, load_dense
 from slimdeploy.profile import measure_model
@@ -111,21 +111,18 @@ def main() -> None:
     imp_search = Importance.from_masks(masks, factors)
     searched = searched_model(args.run, dense_spec)
     bundle = load_data("fashion-mnist", data_config(base), arch.num_classes, args.train_limit, args.val_limit)
-    from slimdeploy.data import make_loader
-
     val = make_loader(bundle.val, bundle.transform, 256, False)
-    dense_top1 = evaluate(base, val, torch.device("cpu"))
-    dense_ms = measure_model(be, base, arch, p.batch_size)["median_ms"]
-    results = {"dense": {"measured_ms": dense_ms, "top1": dense_top1, "macs": spec_macs(dense_spec),
-                         "params": spec_params(dense_spec)}, "rows": [], "args": vars(args),
-               "date": dt.datetime.now().isoformat(timespec="seconds")}
     out = Path(args.out)
-    if out.is_file():  # resume a partly done benchmark
-        prev = json.loads(out.read_text())
-        results["rows"] = prev.get("rows", [])
-        if results["rows"]:  # keep the targets of the rows already done: same dense reference
-            results["dense"], dense_ms = prev["dense"], prev["dense"]["measured_ms"]
-            results["date"] = prev["date"]
+    prev = json.loads(out.read_text()) if out.is_file() else {}
+    if prev.get("rows"):  # resume a partly done benchmark against the same dense reference and targets
+        results = {**prev, "args": vars(args)}
+    else:
+        dense = {"measured_ms": measure_model(be, base, arch, p.batch_size)["median_ms"],
+                 "top1": evaluate(base, val, torch.device("cpu")), "macs": spec_macs(dense_spec),
+                 "params": spec_params(dense_spec)}
+        results = {"dense": dense, "rows": [], "args": vars(args),
+                   "date": dt.datetime.now().isoformat(timespec="seconds")}
+    dense_ms = results["dense"]["measured_ms"]
     done = {(r["method"], r["fraction"]) for r in results["rows"]}
     tcfg_retrain = TrainConfig(epochs=args.retrain_epochs, batch_size=128, lr=1e-3, warmup_epochs=0.2)
     for f in args.targets:
