@@ -11,7 +11,7 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q --upgrade pip
 	# torch from the local pins (a CUDA build that also runs on CPU); uv/poetry would download GBs
 	$(BIN)/pip install -q torch==2.14.1 torchvision==0.29.1
-	$(BIN)/pip install -q -e '.[dev]'
+	$(BIN)/pip install -q -e '.[cpu,dev]'
 	@touch $(STAMP)
 
 setup: $(STAMP) data
@@ -19,8 +19,10 @@ setup: $(STAMP) data
 data:
 	@scripts/get_data.sh
 
+# measures this machine's latency profile on first use (cached), and fails (exit 1) when the result misses the
+# target on this machine or loses more than 1.5 points of top-1
 demo: setup
-	$(BIN)/slimdeploy run --out runs/demo --device epyc-2c-ort1t-b1-fmnist-vit --target-latency 50%
+	$(BIN)/slimdeploy run --out runs/demo --device local --target-latency 50%
 
 test: setup
 	@$(BIN)/python -m pytest -q; rc=$$?; if [ $$rc -eq 5 ]; then echo "no tests collected"; rc=0; fi; exit $$rc

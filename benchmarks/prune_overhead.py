@@ -14,20 +14,18 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
-import statistics
-import tempfile
 from pathlib import Path
 
-import numpy as np
 import torch
 from timm.layers import Attention
 from timm.models.vision_transformer import VisionTransformer
 
 from slimdeploy.analysis import spec_macs
-from slimdeploy.backends import get_backend
-from slimdeploy.export import export_onnx
+from slimdeploy.latency import timing
+from slimdeploy.latency.backends import get_backend
+from slimdeploy.latency.components import nontrivial_
+from slimdeploy.latency.measure import measure_models
 from slimdeploy.models import arch_of, create_model
-from slimdeploy.profile import nontrivial_
 from slimdeploy.slim import build_slim
 from slimdeploy.types import BlockSpec, ModelConfig, SlimSpec
 
@@ -45,18 +43,11 @@ def uniform_spec(cfg, arch, heads, width, mlp, keep_tokens=None) -> SlimSpec:
 
 
 def time_models(models: dict, batch: int, rounds: int = 7) -> dict:
-    """Median latency (ms) of each model, measured round-robin on ORT CPU (1 thread)."""
-    be = get_backend("ort-cpu", threads=1)
-    x = np.random.default_rng(0).standard_normal((batch, 3, 224, 224), dtype=np.float32)
-    sessions = {}
-    with tempfile.TemporaryDirectory() as tmp:
-        for name, m in models.items():
-            sessions[name] = be.load_onnx(export_onnx(m, Path(tmp) / f"{name}.onnx", (3, 224, 224), batch))
-    samples = {k: [] for k in models}
-    for _ in range(rounds):
-        for k, s in sessions.items():
-            samples[k].append(s.time(x, warmup=2, min_runs=5, min_seconds=0.3).median_ms)
-    return {k: statistics.median(v) for k, v in samples.items()}
+    """Latency (ms) of each model on ORT CPU (1 thread), measured together by the one protocol."""
+    arch = arch_of(next(iter(models.values())))
+    proto = timing.Protocol(warmup_s=0.5, rounds=rounds, round_s=0.3, min_calls=3)
+    t = measure_models(get_backend("ort-cpu", threads=1), models, arch, batch, proto)
+    return {k: v.median_ms for k, v in t.items()}
 
 
 def main() -> None:

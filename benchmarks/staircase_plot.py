@@ -1,6 +1,6 @@
 """Plot measured latency staircases of one block from a device profile (raw medians and the monotone table).
 
-    .venv/bin/python benchmarks/staircase_plot.py --device epyc-2c-ort1t-b1-deit_small
+    .venv/bin/python benchmarks/staircase_plot.py --device xeon-2c-ort1t-b1-deit_small
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from slimdeploy.latency import resolve_profile  # noqa: E402
+from slimdeploy.latency.model import resolve_profile  # noqa: E402
 from slimdeploy.types import DeviceProfile  # noqa: E402
 
 
@@ -32,22 +32,22 @@ def main() -> None:
                                   (axes[1], "qkv", "out", "qkv Linear vs output width")):
         g = t[name]["grid"][axis]
         raw = np.asarray(t[name].get("raw_ms", t[name]["ms"]))[n_idx]
-        ax.plot(g, raw * 1e3, ".", ms=3, color="#999999", label="measured median")
+        ax.plot(g, raw * 1e3, ".", ms=3, color="#999999", label="measured median (cold)")
         ax.step(g, np.asarray(t[name]["ms"])[n_idx] * 1e3, where="pre", color="#4878cf", label="table (monotone)")
+        if t.get("warm"):
+            ax.step(g, np.asarray(t["warm"][name]["ms"])[n_idx] * 1e3, where="pre", color="#d65f5f",
+                    label="table, warm cache")
         ax.set_title(title, fontsize=9)
         ax.set_xlabel("width (channels)")
         ax.set_ylabel("latency (us)")
         ax.legend(fontsize=7)
-    core = t["core"]
+    core = t["core_q"]
     g = core["grid"]["qk"]
     H = len(core["grid"]["heads"])
-    raw = np.asarray(core.get("raw_ms", core["ms"]))[n_idx, H - 1]  # (qk, v)
-    tab = np.asarray(core["ms"])[n_idx, H - 1]
-    diag_raw = [raw[i, i] for i in range(len(g))]
-    axes[2].plot(g, np.asarray(diag_raw) * 1e3, "o", color="#999999", label="measured median (q/k = v width)")
-    axes[2].step(g, np.asarray([tab[i, i] for i in range(len(g))]) * 1e3, where="pre", color="#4878cf",
-                 label="table")
-    axes[2].set_title(f"attention core, {H} heads, vs head width", fontsize=9)
+    raw = np.asarray(core.get("raw_ms", core["ms"]))[n_idx, H - 1]
+    axes[2].plot(g, raw * 1e3, "o", color="#999999", label="measured median (v at full width)")
+    axes[2].step(g, np.asarray(core["ms"])[n_idx, H - 1] * 1e3, where="pre", color="#4878cf", label="table")
+    axes[2].set_title(f"attention core, {H} heads, vs q/k width", fontsize=9)
     axes[2].set_xlabel("head width (channels)")
     axes[2].set_ylabel("latency (us)")
     axes[2].legend(fontsize=7)

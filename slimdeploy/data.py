@@ -150,6 +150,12 @@ class DataBundle:
     transform: BatchTransform | None  # None when the dataset already yields normalised tensors
     num_classes: int
     name: str
+    train_eval: Dataset | None = None  # the training images with the evaluation transform (selection's scores)
+    key: dict | None = None  # what identifies the data: name and limits (for the run's stage records)
+
+    def __post_init__(self):
+        if self.train_eval is None:
+            self.train_eval = self.train
 
 
 def load_data(name: str, data_cfg: dict, num_classes: int, train_limit: int | None = None,
@@ -162,6 +168,7 @@ def load_data(name: str, data_cfg: dict, num_classes: int, train_limit: int | No
             raise SlimError(f"{what} must be a positive number of images")
     in_chans, h, w = data_cfg["input_size"]
     transform = BatchTransform(in_chans, h, tuple(data_cfg["mean"]), tuple(data_cfg["std"]))
+    train_eval = None
     if name == "fashion-mnist":
         val, classes = fashion_mnist("val"), 10
         train = fashion_mnist("train") if with_train else Subset(val, [])
@@ -176,16 +183,19 @@ def load_data(name: str, data_cfg: dict, num_classes: int, train_limit: int | No
             raise SlimError(f"dataset not found: '{name}' is neither fashion-mnist, synthetic nor a folder")
         val = image_folder(root, "val", data_cfg, False)
         train = image_folder(root, "train", data_cfg, True) if with_train else Subset(val, [])
+        train_eval = image_folder(root, "train", data_cfg, False) if with_train else train
         classes = len(val.classes)
         transform = None
     if classes != num_classes:
         raise SlimError(f"dataset '{name}' has {classes} classes but the model has {num_classes} outputs "
                         f"(pass --num-classes {classes})")
+    train_eval = train if train_eval is None else train_eval
     if train_limit is not None and train_limit < len(train):
-        train = Subset(train, range(train_limit))
+        train, train_eval = Subset(train, range(train_limit)), Subset(train_eval, range(train_limit))
     if val_limit is not None and val_limit < len(val):
         val = Subset(val, range(val_limit))
-    return DataBundle(train, val, transform, classes, name)
+    return DataBundle(train, val, transform, classes, name, train_eval,
+                      {"name": name, "train_limit": train_limit, "val_limit": val_limit})
 
 
 def first_batch(bundle: DataBundle, n: int) -> torch.Tensor:

@@ -31,12 +31,13 @@ def _quiet():
         yield
 
 
-def onnx_bytes(module: nn.Module, example: torch.Tensor, opset: int = 17) -> bytes:
-    """Fast export of a small module (TorchScript exporter), fixed shapes. For profiling graphs."""
+def onnx_bytes(module: nn.Module, example: torch.Tensor | tuple[torch.Tensor, ...], opset: int = 17) -> bytes:
+    """Fast export of a small module (TorchScript exporter), fixed shapes, one or several inputs. For profiling."""
+    examples = example if isinstance(example, tuple) else (example,)
     f = io.BytesIO()
     with _quiet(), torch.no_grad():
-        torch.onnx.export(module.eval(), (example,), f, dynamo=False, opset_version=opset,
-                          input_names=["x"], output_names=["y"], do_constant_folding=True)
+        torch.onnx.export(module.eval(), examples, f, dynamo=False, opset_version=opset,
+                          input_names=[f"x{i}" for i in range(len(examples))], do_constant_folding=True)
     return f.getvalue()
 
 
@@ -77,11 +78,12 @@ def export_onnx(model: nn.Module, path: str | Path, input_shape: tuple[int, int,
     return path
 
 
-def write_trt_engine(onnx_path: str | Path, plan_path: str | Path, fp16: bool, max_batch: int = 64) -> Path:
-    """Build a TensorRT engine from the ONNX file and write it atomically."""
+def write_trt_engine(onnx_path: str | Path, plan_path: str | Path, fp16: bool, opt_batch: int = 1,
+                     max_batch: int = 64) -> Path:
+    """Build a TensorRT engine from the ONNX file (tuned at the deployment batch size) and write it atomically."""
     from .trt import build_engine
 
-    plan = build_engine(onnx_path, fp16=fp16, max_batch=max_batch)
+    plan = build_engine(onnx_path, fp16=fp16, opt_batch=opt_batch, max_batch=max_batch)
     atomic_write_bytes(plan_path, plan)
     return Path(plan_path)
 
@@ -103,8 +105,9 @@ def slim_of_run(run_dir: str | Path):
 
 def export_run(run_dir: str | Path, trt: bool = False, fp16: bool = False, opset: int = 20,
                batch_size: int | None = None, max_batch: int = 64) -> dict:
-    """The export stage: RUN/model.onnx (+ RUN/model.plan with trt). Returns what was written."""
-    from .fileio import write_json
+    """The export stage: RUN/model.onnx (+ RUN/model.plan with trt), skipped when current. Returns export.json."""
+    from .fileio import read_json, write_json
+    from .runs import Run
 
     run_dir = Path(run_dir)
     if fp16 and not trt:
@@ -113,6 +116,13 @@ def export_run(run_dir: str | Path, trt: bool = False, fp16: bool = False, opset
         from .trt import require_tensorrt
 
         require_tensorrt()
+    r = Run(run_dir)
+    weights = [r / "slim.safetensors"] if (r / "slim.safetensors").is_file() else [r / "pruned.safetensors"]
+    inputs = r.inputs({"trt": trt, "fp16": fp16, "opset": opset, "batch_size": batch_size,
+                           "max_batch": max_batch}, [r / "spec.json", *weights])
+    outputs = ["model.onnx", "export.json"] + (["model.plan"] if trt else [])
+    if r.current("export", inputs, outputs):
+        return read_json(r / "export.json", "export record")
     model, spec, stem = slim_of_run(run_dir)
     a = spec.arch
     onnx_path = export_onnx(model, run_dir / "model.onnx", (a.in_chans, a.img_size, a.img_size), batch_size, opset)
@@ -120,9 +130,11 @@ def export_run(run_dir: str | Path, trt: bool = False, fp16: bool = False, opset
               "weights": f"{stem}.safetensors", "onnx_bytes": onnx_path.stat().st_size,
               "sequence_lengths": onnx_sequence_lengths(onnx_path)}
     if trt:
-        plan = write_trt_engine(onnx_path, run_dir / "model.plan", fp16, max_batch=batch_size or max_batch)
-        record.update(plan=str(plan), precision="fp16" if fp16 else "fp32")
+        plan = write_trt_engine(onnx_path, run_dir / "model.plan", fp16, opt_batch=batch_size or 1,
+                                max_batch=batch_size or max_batch)
+        record.update(plan=str(plan), precision="fp16" if fp16 else "fp32", max_batch=batch_size or max_batch)
     write_json(run_dir / "export.json", record)
+    r.finished("export", inputs, outputs)
     return record
 
 

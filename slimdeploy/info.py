@@ -2,26 +2,20 @@
 
 from __future__ import annotations
 
-import tempfile
 from pathlib import Path
 
 from .analysis import block_macs, block_params, spec_macs, spec_params
-from .backends import get_backend
-from .export import export_onnx
+from .latency.backends import get_backend
 from .models import arch_of, resolve_model
 from .types import SlimSpec
 
 
 def measure_onnx_cpu_latency(model, arch, batch_size: int = 1, threads: int = 1) -> dict:
-    """Export model to ONNX and time it on ONNX Runtime CPU (median of warm runs, ms)."""
-    import numpy as np
+    """The model exported to ONNX and timed on ONNX Runtime CPU by the one protocol (ms)."""
+    from .latency.measure import measure_models
 
-    with tempfile.TemporaryDirectory() as tmp:
-        path = export_onnx(model, Path(tmp) / "m.onnx", (arch.in_chans, arch.img_size, arch.img_size), batch_size)
-        sess = get_backend("ort-cpu", threads=threads).load_onnx(path)
-        x = np.random.default_rng(0).standard_normal((batch_size, arch.in_chans, arch.img_size, arch.img_size),
-                                                     dtype=np.float32)
-        return sess.time(x, warmup=10, min_runs=50, min_seconds=2.0, repeats=5).to_dict()
+    t = measure_models(get_backend("ort-cpu", threads=threads), {"model": model}, arch, batch_size)
+    return t["model"].to_dict()
 
 
 def describe(model_name, checkpoint, num_classes, img_size, in_chans, run, latency: bool, batch_size: int,

@@ -157,8 +157,20 @@ def load_checkpoint(model: nn.Module, path: str | Path) -> None:
 
 
 def data_config(model: nn.Module) -> dict:
-    """timm's data config for the model (input size, mean, std, interpolation, crop)."""
-    return timm.data.resolve_data_config({}, model=model)
+    """The data config of the model as built (input size and channels as constructed, mean, std, interpolation,
+    crop): timm's resolve_data_config reads the checkpoint's pretrained_cfg, whose input size timm never updates
+    for --img-size / --in-chans."""
+    import logging
+
+    from timm.data.model_config import resolve_input_data_config
+
+    timm_log = logging.getLogger("timm.data.model_config")
+    level = timm_log.level
+    timm_log.setLevel(logging.ERROR)  # it notes that it averaged the mean/std for other channel counts
+    try:
+        return resolve_input_data_config(model)
+    finally:
+        timm_log.setLevel(level)
 
 
 # ---- run-directory model files: model.json + <name>.safetensors --------------------------------

@@ -102,3 +102,25 @@ def plot_report(report, path: str | Path) -> None:
     ax2.set_ylabel("top-1 (%)")
     fig.suptitle(f"{report.model}: {report.extra.get('speedup') or 0:.2f}x faster", fontsize=10)
     _save(fig, path)
+
+
+def plot_candidates(record: dict, path: str | Path) -> None:
+    """The candidates of a selection: predicted cost against distillation loss, the chosen one marked."""
+    rows = record["candidates"]
+    key = "loss_after_recovery" if any("loss_after_recovery" in r for r in rows) else "loss"
+    colors = {"greedy": "#4878cf", "channels": "#6acc65", "fractions": "#d65f5f", "uniform": "#956cb4"}
+    fig, ax = plt.subplots(figsize=(6.5, 3.6))
+    for kind, color in colors.items():
+        pts = [(r["cost"], r["loss"]) for r in rows if r["kind"] == kind]
+        if pts:
+            ax.scatter(*zip(*pts), color=color, label=kind, s=22)
+    rec = [(r["cost"], r[key]) for r in rows if key != "loss" and key in r]
+    if rec:
+        ax.scatter(*zip(*rec), facecolors="none", edgecolors="k", s=40, label="after recovery")
+    best = rows[record["chosen_index"]]
+    ax.scatter([best["cost"]], [best[key]], marker="*", color="k", s=140, label="chosen", zorder=5)
+    ax.set_xlabel("predicted cost (ms)" if best.get("predicted_ms") is not None else "cost")
+    ax.set_ylabel("distillation loss (calibration split)")
+    ax.set_title(f"candidates: {len(rows)} structures for one budget", fontsize=10)
+    ax.legend(fontsize=7)
+    _save(fig, path)

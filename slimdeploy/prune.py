@@ -69,3 +69,37 @@ def prune(spec: SlimSpec, dense: VisionTransformer, out_dir: str | Path, x: torc
                  metadata={"spec": json.dumps(spec.to_dict())})
     write_json(out_dir / "prune.json", record)
     return slim, record
+
+
+OUTPUTS = ["pruned.safetensors", "prune.json"]
+
+
+def prune_run(run_dir: str | Path, x: torch.Tensor | None = None, weights: str = "auto",
+              checkpoint: str | Path | None = None) -> dict | None:
+    """The prune stage: spec.json + the searched weights (masks folded; `weights='base'` for the dense ones, or a
+    checkpoint) -> pruned.safetensors. x: images to check the equivalence on (16 random ones by default)."""
+    from .runs import Run
+
+    if weights not in ("auto", "searched", "base"):
+        raise SlimError("--weights must be auto, searched or base")
+    r = Run(run_dir)
+    spec = r.spec()
+    use_search = checkpoint is None and (weights == "searched" or (weights == "auto" and r.has_search))
+    files = [r / "spec.json", r / "base.safetensors"] + ([r / "search" / "weights.safetensors",
+                                                          r / "search" / "masks.safetensors"] if use_search else [])
+    inputs = r.inputs({"weights": weights, "checkpoint": str(checkpoint) if checkpoint else None}, files
+                          + ([Path(checkpoint)] if checkpoint else []))
+    if r.current("prune", inputs, OUTPUTS):
+        return None
+    if checkpoint is not None:
+        dense = create_model(spec.source, checkpoint=checkpoint)
+    elif use_search:
+        dense = searched_model(run_dir, spec)
+    else:
+        dense, _ = r.base()
+    a = spec.arch
+    if x is None:
+        x = torch.randn(16, a.in_chans, a.img_size, a.img_size, generator=torch.Generator().manual_seed(0))
+    _, record = prune(spec, dense, run_dir, x)
+    r.finished("prune", inputs, OUTPUTS)
+    return record

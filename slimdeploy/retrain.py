@@ -90,3 +90,27 @@ def retrain(student: nn.Module, teacher: nn.Module, data: DataBundle, tcfg: Trai
         write_json(run_dir / "retrain.json", record)
     dist.barrier()
     return record
+
+
+OUTPUTS = ["slim.safetensors", "retrain.json"]
+
+
+def retrain_run(run_dir: str | Path, data: DataBundle, tcfg: TrainConfig, dcfg: DistillConfig,
+                torch_device: str = "auto") -> dict | None:
+    """The retrain stage: pruned.safetensors -> slim.safetensors, the teacher being the run's dense base model
+    (never the weights the search trained). Skipped when current, resumed when interrupted."""
+    from .runs import Run
+    from .slim import load_slim
+
+    r = Run(run_dir)
+    inputs = r.inputs({"train": asdict(tcfg), "distill": asdict(dcfg.check()), "data": data.key},
+                          [r / "spec.json", r / "pruned.safetensors", r / "base.safetensors"])
+    if r.current("retrain", inputs, OUTPUTS):
+        return None
+    student = load_slim(r.spec(), r / "pruned.safetensors")
+    teacher, _ = r.base()
+    r.restart_if_changed("retrain", inputs, ["retrain/checkpoint.pt", "retrain/before.json"])
+    record = retrain(student, teacher, data, tcfg, dcfg, run_dir, resume=True, torch_device=torch_device)
+    if dist.setup().is_main:
+        r.finished("retrain", inputs, OUTPUTS)
+    return record

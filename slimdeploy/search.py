@@ -26,8 +26,11 @@ from .data import DataBundle
 from .errors import SlimError
 from .fileio import save_weights, write_json
 from .masks import MaskedViT, SearchDims
+from .runs import Run
 from .trainer import Hooks, TrainConfig, fit
 from .types import Arch
+
+OUTPUTS = ["search/masks.safetensors", "search/weights.safetensors"]
 
 
 @dataclass
@@ -135,6 +138,22 @@ def search(model: VisionTransformer, data: DataBundle, tcfg: TrainConfig, scfg: 
         plot_search_structure(masks, masked.arch, out / "structure.png")
     dist.barrier()
     return {"history": history, "masks": masks}
+
+
+def search_run(run_dir: str | Path, data: DataBundle, scfg: SearchConfig, tcfg: TrainConfig,
+               torch_device: str = "auto") -> dict | None:
+    """The search stage on a run directory's base model: skipped when current, resumed when interrupted."""
+    r = Run(run_dir)
+    inputs = r.inputs({"search": asdict(scfg), "train": asdict(tcfg), "data": data.key},
+                          [r / "base.safetensors"])
+    if r.current("search", inputs, OUTPUTS):
+        return None
+    model, _ = r.base()
+    r.restart_if_changed("search", inputs, ["search/checkpoint.pt"])
+    res = search(model, data, tcfg, scfg, run_dir, resume=True, torch_device=torch_device)
+    if dist.setup().is_main:
+        r.finished("search", inputs, OUTPUTS)
+    return res
 
 
 @torch.no_grad()

@@ -1,7 +1,8 @@
-"""Dense training of a model that has no checkpoint yet (e.g. the embedded fmnist-vit)."""
+"""Stage: dense training of a model that has no checkpoint yet (e.g. the embedded fmnist-vit)."""
 
 from __future__ import annotations
 
+from dataclasses import asdict
 from pathlib import Path
 
 import torch.nn.functional as F
@@ -10,10 +11,14 @@ from torch import nn
 
 from . import dist
 from .data import DataBundle
+from .errors import SlimError
 from .fileio import write_json
-from .models import save_dense
+from .models import create_model, save_dense
+from .runs import Run
 from .trainer import TrainConfig, fit
 from .types import ModelConfig
+
+OUTPUTS = ["model.json", "base.safetensors"]
 
 
 def classification_loss(label_smoothing: float = 0.0):
@@ -37,4 +42,22 @@ def train_dense(model: nn.Module, cfg: ModelConfig, data: DataBundle, tcfg: Trai
         save_dense(model, cfg, run_dir)
         write_json(run_dir / "train" / "history.json", history)
     dist.barrier()
+    return history
+
+
+def train_run(run_dir: str | Path, cfg: ModelConfig, data: DataBundle, tcfg: TrainConfig,
+              torch_device: str = "auto", drop_path: float = 0.0) -> list[dict] | None:
+    """The train stage: skipped when base.safetensors is current; resumes an interrupted training."""
+    r = Run(run_dir)
+    inputs = r.inputs({"model": cfg.to_dict(), "train": asdict(tcfg), "data": data.key, "drop_path": drop_path},
+                          [])
+    if r.current("train", inputs, OUTPUTS):
+        return None
+    if (r / "base.safetensors").is_file() and r.record("train") is None:
+        raise SlimError(f"{r.dir} already holds a model that slimdeploy did not train there: choose another --out")
+    model = create_model(cfg, drop_path_rate=drop_path) if drop_path else create_model(cfg)
+    r.restart_if_changed("train", inputs, ["train/checkpoint.pt"])
+    history = train_dense(model, cfg, data, tcfg, run_dir, resume=True, torch_device=torch_device)
+    if dist.setup().is_main:
+        r.finished("train", inputs, OUTPUTS)
     return history

@@ -172,6 +172,7 @@ def fit(model: nn.Module, loss_fn: Callable, data: DataBundle, cfg: TrainConfig,
             top1 = evaluate(evaluated(model), val_loader, ctx.device)
             metrics = {"epoch": epoch + 1, "loss": loss_sum / steps, "top1": top1,
                        "img_per_s": seen * ctx.world / (time.perf_counter() - t0), "lr": opt.param_groups[0]["lr"],
+                       "seconds": time.perf_counter() - t0,
                        **{k: v / steps for k, v in parts_sum.items()}}
             history.append(metrics)
             hooks.on_epoch_end(epoch, metrics)

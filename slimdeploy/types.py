@@ -15,8 +15,8 @@ from .errors import SlimError
 from .fileio import read_json, write_json
 
 SPEC_SCHEMA = 1
-PROFILE_SCHEMA = 1
-REPORT_SCHEMA = 1
+PROFILE_SCHEMA = 2
+REPORT_SCHEMA = 2
 
 
 def _from_dict(cls, d: dict[str, Any], what: str):
@@ -223,10 +223,10 @@ def _check_index_list(idx: list[int], n: int, what: str) -> None:
 class DeviceProfile:
     """Per-layer latency tables measured on one device, backend, precision and batch size.
 
-    tables maps a component name to {"axes": [axis names], "grid": {axis: [values]},
-    "ms": nested list of medians, "spread": nested list of (p90 - p10) / median}.
-    calibration holds the least-squares fit (alpha, beta) of end-to-end latency against the
-    sum of table lookups, with the models it was measured on.
+    tables maps a piece name to {"axes": [axis names], "grid": {axis: [values]}, "ms": nested list,
+    "raw_ms": before the monotone fit}; calibration holds the fit of end-to-end latency against the tables
+    (see latency/model.py) with the whole models it was measured on. fingerprint names the machine the
+    tables hold for (latency/fingerprint.py).
     """
 
     device: str
@@ -239,10 +239,12 @@ class DeviceProfile:
     model: dict[str, Any]  # the shape the tables are for (embed_dim, num_tokens, img_size, ...)
     tables: dict[str, Any]
     calibration: dict[str, Any] = field(default_factory=dict)
+    fingerprint: dict[str, Any] = field(default_factory=dict)
+    torch_device: str | None = None  # where a torch-backend profile ran (cpu, cuda:0)
     created: str = ""
     command: str = ""
     seconds: float = 0.0
-    measurements: int = 0  # timed graphs behind the tables (components + per-call overhead baselines)
+    measurements: int = 0  # timed graphs behind the tables
     warnings: list[str] = field(default_factory=list)
     schema: int = PROFILE_SCHEMA
 
@@ -251,10 +253,10 @@ class DeviceProfile:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> DeviceProfile:
-        p = _from_dict(cls, d, "device profile")
-        if p.schema != PROFILE_SCHEMA:
-            raise SlimError(f"device profile schema {p.schema} is not supported (expected {PROFILE_SCHEMA})")
-        return p
+        if isinstance(d, dict) and d.get("schema", PROFILE_SCHEMA) != PROFILE_SCHEMA:
+            raise SlimError(f"device profile schema {d.get('schema')} is not supported (expected {PROFILE_SCHEMA}): "
+                            "re-measure it with slimdeploy profile, or use --device local")
+        return _from_dict(cls, d, "device profile")
 
     def save(self, path: str | Path) -> None:
         write_json(path, self.to_dict())
@@ -266,11 +268,12 @@ class DeviceProfile:
 
 @dataclass
 class ModelFigures:
-    latency_ms: float
+    latency_ms: float  # median of round medians (latency/timing.py)
     macs: int
     params: int
     top1: float | None
-    latency_spread_ms: float | None = None
+    latency_low_ms: float | None = None  # its 95% interval
+    latency_high_ms: float | None = None
     predicted_latency_ms: float | None = None
     top1_before_retrain: float | None = None
 
@@ -296,9 +299,29 @@ class Report:
     dense: ModelFigures
     slim: ModelFigures
     parity: Parity
-    met_target: bool | None
+    met_target: bool | None  # decided on the 95% interval: its upper end within the target
+    accuracy: dict[str, Any] = field(default_factory=dict)  # drop from dense, the --max-drop guard, passed
+    warnings: list[str] = field(default_factory=list)
     extra: dict[str, Any] = field(default_factory=dict)
     schema: int = REPORT_SCHEMA
+
+    @property
+    def passed(self) -> bool:
+        """Parity holds, the accuracy guard holds and the target (if any) is met."""
+        return self.parity.passed and self.accuracy.get("passed", True) and self.met_target is not False
+
+    def failures(self) -> list[str]:
+        out = []
+        if not self.parity.passed:
+            out.append(f"parity failed on {self.backend}: max abs diff {self.parity.max_abs_diff:.3g}, top-1 "
+                       f"agreement {100 * self.parity.top1_agreement:.2f}% ({self.extra.get('parity_rule')})")
+        if not self.accuracy.get("passed", True):
+            out.append(f"top-1 fell {self.accuracy['drop']:.2f} points below the dense model's, more than "
+                       f"--max-drop {self.accuracy['max_drop']:g}")
+        if self.met_target is False:
+            out.append(f"latency target not met on this machine: {self.slim.latency_ms:.3f} ms measured (95% interval "
+                       f"up to {self.slim.latency_high_ms:.3f} ms) against {self.target_latency_ms:.3f} ms")
+        return out
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)

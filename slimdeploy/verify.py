@@ -1,15 +1,17 @@
 """Stage: verify the deployed model. Parity with PyTorch, accuracy, measured latency, the report.
 
-Parity runs through polygraphy's Comparator: the PyTorch slim model (fp32, CPU) is one runner, the
-deployment engine (ONNX Runtime, TensorRT, or torch on another device/precision) the other; every
-eval batch goes through both. Invariant 3: fp32 needs max |diff| <= 1e-4 and 100% top-1
-agreement; fp16 needs >= 99.5% top-1 agreement. A failed check still writes the report (saying
-why) and makes the command exit non-zero.
+Parity runs through polygraphy's Comparator: the PyTorch slim model in fp32 (on the GPU where there is one, TF32
+off) is one runner, the deployment engine (ONNX Runtime, TensorRT, or torch on another device or precision) the
+other; every eval batch goes through both. Invariant 3: fp32 needs max |diff| <= 1e-4 and 100% top-1 agreement;
+fp16 needs >= 99.5% top-1 agreement. Latency: the deployed artifact and the dense model measured together by the
+one protocol (interleaved rounds, a 95% interval); `met_target` holds when the interval's upper end is within the
+target (for a percentage target, on the paired ratio to dense). The accuracy guard: top-1 may fall at most
+`max_drop` points below the dense model's. Whatever fails, the report is written, says why, and the command
+exits 1.
 """
 
 from __future__ import annotations
 
-import tempfile
 import time
 from collections import OrderedDict
 from pathlib import Path
@@ -21,13 +23,14 @@ from polygraphy.comparator import Comparator
 from polygraphy.logger import G_LOGGER
 
 from .analysis import spec_macs, spec_params
-from .backends import get_backend
 from .data import make_loader
 from .errors import SlimError
-from .export import export_onnx, slim_of_run
+from .export import slim_of_run
 from .fileio import atomic_write_bytes, read_json, write_json
+from .latency import timing
+from .latency.backends import disable_tf32, get_backend
+from .latency.measure import deployed_session, measure_sessions
 from .models import load_dense
-from .profile import measure_model
 from .types import ModelFigures, Parity, Report, SlimSpec
 
 FP32_ATOL = 1e-4
@@ -43,6 +46,8 @@ class TorchRunner(BaseRunner):
         self.module, self.device, self.dtype, self.input_shape = module, device, dtype, input_shape
 
     def activate_impl(self):
+        if str(self.device).startswith("cuda") and self.dtype == torch.float32:
+            disable_tf32()
         self.module = self.module.to(self.device, self.dtype).eval()
 
     def get_input_metadata_impl(self):
@@ -62,17 +67,22 @@ class TorchRunner(BaseRunner):
         pass
 
 
-def deployed_runner(run_dir: Path, backend: str, threads: int | None, torch_device: str, slim_module, input_shape):
+def reference_device() -> str:
+    """Where the fp32 reference runs: the GPU when there is one (ImageNet-sized evals are slow on CPU)."""
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def deployed_runner(run_dir: Path, backend: str, threads: int | None, torch_device: str, precision: str,
+                    slim_module, input_shape):
     """The polygraphy runner for the deployed artifact on `backend`, and its precision."""
     if backend in ("ort-cpu", "ort-cuda"):
-        from polygraphy.backend.onnxrt import OnnxrtRunner, SessionFromOnnx
+        from polygraphy.backend.onnxrt import OnnxrtRunner
 
-        get_backend(backend, threads)  # one clear line if the package/provider is missing
         onnx = run_dir / "model.onnx"
         if not onnx.is_file():
             raise SlimError(f"{onnx} not found: run 'slimdeploy export {run_dir}' first")
-        provider = "CUDAExecutionProvider" if backend == "ort-cuda" else "CPUExecutionProvider"
-        return OnnxrtRunner(SessionFromOnnx(str(onnx), providers=[provider])), "fp32"
+        be = get_backend(backend, threads)  # one clear line if the package or provider is missing
+        return OnnxrtRunner(lambda: be.session(onnx)), "fp32"
     if backend == "trt":
         from polygraphy.backend.trt import EngineFromBytes, TrtRunner
 
@@ -85,21 +95,30 @@ def deployed_runner(run_dir: Path, backend: str, threads: int | None, torch_devi
         export = read_json(run_dir / "export.json", "export record")
         return TrtRunner(EngineFromBytes(plan.read_bytes())), export.get("precision", "fp32")
     if backend == "torch":
-        be = get_backend("torch", threads, torch_device=torch_device)
-        return TorchRunner(slim_module, input_shape, name="torch-deployed", device=str(be.device)), "fp32"
+        be = get_backend("torch", threads, precision=precision, torch_device=torch_device)
+        dtype = torch.float16 if precision == "fp16" else torch.float32
+        return TorchRunner(slim_module, input_shape, name="torch-deployed", device=str(be.device),
+                           dtype=dtype), precision
     raise SlimError(f"unknown backend '{backend}'")
 
 
-def static_batch(run_dir: Path, backend: str) -> int | None:
-    """The fixed batch size of the deployed artifact, or None when its batch axis is dynamic."""
+def eval_batch_for(run_dir: Path, backend: str, wanted: int) -> tuple[int, bool]:
+    """The eval batch size the deployed artifact accepts, and whether it is fixed (then the last batch is
+    padded): a static ONNX graph's batch, a TensorRT engine's profile range (the wanted size clamped into it)."""
     if backend in ("ort-cpu", "ort-cuda"):
         import onnx
 
         graph = onnx.load(str(run_dir / "model.onnx"), load_external_data=False).graph
-        return graph.input[0].type.tensor_type.shape.dim[0].dim_value or None
-    if backend == "trt" and (run_dir / "export.json").is_file():
-        return read_json(run_dir / "export.json", "export record").get("batch_size")
-    return None
+        fixed = graph.input[0].type.tensor_type.shape.dim[0].dim_value
+        return (fixed, True) if fixed else (wanted, False)
+    if backend == "trt":
+        from .trt import engine_batch_range
+
+        lo, hi = engine_batch_range((run_dir / "model.plan").read_bytes())
+        if lo == hi:
+            return lo, True
+        return max(lo, min(wanted, hi)), True  # every batch padded to it: the engine's shape range holds
+    return wanted, False
 
 
 def check_parity(results, labels: list[np.ndarray], precision: str) -> tuple[Parity, dict]:
@@ -118,54 +137,64 @@ def check_parity(results, labels: list[np.ndarray], precision: str) -> tuple[Par
 
 
 def verify(run_dir: str | Path, data, backend: str = "ort-cpu", batch_size: int = 1, threads: int | None = 1,
-           target_ms: float | None = None, device: str | None = None, lm=None, torch_device: str = "auto",
-           eval_batch: int = 256, measure_dense: bool = True) -> Report:
+           target_ms: float | None = None, target_fraction: float | None = None, device: str | None = None,
+           lm=None, torch_device: str = "auto", precision: str = "fp32", eval_batch: int = 256,
+           max_drop: float | None = None, warnings: list[str] | None = None) -> Report:
     """Compare, measure and write report.json / report.md / report.png in run_dir."""
     run_dir = Path(run_dir)
     slim, spec, stem = slim_of_run(run_dir)
     dense, cfg = load_dense(run_dir)
     a = spec.arch
     shape = (a.in_chans, a.img_size, a.img_size)
-    runner, precision = deployed_runner(run_dir, backend, threads, torch_device, slim, shape)
-    static = static_batch(run_dir, backend)
-    loader = make_loader(data.val, data.transform, static or eval_batch, False)
+    runner, precision = deployed_runner(run_dir, backend, threads, torch_device, precision, slim, shape)
+    batch, fixed = eval_batch_for(run_dir, backend, eval_batch)
+    loader = make_loader(data.val, data.transform, batch, False)
     feeds, labels = [], []
     for x, y in loader:
         n = len(y)
-        if static and n < static:  # a fixed-batch engine: pad the last batch, drop the padding after
-            x = torch.cat([x, x[:1].expand(static - n, *x.shape[1:])])
+        if fixed and n < batch:  # a fixed-batch engine: pad the last batch, drop the padding after
+            x = torch.cat([x, x[:1].expand(batch - n, *x.shape[1:])])
         feeds.append({"x": x.numpy().astype(np.float32)})
         labels.append(y.numpy())
     G_LOGGER.module_severity = G_LOGGER.ERROR  # polygraphy's per-batch chatter
-    results = Comparator.run([TorchRunner(slim, shape), runner], data_loader=feeds)
+    ref_dev = reference_device()
+    results = Comparator.run([TorchRunner(slim, shape, device=ref_dev), runner], data_loader=feeds)
     parity, acc = check_parity(results, labels, precision)
     parity.backend = backend
-    # accuracy of the dense model, from the same eval images
-    dense_top1 = 100.0 * _accuracy(dense, feeds, labels)  # padded rows are not counted
-    # latency on the chosen backend at the deployment batch size
+    dense_top1 = 100.0 * _accuracy(dense, feeds, labels, ref_dev)  # padded rows are not counted
+    # latency: the deployed artifact and the dense model, interleaved, at the deployment batch size
     be = get_backend(backend, threads, precision=precision, torch_device=torch_device)
-    slim_t = _time_deployed(be, run_dir, slim, a, batch_size)
-    dense_t = measure_model(be, dense, a, batch_size) if measure_dense else None
+    slim_t, dense_t = _measure(be, run_dir, slim, dense, a, batch_size)
+    ratio = timing.ratio(slim_t, dense_t)
+    if target_fraction is not None:
+        target_ms = target_fraction * dense_t.median_ms
+        met = ratio.high_ms <= target_fraction
+    else:
+        met = (slim_t.high_ms <= target_ms) if target_ms is not None else None
     retrain = read_json(run_dir / "retrain.json", "retrain record") if (run_dir / "retrain.json").is_file() else {}
     dense_spec = SlimSpec.dense(cfg, a)
+    drop = dense_top1 - acc["deployed_top1"]
     report = Report(
         model=cfg.name, device=device or be.hardware(), backend=backend, batch_size=batch_size,
         target_latency_ms=target_ms,
-        dense=ModelFigures(latency_ms=dense_t["median_ms"] if dense_t else float("nan"),
-                           latency_spread_ms=(dense_t["p90_ms"] - dense_t["p10_ms"]) if dense_t else None,
-                           macs=spec_macs(dense_spec), params=spec_params(dense_spec), top1=dense_top1,
-                           predicted_latency_ms=lm.predict(dense_spec) if lm else None),
-        slim=ModelFigures(latency_ms=slim_t["median_ms"], latency_spread_ms=slim_t["p90_ms"] - slim_t["p10_ms"],
+        dense=ModelFigures(latency_ms=dense_t.median_ms, latency_low_ms=dense_t.low_ms,
+                           latency_high_ms=dense_t.high_ms, macs=spec_macs(dense_spec), params=spec_params(dense_spec),
+                           top1=dense_top1, predicted_latency_ms=lm.predict(dense_spec) if lm else None),
+        slim=ModelFigures(latency_ms=slim_t.median_ms, latency_low_ms=slim_t.low_ms, latency_high_ms=slim_t.high_ms,
                           macs=spec_macs(spec), params=spec_params(spec), top1=acc["deployed_top1"],
                           predicted_latency_ms=lm.predict(spec) if lm else None,
                           top1_before_retrain=retrain.get("top1_before_retrain")),
-        parity=parity,
-        met_target=(slim_t["median_ms"] <= target_ms) if target_ms is not None else None,
+        parity=parity, met_target=met,
+        accuracy={"drop": drop, "max_drop": max_drop, "passed": max_drop is None or drop <= max_drop},
+        warnings=list(warnings or []),
         extra={"precision": precision, "weights": f"{stem}.safetensors", "eval_images": parity.samples,
                "pytorch_slim_top1": acc["pytorch_top1"], "teacher_top1": retrain.get("teacher_top1"),
-               "slim_timing": slim_t, "dense_timing": dense_t, "hardware": be.hardware(),
-               "backend_version": be.version(), "threads": threads,
-               "speedup": (dense_t["median_ms"] / slim_t["median_ms"]) if dense_t else None,
+               "reference_device": ref_dev, "eval_batch": batch, "slim_timing": slim_t.to_dict(),
+               "dense_timing": dense_t.to_dict(), "slim_over_dense": ratio.to_dict(),
+               "target_fraction": target_fraction, "hardware": be.hardware(), "fingerprint": be.fingerprint(),
+               "profile_fingerprint": lm.profile.fingerprint if lm else None,
+               "backend_version": be.version(), "threads": threads, "speedup": dense_t.median_ms / slim_t.median_ms,
+               "protocol": timing.MODEL.__dict__,
                "parity_rule": f"max |diff| <= {FP32_ATOL} and 100% top-1 agreement" if precision == "fp32"
                else f"top-1 agreement >= {100 * FP16_AGREEMENT}%"},
     )
@@ -174,39 +203,45 @@ def verify(run_dir: str | Path, data, backend: str = "ort-cpu", batch_size: int 
 
 
 @torch.no_grad()
-def _accuracy(model, feeds, labels) -> float:
-    model.eval()
+def _accuracy(model, feeds, labels, device: str = "cpu") -> float:
+    model = model.to(device).eval()
     correct = total = 0
     for f, y in zip(feeds, labels):
-        correct += int((model(torch.as_tensor(f["x"])).argmax(1).numpy()[:len(y)] == y).sum())
+        out = model(torch.as_tensor(f["x"]).to(device)).argmax(1).cpu().numpy()
+        correct += int((out[:len(y)] == y).sum())
         total += len(y)
+    model.cpu()
     return correct / max(1, total)
 
 
-def _time_deployed(be, run_dir: Path, slim, arch, batch: int) -> dict:
-    """Latency of the deployed artifact: model.onnx (or the engine) as exported, at `batch`."""
-    x = np.random.default_rng(0).standard_normal((batch, arch.in_chans, arch.img_size, arch.img_size),
-                                                 dtype=np.float32)
-    if be.name == "torch":
-        sess = be.load_module(slim, torch.as_tensor(x))
-    elif be.name == "trt":
-        from .backends import TrtSession
-
-        sess = TrtSession((run_dir / "model.plan").read_bytes())
-    else:
-        onnx = run_dir / "model.onnx"
+def _measure(be, run_dir: Path, slim, dense, arch, batch: int):
+    """The deployed artifact (model.onnx or the engine, re-exported when it was exported at another batch size)
+    and the dense model, measured together."""
+    onnx = None
+    if be.name in ("ort-cpu", "ort-cuda"):
         export = read_json(run_dir / "export.json", "export record") if (run_dir / "export.json").is_file() else {}
-        if export.get("batch_size") not in (None, batch):  # a fixed-batch export at another size: re-export
-            with tempfile.TemporaryDirectory() as tmp:
-                onnx = export_onnx(slim, Path(tmp) / "m.onnx", (arch.in_chans, arch.img_size, arch.img_size), batch)
-                sess = be.load_onnx(onnx)
-        else:
-            sess = be.load_onnx(onnx)
-    return sess.time(x, warmup=10, min_runs=30, min_seconds=1.0, repeats=5).to_dict()
+        onnx = run_dir / "model.onnx" if export.get("batch_size") in (None, batch) else None
+    if be.name == "trt":
+        from .trt import TrtSession, engine_batch_range
+
+        plan = (run_dir / "model.plan").read_bytes()
+        lo, hi = engine_batch_range(plan)
+        slim_sess = TrtSession(plan) if lo <= batch <= hi else deployed_session(be, slim, arch, batch)
+    else:
+        slim_sess = deployed_session(be, slim, arch, batch, onnx)
+    dense_sess = deployed_session(be, dense, arch, batch)
+    try:
+        t = measure_sessions({"slim": slim_sess, "dense": dense_sess}, arch, batch, timing.MODEL)
+    finally:
+        slim_sess.close()
+        dense_sess.close()
+    return t["slim"], t["dense"]
 
 
 def write_report(report: Report, run_dir: Path) -> None:
     d = report.to_dict()
+    d["passed"] = report.passed
+    d["failures"] = report.failures()
     write_json(run_dir / "report.json", d)
     atomic_write_bytes(run_dir / "report.md", report_markdown(report).encode())
     from .plots import plot_report
@@ -219,32 +254,43 @@ def report_markdown(r: Report) -> str:
         return "n/a" if v is None or (isinstance(v, float) and np.isnan(v)) else format(v, fmt)
 
     d, s, p = r.dense, r.slim, r.parity
-    met = {True: "met", False: "not met", None: "none given"}[r.met_target]
+    met = {True: "met", False: "NOT met", None: "none given"}[r.met_target]
+    drop = r.accuracy.get("drop")
     lines = [
         f"# slimdeploy report: {r.model}",
         "",
         f"Device `{r.device}` ({r.extra.get('hardware')}), backend `{r.backend}` {r.extra.get('backend_version')}, "
         f"batch size {r.batch_size}, {r.extra.get('precision')}, {r.extra.get('threads')} thread(s).",
         "",
+        f"**Top-1: {f(s.top1, '.2f')}% slim vs {f(d.top1, '.2f')}% dense: {f(drop, '+.2f')} points of drop"
+        + (f" (guard: at most {r.accuracy['max_drop']:g}: {'ok' if r.accuracy['passed'] else 'EXCEEDED'})"
+           if r.accuracy.get("max_drop") is not None else "") + ".**",
+        "",
         "| | dense | slim |",
         "|---|---:|---:|",
         f"| latency, measured (median ms) | {f(d.latency_ms, '.3f')} | {f(s.latency_ms, '.3f')} |",
-        f"| latency spread p90-p10 (ms) | {f(d.latency_spread_ms, '.3f')} | {f(s.latency_spread_ms, '.3f')} |",
+        f"| 95% interval (ms) | {f(d.latency_low_ms, '.3f')}-{f(d.latency_high_ms, '.3f')} | "
+        f"{f(s.latency_low_ms, '.3f')}-{f(s.latency_high_ms, '.3f')} |",
         f"| latency, predicted (ms) | {f(d.predicted_latency_ms, '.3f')} | {f(s.predicted_latency_ms, '.3f')} |",
         f"| MACs (M) | {d.macs / 1e6:.2f} | {s.macs / 1e6:.2f} |",
         f"| params (M) | {d.params / 1e6:.3f} | {s.params / 1e6:.3f} |",
         f"| top-1 (%) | {f(d.top1, '.2f')} | {f(s.top1, '.2f')} |",
         f"| top-1 right after pruning (%) | | {f(s.top1_before_retrain, '.2f')} |",
         "",
-        f"Speed-up {f(r.extra.get('speedup'), '.2f')}x; target "
-        f"{f(r.target_latency_ms, '.3f')} ms: {met}.",
+        f"Slim / dense latency {f(r.extra.get('slim_over_dense', {}).get('median_ms'), '.3f')} (95% interval "
+        f"{f(r.extra.get('slim_over_dense', {}).get('low_ms'), '.3f')}-"
+        f"{f(r.extra.get('slim_over_dense', {}).get('high_ms'), '.3f')}); target "
+        f"{f(r.target_latency_ms, '.3f')} ms: **{met}** (decided on the interval's upper end).",
         "",
         f"Parity ({p.backend} vs PyTorch fp32, {p.samples} images): max |diff| {p.max_abs_diff:.2e}, "
         f"top-1 agreement {100 * p.top1_agreement:.2f}% -> **{'PASS' if p.passed else 'FAIL'}** "
         f"(rule: {r.extra.get('parity_rule')}).",
         "",
-        "Every figure was measured or computed by the run that wrote this file; latencies are medians of warm runs.",
     ]
+    lines += [f"Warning: {w}" for w in r.warnings] + ([""] if r.warnings else [])
+    lines += [f"**FAILED: {x}**" for x in r.failures()] + ([""] if r.failures() else [])
+    lines.append("Every figure was measured or computed by the run that wrote this file; latencies are medians of "
+                 "round medians from interleaved rounds (slimdeploy/latency/timing.py).")
     return "\n".join(lines) + "\n"
 
 
@@ -270,3 +316,37 @@ def report_dict_schema_errors(d: dict) -> list[str]:
     walk(d, spec, "")
     return errors
 
+
+def verify_run(run_dir: str | Path, data, backend: str | None = None, device: str | None = None,
+               profiles_dir: str | Path | None = None, batch_size: int | None = None, threads: int | None = None,
+               torch_device: str = "auto", max_drop: float | None = None, lm=None) -> Report:
+    """The verify stage: backend, precision, threads and batch size come from the profile the structure was
+    selected on (recorded in spec.json) unless given; so does the target."""
+    from .latency.model import LatencyModel, fingerprint_warning
+    from .runs import Run
+    from .types import DeviceProfile
+
+    spec = Run(run_dir).spec()
+    meta = spec.meta
+    if lm is None and (device or meta.get("profile_path")):
+        from .latency.model import resolve_profile
+
+        path = resolve_profile(device, profiles_dir) if device else Path(meta["profile_path"])
+        if not path.is_file():
+            raise SlimError(f"the profile this run was selected on ({path}) is gone: pass --device")
+        lm = LatencyModel(DeviceProfile.load(path))
+    p = lm.profile if lm is not None else None
+    backend = backend or (p.backend if p else "ort-cpu")
+    precision = p.precision if p else "fp32"
+    warnings = list(meta.get("warnings") or [])
+    if p is not None:
+        here = get_backend(backend, threads or p.threads, precision=precision, torch_device=torch_device)
+        w = fingerprint_warning(p, here.fingerprint())
+        if w and w not in warnings:
+            warnings.append(w)
+    target_fraction = meta.get("target_fraction") if meta.get("target") == "latency" else None
+    target_ms = None if target_fraction is not None else (
+        meta.get("target_value") if meta.get("target") == "latency" else None)
+    return verify(run_dir, data, backend, batch_size or (p.batch_size if p else 1),
+                  threads or (p.threads if p else 1), target_ms, target_fraction, p.device if p else device, lm,
+                  torch_device, precision, max_drop=max_drop, warnings=warnings)

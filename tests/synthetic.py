@@ -6,37 +6,43 @@ import math
 
 import numpy as np
 
-from slimdeploy.latency import LatencyModel, model_signature
-from slimdeploy.profile import token_grid, width_grid
-from slimdeploy.selector import Importance
+from slimdeploy.latency.model import model_signature
+from slimdeploy.latency.profile import token_grid, width_grid
+from slimdeploy.select.importance import Importance
 from slimdeploy.types import Arch, DeviceProfile
 
 
-def staircase_profile(arch: Arch, tile: int = 32, step: int = 8, batch: int = 1) -> DeviceProfile:
-    """Latency = tokens x ceil(width / tile) per matmul: flat within a tile, a jump at each tile."""
+def staircase_profile(arch: Arch, tile: int = 32, step: int = 8, batch: int = 1, fixed: float = 0.0) -> DeviceProfile:
+    """Latency = tokens x ceil(width / tile) per matmul (plus `fixed` per piece): flat within a tile, a jump at
+    each tile."""
     ns = token_grid(arch, 6)
     hd = width_grid(arch.head_dim, step)
+    hs = list(range(1, arch.num_heads + 1))
     qkv_g, proj_g, mlp_g = width_grid(3 * arch.num_heads * arch.head_dim, step), \
         width_grid(arch.num_heads * arch.head_dim, step), width_grid(arch.mlp_dim, step)
     t = lambda w: math.ceil(w / tile)  # noqa: E731
     D = arch.embed_dim
     tables = {
-        "rest": {"axes": ["tokens"], "grid": {"tokens": ns}, "ms": [1e-3 * n for n in ns]},
+        "rest": {"axes": ["tokens"], "grid": {"tokens": ns}, "ms": [fixed + 1e-3 * n for n in ns]},
+        "const": {"axes": ["tokens"], "grid": {"tokens": ns}, "ms": [fixed + 1e-4 * n for n in ns]},
+        "gather": {"axes": ["tokens"], "grid": {"tokens": ns}, "ms": [fixed + 1e-4 * n for n in ns]},
         "qkv": {"axes": ["tokens", "out"], "grid": {"tokens": ns, "out": qkv_g},
-                "ms": [[1e-4 * n * D / 32 * t(w) for w in qkv_g] for n in ns]},
+                "ms": [[fixed + 1e-4 * n * D / 32 * t(w) for w in qkv_g] for n in ns]},
         "proj": {"axes": ["tokens", "in"], "grid": {"tokens": ns, "in": proj_g},
-                 "ms": [[1e-4 * n * D / 32 * t(w) for w in proj_g] for n in ns]},
+                 "ms": [[fixed + 1e-4 * n * D / 32 * t(w) for w in proj_g] for n in ns]},
         "mlp": {"axes": ["tokens", "hidden"], "grid": {"tokens": ns, "hidden": mlp_g},
-                "ms": [[2e-4 * n * D / 32 * t(m) for m in mlp_g] for n in ns]},
-        "core": {"axes": ["tokens", "heads", "qk", "v"],
-                 "grid": {"tokens": ns, "heads": list(range(1, arch.num_heads + 1)), "qk": hd, "v": hd},
-                 "ms": [[[[1e-5 * n * n * h * (t(q) + t(v)) for v in hd] for q in hd]
-                         for h in range(1, arch.num_heads + 1)] for n in ns]},
+                "ms": [[fixed + 2e-4 * n * D / 32 * t(m) for m in mlp_g] for n in ns]},
+        "core_q": {"axes": ["tokens", "heads", "qk"], "grid": {"tokens": ns, "heads": hs, "qk": hd},
+                   "ms": [[[fixed + 1e-5 * n * n * h * (t(q) + t(arch.head_dim)) for q in hd] for h in hs]
+                          for n in ns]},
+        "core_v": {"axes": ["tokens", "heads", "v"], "grid": {"tokens": ns, "heads": hs, "v": hd},
+                   "ms": [[[fixed + 1e-5 * n * n * h * (t(arch.head_dim) + t(v)) for v in hd] for h in hs]
+                          for n in ns]},
         "stem_head": {"ms": 0.05},
     }
     return DeviceProfile(device="synthetic", hardware="none", backend="synthetic", backend_version="0",
                          precision="fp32", batch_size=batch, threads=None, model=model_signature(arch),
-                         tables=tables, calibration={"alpha": 1.0, "beta": 0.01})
+                         tables=tables, calibration={"beta": 0.01})
 
 
 def synthetic_importance(arch: Arch, seed: int = 0, tokens: bool = True) -> Importance:
@@ -48,7 +54,3 @@ def synthetic_importance(arch: Arch, seed: int = 0, tokens: bool = True) -> Impo
         mlp=rng.exponential(1.0, (arch.depth, arch.mlp_dim)) * depth_scale * 2e-4,
         tok=(rng.exponential(1.0, (arch.depth, arch.num_patches)) * depth_scale * 2e-3) if tokens else None,
     )
-
-
-def staircase_model(arch: Arch, **kw) -> LatencyModel:
-    return LatencyModel(staircase_profile(arch, **kw))

@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-COMMANDS = ["train", "info", "search", "prune", "profile", "predict", "select", "retrain", "export", "verify", "run"]
+COMMANDS = ["train", "info", "search", "prune", "profile", "predict", "select", "retrain", "export", "verify", "run",
+            "doctor"]
 
 
 def slimdeploy(*args: str, cwd: Path | None = None, env_extra: dict | None = None) -> subprocess.CompletedProcess:
@@ -54,9 +55,12 @@ def test_bad_inputs(tmp_path):
         (["train", "--out", str(tmp_path / "r"), "--epochs", "abc"], "valid integer"),
         (["train", "--out", str(tmp_path / "r"), "--epochs", "-1"], "--epochs"),
         (["train", "--out", str(tmp_path / "r"), "--train-limit", "0"], "--train-limit"),
-        (["select", str(tmp_path / "r"), "--target-latency", "fast"], "not found"),
+        (["select", str(tmp_path / "r"), "--target-latency", "fast"], "cannot read latency target"),
+        (["select", str(tmp_path / "r"), "--target-macs", "12x"], "cannot read MACs target"),
+        (["select", str(tmp_path / "r"), "--target-latency", "5ms"], "not found"),
         (["predict", str(tmp_path / "none.json"), "--device", "x"], "not found"),
         (["run", "--out", str(tmp_path / "r2"), "--target-latency", "soon"], "cannot read latency target"),
+        (["run", "--out", str(tmp_path / "r2"), "--target-macs", "12x"], "cannot read MACs target"),
         (["run", "--out", str(tmp_path / "r2"), "--device", "no-such-device"], "no profile for device"),
     ]
     for args, needle in cases:

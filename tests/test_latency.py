@@ -1,4 +1,4 @@
-"""The latency model on a synthetic profile: interpolation, staircase, calibration, resolution."""
+"""The latency model, the timing protocol, fingerprints and profiling, on synthetic profiles and tiny models."""
 
 from __future__ import annotations
 
@@ -8,9 +8,11 @@ import numpy as np
 import pytest
 
 from slimdeploy.errors import SlimError
-from slimdeploy.latency import LatencyModel, Table, resolve_profile
+from slimdeploy.latency import timing
+from slimdeploy.latency.calibration import fit_calibration
+from slimdeploy.latency.model import LatencyModel, Table, fingerprint_warning, resolve_profile
+from slimdeploy.latency.profile import isotonic, monotone, token_grid, width_grid
 from slimdeploy.models import arch_of
-from slimdeploy.profile import fit_calibration, isotonic
 from slimdeploy.types import DeviceProfile, ModelConfig, SlimSpec
 
 from .conftest import random_spec, tiny_model
@@ -24,25 +26,64 @@ def test_table_is_linear_in_tokens_and_a_staircase_in_width():
     assert t(15, 16) == pytest.approx(3.0)  # halfway in tokens
     assert t(10, 9) == 2.0 and t(10, 16) == 2.0 and t(10, 17) == 3.0  # pays the next step
     assert t(10, 1) == 1.0  # below the smallest width: the smallest entry
-    assert t(5, 8) == pytest.approx(0.5)  # below the smallest token count: proportional
+    # below the grid the fixed cost stays: linear extrapolation, not a scaling to zero
+    assert t(5, 8) == pytest.approx(0.0) and t(8, 24) == pytest.approx(2.6)
+    with pytest.raises(SlimError, match="NaN or negative"):
+        Table({"axes": ["tokens"], "grid": {"tokens": [1, 2]}, "ms": [0.1, float("nan")]})
+    with pytest.raises(SlimError, match="NaN or negative"):
+        Table({"axes": ["tokens"], "grid": {"tokens": [1, 2]}, "ms": [0.1, -1.0]})
 
 
-def test_predict_is_the_calibrated_sum_of_tables():
+def _features_by_hand(lm: LatencyModel, spec: SlimSpec) -> float:
+    """The model's formula written out: stem + per block (gather, both branches), uncalibrated."""
+    t = lm.tables
+    tot, prev = lm.stem, spec.arch.num_tokens
+    for b in spec.blocks:
+        n, h, q, v, m = b.num_tokens, b.num_heads, b.qk_dim, b.v_dim, b.mlp_dim
+        tot += t["gather"](n) if n < prev else 0.0
+        if h:
+            core = t["core_q"](n, h, q) + t["core_v"](n, h, v) - t["core_q"](n, h, spec.arch.head_dim)
+            tot += t["rest"](n) + t["qkv"](n, h * (2 * q + v)) + core + t["proj"](n, h * v)
+        else:
+            tot += t["const"](n)
+        tot += t["rest"](n) + t["mlp"](n, m) if m else t["const"](n)
+        prev = n
+    return tot
+
+
+def test_predict_is_the_calibrated_sum_of_the_pieces():
     model = tiny_model("t-cls")
     a = arch_of(model)
     prof = staircase_profile(a)
+    prof.calibration = {"scale_fixed": 1.3, "scale_tokens": 0.9, "per_attn": 0.002, "per_mlp": 0.001,
+                        "per_gather": 0.003, "beta": 0.01}
     lm = LatencyModel(prof)
-    spec = random_spec(model, 3)
-    by_hand = 0.0
-    for b in spec.blocks:
-        n, h, q, v, m = b.num_tokens, b.num_heads, b.qk_dim, b.v_dim, b.mlp_dim
-        by_hand += lm.rest(n) + lm.mlp(n, m)
-        if h:
-            by_hand += lm.qkv(n, h * (2 * q + v)) + lm.core(n, h, q, v) + lm.proj(n, h * v)
-    assert lm.predict(spec) == pytest.approx(prof.calibration["alpha"] * by_hand + prof.calibration["beta"])
+    spec = random_spec(model, 3, force="no-heads")
+    f = lm.features([(b.num_tokens, b.num_heads, b.qk_dim, b.v_dim, b.mlp_dim) for b in spec.blocks], a.num_tokens)
+    assert f["fixed_shared"] + f["fixed_cold"] + f["tok_shared"] + f["tok_cold"] == pytest.approx(
+        _features_by_hand(lm, spec))
+    counts = {"attn": sum(b.num_heads > 0 for b in spec.blocks), "mlp": sum(b.mlp_dim > 0 for b in spec.blocks)}
+    gathers = sum(b.num_tokens < p for p, b in zip([a.num_tokens] + [x.num_tokens for x in spec.blocks], spec.blocks))
+    assert f["attn"] == counts["attn"] and f["mlp"] == counts["mlp"] and f["gather"] == gathers
+    expected = (1.3 * (f["fixed_shared"] + f["fixed_cold"]) + 0.9 * (f["tok_shared"] + f["tok_cold"])
+                + 0.002 * counts["attn"] + 0.001 * counts["mlp"] + 0.003 * gathers + 0.01)
+    assert lm.predict(spec) == pytest.approx(expected)
     dense = SlimSpec.dense(ModelConfig("t-cls"), a)
     assert lm.predict(spec) < lm.predict(dense)
-    assert sum(sum(r.values()) for r in lm.breakdown(dense)) == pytest.approx(lm.predict(dense) - lm.beta)
+
+
+def test_a_block_that_drops_tokens_pays_the_gather():
+    model = tiny_model("t-cls")
+    a = arch_of(model)
+    lm = LatencyModel(staircase_profile(a, fixed=0.01))
+    sizes = [(a.num_tokens, a.num_heads, a.head_dim, a.head_dim, a.mlp_dim)] * a.depth
+    dropped = [sizes[0], (a.num_tokens - 4, *sizes[0][1:]), (a.num_tokens - 4, *sizes[0][1:])]
+    f = lm.features(dropped, a.num_tokens)
+    assert f["gather"] == 1  # block 1 gathers; block 2 keeps what it gets
+    gather = lm.tables["gather"](a.num_tokens - 4)
+    shrink = [lm.block_raw(a.num_tokens, a.num_tokens, *sizes[0][1:])[0] - lm.block_raw(
+        a.num_tokens, a.num_tokens - 4, *sizes[0][1:])[0] for _ in range(2)]
+    assert gather > 0 and all(s > 0 for s in shrink)
 
 
 def test_isotonic_removes_noise_but_keeps_steps():
@@ -50,27 +91,102 @@ def test_isotonic_removes_noise_but_keeps_steps():
     fit = isotonic(noisy)
     assert (np.diff(fit) >= 0).all()
     assert fit[3] < 1.1 and fit[4] > 1.9  # the step is still there
+    grid = monotone(np.array([[1.0, 0.9], [0.8, 2.0]]))
+    assert (np.diff(grid, axis=0) >= 0).all() and (np.diff(grid, axis=1) >= 0).all()
 
 
-def test_calibration_fit_recovers_per_kind_coefficients():
-    rng = np.random.default_rng(0)
-    true = {"rest": 0.5, "attn": 0.9, "mlp": 0.8}
+def test_grids_cover_the_few_token_region_and_end_at_the_full_width():
+    a = arch_of(tiny_model("t-cls"))
+    ns = token_grid(a, 6)
+    assert ns[0] == a.num_prefix_tokens + 1 and ns[-1] == a.num_tokens and ns == sorted(set(ns))
+    assert width_grid(512, 8)[:16] == list(range(8, 136, 8)) and width_grid(512, 8)[-1] == 512
+    assert width_grid(100, 8)[-1] == 100 and width_grid(4, 8) == [4]
+    g = np.array(width_grid(1536, 8))
+    rel = np.diff(g) / g[1:]
+    assert rel[g[1:] > 128].max() <= 0.125 + 1e-9  # beyond 16 steps, at most 1/8 of the width between widths
+
+
+def _cal_points(truth: dict, rng, n: int = 24, warm: bool = False) -> list[dict]:
+    from slimdeploy.latency.model import calibrated
+
     pts = []
-    for _ in range(16):
-        parts = {k: float(rng.uniform(0.1, 2.0)) for k in true}
-        pts.append({"parts": parts, "measured_ms": 0.2 + sum(true[k] * parts[k] for k in true)})
+    for _ in range(n):
+        f = {"fixed_shared": rng.uniform(0.01, 0.1), "fixed_cold": rng.uniform(0.05, 0.5),
+             "tok_shared": rng.uniform(0.0, 0.1), "tok_cold": rng.uniform(0.0, 0.6), "bytes": rng.uniform(1e5, 1e7),
+             "attn": float(rng.integers(0, 7)), "mlp": float(rng.integers(0, 7)), "gather": float(rng.integers(0, 4))}
+        f["fixed_warm"] = f["fixed_cold"] * (0.5 if warm else 1.0)
+        f["tok_warm"] = f["tok_cold"] * (0.8 if warm else 1.0)
+        pts.append({"features": f, "measured_ms": calibrated(f, truth, warm)})
+    return pts
+
+
+def test_calibration_fit_recovers_its_coefficients():
+    truth = {"scale_fixed": 1.2, "scale_tokens": 0.85, "per_attn": 0.004, "per_mlp": -0.002, "per_gather": 0.003,
+             "beta": 0.02}
+    cal = fit_calibration(_cal_points(truth, np.random.default_rng(0)))
+    for k, v in truth.items():
+        assert cal[k] == pytest.approx(v, rel=1e-6, abs=1e-9), k
+    assert cal["fit_max_abs_error"] < 1e-9
+    # a cold/warm crossover is found on the grid: models above ~1 MB of weights run cold
+    truth = {**truth, "phi_center": float(np.log(1e6)), "phi_width": 0.25}
+    pts = _cal_points(truth, np.random.default_rng(1), n=40, warm=True)
     cal = fit_calibration(pts)
-    for k, v in true.items():
-        assert cal["coef"][k] == pytest.approx(v, rel=1e-6)
-    assert cal["beta"] == pytest.approx(0.2, rel=1e-6) and cal["fit_max_abs_error"] < 1e-9
-    # coefficients stay >= 0 even when the data pull one below zero
-    for p in pts:
-        p["measured_ms"] -= 0.95 * p["parts"]["attn"]
-    assert min(fit_calibration(pts)["coef"].values()) >= 0
-    # with few points: one shared coefficient
-    few = [{"parts": {k: r for k in true}, "measured_ms": 0.8 * 3 * r + 0.3} for r in (1.0, 2.0, 4.0)]
+    assert cal["fit_median_abs_error"] < 0.01
+    assert abs(cal["phi_center"] - truth["phi_center"]) < 0.5
+    # with few points: the two scales only
+    few = _cal_points({"scale_fixed": 1.1, "scale_tokens": 0.9}, np.random.default_rng(2), n=4)
     cal = fit_calibration(few)
-    assert set(np.round(list(cal["coef"].values()), 6)) == {0.8} and cal["beta"] == pytest.approx(0.3)
+    assert cal["scale_fixed"] == pytest.approx(1.1) and cal["scale_tokens"] == pytest.approx(0.9)
+    assert cal["per_attn"] == 0.0 and cal["beta"] == 0.0
+
+
+def test_median_interval_is_distribution_free():
+    vals = list(range(1, 16))  # 15 rounds: the 4th and the 12th order statistics
+    assert timing.median_interval(vals) == (4, 12)
+    assert timing.median_interval([3.0, 1.0, 2.0]) == (1.0, 3.0)  # too few rounds for 95%: min and max
+    m = timing.Measurement.from_values([1.0, 1.1, 0.9, 1.0, 1.05, 0.95, 1.0], 70)
+    assert m.median_ms == 1.0 and m.low_ms <= 1.0 <= m.high_ms
+
+
+def test_measure_interleaves_rounds_and_pairs_ratios():
+    calls = []
+
+    def fake(name, cost):
+        def fn():
+            calls.append(name)
+            import time
+
+            t = time.perf_counter()
+            while time.perf_counter() - t < cost:
+                pass
+        return fn, None
+    proto = timing.Protocol(warmup_s=0.001, rounds=6, round_s=0.001, min_calls=2)
+    t = timing.measure({"a": fake("a", 2e-4), "b": fake("b", 1e-4)}, proto)
+    assert t["a"].rounds == 6 and t["b"].rounds == 6
+    # the order rotates: some rounds start with a, some with b (after the warm-up)
+    timed = calls[calls.index("b"):]
+    starts = [timed[i] for i in range(1, len(timed)) if timed[i] != timed[i - 1]]
+    assert "a" in starts and "b" in starts
+    r = timing.ratio(t["a"], t["b"])
+    assert r.median_ms == pytest.approx(np.median(np.array(t["a"].round_ms) / np.array(t["b"].round_ms)))
+    assert 1.3 < r.median_ms < 3.0
+
+
+def test_fingerprint_mismatch_warns_naming_both_machines(tmp_path):
+    from slimdeploy.latency.backends import get_backend
+    from slimdeploy.latency.profile import load_latency_model
+
+    model = tiny_model("t-cls")
+    prof = staircase_profile(arch_of(model))
+    here = get_backend("ort-cpu").fingerprint()
+    prof.backend, prof.threads, prof.fingerprint = "ort-cpu", 1, dict(here)
+    assert fingerprint_warning(prof, here) is None
+    prof.fingerprint = {**here, "model": "AMD EPYC 7B13", "isa": ["avx2"]}
+    w = fingerprint_warning(prof, here)
+    assert "AMD EPYC 7B13" in w and here["model"] in w and "differs in isa, model" in w
+    prof.save(tmp_path / "other.json")
+    _, warnings = load_latency_model(str(tmp_path / "other.json"), model, ModelConfig("t-cls"))
+    assert len(warnings) == 1 and "AMD EPYC 7B13" in warnings[0]
 
 
 def test_profile_resolution_order(tmp_path, monkeypatch):
@@ -85,50 +201,72 @@ def test_profile_resolution_order(tmp_path, monkeypatch):
     assert DeviceProfile.load(resolve_profile("dev")).device == "user"
     assert DeviceProfile.load(resolve_profile("dev", mine)).device == "mine"
     assert resolve_profile(str(mine / "dev.json")) == mine / "dev.json"
-    with pytest.raises(SlimError, match="no profile for device 'nope'.*known: .*dev"):
+    with pytest.raises(SlimError, match="no profile for device 'nope'.*known: .*dev.*--device local"):
         resolve_profile("nope", mine)
 
 
-def test_corrupt_profile_is_one_clear_error(tmp_path):
+def test_corrupt_or_old_profiles_are_one_clear_error(tmp_path):
     (tmp_path / "bad.json").write_text("{not json")
     with pytest.raises(SlimError, match="not valid JSON"):
         DeviceProfile.load(tmp_path / "bad.json")
-    (tmp_path / "old.json").write_text(json.dumps({"schema": 99}))
-    with pytest.raises(SlimError):
+    (tmp_path / "old.json").write_text(json.dumps({"schema": 1}))
+    with pytest.raises(SlimError, match="schema 1 is not supported.*re-measure"):
         DeviceProfile.load(tmp_path / "old.json")
+    prof = staircase_profile(arch_of(tiny_model("t-cls")))
+    del prof.tables["core_v"]
+    with pytest.raises(SlimError, match="lacks the tables"):
+        LatencyModel(prof)
+
+
+def test_replicated_graph_runs_k_distinct_copies():
+    import onnxruntime as ort
+    import torch
+
+    from slimdeploy.export import onnx_bytes
+    from slimdeploy.latency.components import nontrivial_, replicate
+
+    lin = nontrivial_(torch.nn.Linear(8, 4))
+    x = torch.randn(1, 3, 8)
+    one = onnx_bytes(lin, x)
+    sess = ort.InferenceSession(replicate(one, 3), providers=["CPUExecutionProvider"])
+    assert len(sess.get_inputs()) == 3 and len(sess.get_outputs()) == 3
+    feeds = {i.name: x.numpy() for i in sess.get_inputs()}
+    outs = sess.run(None, feeds)
+    with torch.no_grad():
+        ref = lin(x).numpy()
+    assert np.abs(outs[0] - ref).max() < 1e-6  # copy 0 keeps the weights
+    assert np.abs(outs[1] - ref).max() > 1e-6 and np.abs(outs[1] - outs[2]).max() > 1e-6  # the others differ
 
 
 def test_interrupted_profile_resumes(tmp_path):
     """A profile killed halfway keeps its measurements and the next call reuses them."""
-    from slimdeploy.backends import get_backend
-    from slimdeploy.profile import profile_device
+    from slimdeploy.latency.backends import get_backend
+    from slimdeploy.latency.profile import profile_device
 
     model = tiny_model("t-demo")
     out = tmp_path / "p.json"
     backend = get_backend("ort-cpu")
     calls = {"n": 0}
-    real = backend.load_module
+    real = backend.load_onnx
 
-    def flaky(module, x):
+    def flaky(onnx):
         calls["n"] += 1
-        if calls["n"] == 60:
+        if calls["n"] == 120:
             raise KeyboardInterrupt
-        return real(module, x)
+        return real(onnx)
 
-    backend.load_module = flaky
+    backend.load_onnx = flaky
     with pytest.raises(KeyboardInterrupt):
-        profile_device("t", backend, model, ModelConfig("t-demo"), 1, out, token_points=2, calibration_models=2,
-                       per_call_s=0.002)
+        profile_device("t", backend, model, ModelConfig("t-demo"), 1, out, token_points=2, calibration_models=2)
     partial = tmp_path / ".p.partial.json"
     assert partial.is_file() and not out.exists()
     saved = len(json.loads(partial.read_text())["cache"])
     assert saved >= 50
     calls["n"] = 0
-    backend.load_module = lambda module, x: (calls.__setitem__("n", calls["n"] + 1), real(module, x))[1]
-    profile_device("t", backend, model, ModelConfig("t-demo"), 1, out, token_points=2, calibration_models=2,
-                   per_call_s=0.002)
+    backend.load_onnx = lambda onnx: (calls.__setitem__("n", calls["n"] + 1), real(onnx))[1]
+    prof = profile_device("t", backend, model, ModelConfig("t-demo"), 1, out, token_points=2, calibration_models=2)
     assert out.is_file() and not partial.exists()
-    prof = json.loads(out.read_text())
-    tables = prof["tables"]
-    assert prof["measurements"] > 1 + sum(np.asarray(t["ms"]).size for k, t in tables.items() if k != "stem_head")
-    assert calls["n"] == prof["measurements"] - saved  # only what the first attempt had not saved was measured
+    assert prof.measurements > saved
+    assert calls["n"] < 2 * (prof.measurements - saved) + 40  # only what was not saved was measured again
+    assert prof.fingerprint["kind"] == "cpu" and prof.fingerprint["runtime"] == "ort-cpu"
+    LatencyModel(prof).predict(SlimSpec.dense(ModelConfig("t-demo"), arch_of(model)))

@@ -1,28 +1,34 @@
-"""Latency-aware selection on synthetic importances and a synthetic staircase profile."""
+"""Selection: the solver on a synthetic staircase, candidates, measured scoring on a toy model where the right
+allocation is known, and the closed loop with injected measurements."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
+import torch
 
+from slimdeploy.analysis import spec_macs
 from slimdeploy.errors import SlimError
-from slimdeploy.latency import check_profile_fits
-from slimdeploy.models import arch_of
-from slimdeploy.selector import LatencyCost, Selector, fraction_spec, parse_count, parse_latency, spec_importance
+from slimdeploy.latency import timing
+from slimdeploy.latency.model import LatencyModel
+from slimdeploy.models import arch_of, register_model
+from slimdeploy.select.candidates import Family, Problem, candidates, families
+from slimdeploy.select.importance import Importance, spec_importance
+from slimdeploy.select.loop import closed_loop, refit
+from slimdeploy.select.solver import LatencyCost, MacsCost, ParamsCost, Selector
+from slimdeploy.select.vitslim import fraction_spec
 from slimdeploy.types import ModelConfig, SlimSpec
 
 from .conftest import tiny_model
-from .synthetic import staircase_model, staircase_profile, synthetic_importance
+from .synthetic import staircase_profile, synthetic_importance
 
 
 @pytest.fixture(scope="module")
 def setup():
-    from slimdeploy.models import register_model
-
     register_model("t-wide", dict(img_size=32, patch_size=4, in_chans=3, num_classes=5, embed_dim=64, depth=4,
                                   num_heads=4, mlp_ratio=4.0))
-    model = tiny_model("t-wide")
-    arch = arch_of(model)
-    lm = staircase_model(arch)
+    arch = arch_of(tiny_model("t-wide"))
+    lm = LatencyModel(staircase_profile(arch))
     imp = synthetic_importance(arch)
     sel = Selector(arch, ModelConfig("t-wide"), imp, LatencyCost(lm))
     dense = lm.predict(SlimSpec.dense(ModelConfig("t-wide"), arch))
@@ -41,34 +47,21 @@ def test_lands_on_step_starts(setup):
     """No kept width can grow to the next grid width without paying more latency."""
     arch, lm, imp, sel, dense = setup
     spec = sel.select(0.5 * dense).spec
-    grid_hd, grid_mlp = sel.c.qk, sel.c.mlp
+    sizes = [[b.num_tokens, b.num_heads, b.qk_dim, b.v_dim, b.mlp_dim] for b in spec.blocks]
+    base = lm.predict_sizes(sizes)
     checked = 0
-    for b in spec.blocks:
-        n, h, q, v, m = b.num_tokens, b.num_heads, b.qk_dim, b.v_dim, b.mlp_dim
-        base = lm.block_ms(n, h, q, v, m)
+    for i, (_, h, _, _, m) in enumerate(sizes):
+        for dim, grid in ((2, sel.c.qk), (3, sel.c.v), (4, sel.c.mlp)):
+            w = sizes[i][dim]
+            full = arch.mlp_dim if dim == 4 else arch.head_dim
+            if 0 < w < full and h:
+                bigger = [list(s) for s in sizes]
+                bigger[i][dim] = min(g for g in grid if g > w)
+                assert lm.predict_sizes(bigger) > base
+                checked += 1
         if 0 < m < arch.mlp_dim:
-            bigger = min(w for w in grid_mlp if w > m)
-            assert lm.block_ms(n, h, q, v, bigger) > base
             assert m % 32 == 0  # the synthetic tile: a step ends at a multiple of 32
-            checked += 1
-        if h and q < arch.head_dim:
-            assert lm.block_ms(n, h, min(w for w in grid_hd if w > q), v, m) > base
-            checked += 1
-        if h and v < arch.head_dim:
-            assert lm.block_ms(n, h, q, min(w for w in grid_hd if w > v), m) > base
-            checked += 1
     assert checked > 0
-
-
-@pytest.mark.parametrize("frac", [0.5, 0.7, 0.9])
-def test_beats_per_type_fractions_at_same_latency(setup, frac):
-    arch, lm, imp, sel, dense = setup
-    baseline = fraction_spec(arch, ModelConfig("t-wide"), imp, frac, frac, frac)
-    budget = lm.predict(baseline)
-    ours = sel.select(budget)
-    assert ours.cost <= budget + 1e-9
-    assert ours.importance >= spec_importance(baseline, imp)
-    assert ours.importance == pytest.approx(spec_importance(ours.spec, imp), rel=1e-9)
 
 
 def test_monotone_in_target(setup):
@@ -92,85 +85,179 @@ def test_unreachable_target(setup):
         sel.select(sel.minimum_cost() * 0.5)
 
 
-@pytest.mark.parametrize("text,expected", [("5ms", ("ms", 5.0)), ("5", ("ms", 5.0)), ("500us", ("ms", 0.5)),
-                                           ("0.005s", ("ms", 5.0)), ("60%", ("fraction", 0.6)),
-                                           (" 2.5 ms ", ("ms", 2.5))])
-def test_parse_latency(text, expected):
-    kind, value = parse_latency(text)
-    assert kind == expected[0] and value == pytest.approx(expected[1])
-
-
-@pytest.mark.parametrize("text", ["fast", "5 parsecs", "-3ms", "0", "150%", "5mss", ""])
-def test_parse_latency_rejects(text):
-    with pytest.raises(SlimError):
-        parse_latency(text)
-
-
-def test_parse_count():
-    assert parse_count("2.3G", "MACs") == pytest.approx(2.3e9)
-    assert parse_count("350M", "MACs") == pytest.approx(3.5e8)
-    with pytest.raises(SlimError):
-        parse_count("lots", "MACs")
-
-
-def test_profile_mismatch_is_refused():
-    model = tiny_model("t-cls")
-    arch = arch_of(model)
-    prof = staircase_profile(arch)
-    check_profile_fits(prof, arch, 1, "fp32")
-    with pytest.raises(SlimError, match="batch size"):
-        check_profile_fits(prof, arch, 8, "fp32")
-    with pytest.raises(SlimError, match="precision"):
-        check_profile_fits(prof, arch, 1, "fp16")
-    prof.model["embed_dim"] = 999
-    with pytest.raises(SlimError, match="embed_dim 999"):
-        check_profile_fits(prof, arch)
-
-
-def test_parse_targets_for_macs_and_params(setup):
-    from slimdeploy.analysis import spec_macs, spec_params
-    from slimdeploy.selector import MacsCost, ParamsCost
+def test_macs_and_params_costs(setup):
+    from slimdeploy.analysis import spec_params
 
     arch, lm, imp, sel, dense = setup
     full = SlimSpec.dense(ModelConfig("t-wide"), arch)
     for cost, fn in ((MacsCost(arch), spec_macs), (ParamsCost(arch), spec_params)):
         s = Selector(arch, ModelConfig("t-wide"), imp, cost)
-        dense_state = [[arch.num_tokens, arch.num_heads, arch.head_dim, arch.head_dim, arch.mlp_dim]] * arch.depth
-        assert cost.total(dense_state) == pytest.approx(fn(full))
+        assert s.total(s.dense_state()) == pytest.approx(fn(full))
         res = s.select(0.5 * fn(full))
         assert fn(res.spec) <= 0.5 * fn(full)
         assert res.cost == pytest.approx(fn(res.spec))
 
 
-@pytest.mark.parametrize("bias", [0.8, 1.0, 1.15])
-def test_closed_loop_corrects_a_biased_prediction(setup, bias):
-    """The engine runs `bias` x slower than predicted: the loop rescales until the measurement fits."""
-    from slimdeploy.select import Target, select_structure
+def test_candidates_meet_the_budget_and_include_vitslims_rule(setup):
+    arch, lm, imp, sel, dense = setup
+    problem = Problem(arch, ModelConfig("t-wide"), imp, LatencyCost(lm))
+    cands = candidates(problem, 0.8 * dense)
+    assert cands[0][0] == Family("fractions", (1.0, 1.0, 1.0))  # ViT-Slim's own rule, first
+    kinds = {f.kind for f, _ in cands}
+    assert {"greedy", "channels", "fractions", "uniform"} <= kinds
+    for fam, spec in cands:
+        assert lm.predict(spec) <= 0.8 * dense + 1e-9, fam.name
+    keys = {repr(s.summary()) + repr([b.mlp for b in s.blocks]) for _, s in cands}
+    assert len(keys) == len(cands)  # no duplicates
+    assert all(b.num_tokens == arch.num_tokens for f, s in cands if f.kind == "channels" for b in s.blocks)
+    no_tokens = Importance(imp.qk, imp.v, imp.mlp, None)
+    assert all(f.kind != "greedy" and (f.kind != "fractions" or f.params[2] == 0 or f.params == (1.0, 1.0, 1.0))
+               for f in families(no_tokens))
 
+
+def test_vitslim_fractions_keep_the_top_fraction(setup):
+    arch, lm, imp, sel, dense = setup
+    spec = fraction_spec(arch, ModelConfig("t-wide"), imp, 1.0, 0.5, 1.0)
+    kept = sum(b.mlp_dim for b in spec.blocks)
+    assert kept == pytest.approx(0.5 * arch.depth * arch.mlp_dim, abs=arch.depth)
+    thr = np.sort(imp.mlp.reshape(-1))[::-1][kept - 1]
+    assert all((imp.mlp[i, b.mlp] >= thr).all() for i, b in enumerate(spec.blocks))
+
+
+# ---- measured scoring: a toy model where the right allocation is known ---------------------------
+
+def _dead_mlp_toy():
+    """t-demo whose MLPs are dead (fc2 = 0: they add nothing) and whose tokens all carry the image; the search's
+    first-order scores claim the opposite (MLP units important, tokens nearly worthless)."""
+    from slimdeploy.data import load_data
+    from slimdeploy.models import data_config
+    from slimdeploy.select.scoring import Scorer, calibration_set
+
+    torch.manual_seed(0)
+    model = tiny_model("t-demo")
+    with torch.no_grad():
+        for blk in model.blocks:
+            blk.mlp.fc2.weight.zero_()
+            blk.mlp.fc2.bias.zero_()
+    a = arch_of(model)
+    rng = np.random.default_rng(0)
+    imp = Importance(qk=rng.uniform(0.5, 1.0, (a.depth, a.num_heads, a.head_dim)),
+                     v=rng.uniform(0.5, 1.0, (a.depth, a.num_heads, a.head_dim)),
+                     mlp=rng.uniform(0.5, 1.0, (a.depth, a.mlp_dim)),
+                     tok=rng.uniform(0, 1e-3, (a.depth, a.num_patches)))
+    data = load_data("synthetic", data_config(model), a.num_classes, 256, 64)
+    scorer = Scorer(model, model, data, calibration_set(data, model, 128))
+    return model, a, imp, scorer
+
+
+def test_measured_scoring_finds_the_dead_mlp_that_summed_taylor_misses():
+    from slimdeploy.select.stage import rank_candidates
+
+    model, a, imp, scorer = _dead_mlp_toy()
+    cfg = ModelConfig("t-demo")
+    cost = MacsCost(a)
+    budget = 0.62 * spec_macs(SlimSpec.dense(cfg, a))
+    rows, best = rank_candidates(Problem(a, cfg, imp, cost), budget, scorer, 3, None)
+    chosen = rows[best]
+    # the summed-importance rule (the solver with no measured exchange rate) drops tokens, first-order cheap,
+    # and pays for it; the measured choice drops the dead MLP, which changes nothing
+    summed = Selector(a, cfg, imp, cost).select(budget).spec
+    assert sum(b.num_tokens for b in summed.blocks) < a.depth * a.num_tokens
+    assert chosen["loss"] < 1e-6 < scorer(summed)["loss"]
+    assert all(w["tokens"] == a.num_tokens for w in chosen["widths"])
+    assert chosen["kept_importance"] < spec_importance(summed, imp)  # less of the (misleading) summed score
+    vitslim = next(r for r in rows if r["kind"] == "fractions" and r["params"] == [1.0, 1.0, 1.0])
+    assert chosen["loss"] <= vitslim["loss"]  # never worse than ViT-Slim's rule on the calibration split
+
+
+def test_recovery_scores_after_a_short_distillation():
+    from slimdeploy.select.scoring import recover, score
+
+    model, a, imp, scorer = _dead_mlp_toy()
+    spec = fraction_spec(a, ModelConfig("t-demo"), imp, 0.5, 1.0, 1.0)
+    from slimdeploy.slim import build_slim
+
+    student = build_slim(spec, model)
+    before = score(student, scorer.cal)["loss"]
+    after = score(recover(student, model, scorer.bundle, scorer.cal, steps=30, batch=16, lr=1e-3), scorer.cal)["loss"]
+    assert after < before
+    assert score(student, scorer.cal)["loss"] == pytest.approx(before)  # the student itself is left alone
+
+
+# ---- the closed loop -------------------------------------------------------------------------------
+
+def _fake_measure(truth, dense_ms=1.0, halfwidth=0.005, calls=None):
+    """measure(specs, long) with latency = truth(spec) and a tight interval, dense at dense_ms."""
+    def m(ms):
+        return timing.Measurement(ms, ms * (1 - halfwidth), ms * (1 + halfwidth), 15, 150,
+                                  [ms * (1 + halfwidth * np.sin(i)) for i in range(15)])
+
+    def measure(specs, long=False):
+        if calls is not None:
+            calls.append((len(specs), long))
+        return m(dense_ms), [m(truth(s)) for s in specs]
+    return measure
+
+
+def _solve_on(setup):
+    arch, lm, imp, sel, dense = setup
+
+    def solve(model, budget):
+        return Problem(arch, ModelConfig("t-wide"), imp, LatencyCost(model)).solve(Family("greedy", (1, 1, 1)), budget)
+    return solve
+
+
+@pytest.mark.parametrize("bias", [0.85, 1.0, 1.15])
+def test_closed_loop_lands_in_the_window(setup, bias):
     arch, lm, imp, sel, dense = setup
     dense_spec = SlimSpec.dense(ModelConfig("t-wide"), arch)
-    target = 0.6 * dense
+    res = closed_loop(_solve_on(setup), lm, _fake_measure(lambda s: bias * lm.predict(s)), dense_spec,
+                      0.6 * dense, None, rounds=4)
+    assert 0.9 <= res.measured_ms / (0.6 * dense) <= 1.0 and res.met
+    assert len(res.rounds) <= 2
+    assert all(r["measured_ms"] == pytest.approx(bias * r["predicted_ms"]) for r in res.rounds)
+
+
+def test_percent_target_is_resolved_against_the_measured_dense_latency(setup):
+    arch, lm, imp, sel, dense = setup
+    dense_spec = SlimSpec.dense(ModelConfig("t-wide"), arch)
+    measured_dense = 1.3 * dense  # the device is 30% slower than the profile says
+    res = closed_loop(_solve_on(setup), lm, _fake_measure(lambda s: 1.3 * lm.predict(s), measured_dense), dense_spec,
+                      None, 0.6, rounds=4)
+    assert res.target_ms == pytest.approx(0.6 * measured_dense) and res.dense_ms == pytest.approx(measured_dense)
+    assert 0.9 <= res.rounds[res.chosen_round - 1]["over_dense"] / 0.6 <= 1.0
+
+
+def test_refit_moves_the_prediction_toward_the_measurements(setup):
+    arch, lm, imp, sel, dense = setup
+    spec = sel.select(0.5 * dense).spec
+    p = lm.predict(spec)
+    a, b = refit([(p, 1.2 * p)])
+    assert (a, b) == (pytest.approx(1.2), 0.0)
+    assert lm.corrected(a, b).predict(spec) == pytest.approx(1.2 * p)
+    pts = [(1.0, 1.5), (2.0, 2.5), (3.0, 3.5)]  # measured = predicted + 0.5
+    assert refit(pts) == (pytest.approx(1.0), pytest.approx(0.5))
+    other = sel.select(0.7 * dense).spec
+    before, after = lm.predict(other), lm.corrected(*refit([(p, 1.2 * p)])).predict(other)
+    assert abs(after - 1.2 * before) < abs(before - 1.2 * before)
+
+
+def test_a_wide_interval_near_the_target_is_measured_again(setup):
+    arch, lm, imp, sel, dense = setup
+    dense_spec = SlimSpec.dense(ModelConfig("t-wide"), arch)
     calls = []
-
-    def measure(spec):
-        calls.append(spec)
-        return {"median_ms": bias * lm.predict(spec), "spread": 0.0}
-
-    res = select_structure(imp, dense_spec, Target("latency", target), lm, verify_latency=True, rounds=5,
-                           measure=measure)
-    assert 0.9 <= res["measured_ms"] / target <= 1.0
-    assert len(res["rounds"]) == len(calls) and len(calls) <= 3
-    assert all(r["measured_ms"] == pytest.approx(bias * r["predicted_ms"]) for r in res["rounds"])
+    closed_loop(_solve_on(setup), lm, _fake_measure(lambda s: lm.predict(s), halfwidth=0.05, calls=calls),
+                dense_spec, 0.6 * dense, None, rounds=2)
+    assert (1, True) in calls  # the round was measured again with the long protocol
 
 
-def test_closed_loop_edges(setup):
-    from slimdeploy.select import Target, select_structure
-
+def test_the_round_kept_is_the_nearest_below_with_its_interval_under(setup):
     arch, lm, imp, sel, dense = setup
     dense_spec = SlimSpec.dense(ModelConfig("t-wide"), arch)
-    kept = select_structure(imp, dense_spec, Target("latency", 2 * dense), lm, verify_latency=True,
-                            measure=lambda s: pytest.fail("the dense model needs no measurement"))
-    assert kept["spec"].summary() == dense_spec.summary() and "dense model kept" in kept["note"]
-    with pytest.raises(SlimError, match="below the smallest latency this profile allows"):
-        select_structure(imp, dense_spec, Target("latency", 0.5 * sel.minimum_cost()), lm, verify_latency=True,
-                         measure=lambda s: {"median_ms": 1.0})
+    # an engine far off the model: nothing lands in the window in 2 rounds, one round is under
+    res = closed_loop(_solve_on(setup), lm, _fake_measure(lambda s: 0.6 * lm.predict(s)), dense_spec,
+                      0.6 * dense, None, rounds=1)
+    assert res.met and res.measured_ms <= 0.6 * dense
+    res = closed_loop(_solve_on(setup), lm, _fake_measure(lambda s: 2.0 * lm.predict(s)), dense_spec,
+                      0.6 * dense, None, rounds=1)
+    assert not res.met and res.measured_high_ms > 0.6 * dense

@@ -1,0 +1,141 @@
+"""Calibration: the whole models a profile measures, and the fit of their latency against the tables.
+
+An optimiser drives into a model's errors, so the whole models come from two places: random structures of every
+size (some blocks without heads or MLP, tokens dropped at some blocks) and the structures the solver itself
+picks at budgets from 20% to 95% of dense, under random exchange rates between kinds (few tokens, narrow MLPs:
+where fixed per-operator costs dominate). The fit, with rows weighted by 1 / measured (relative errors):
+
+    measured = scale_fixed * fixed + scale_tokens * tokens + per_attn * n_attn + per_mlp * n_mlp
+               + per_gather * n_gather + beta
+    fixed, tokens = table sums at each block's fewest tokens, and what its tokens add above that, each
+                    = pieces without weights + warm + phi(weight bytes) * (cold - warm)
+
+Two scales, not one per table group (one per group overfits: it was 0.3 for attention and 1.8 for the MLP on 16
+random models, and wrong on the solver's structures), but one for what an operator costs whatever its tokens
+(dispatch, weight streaming: pieces timed in copies run with warm predictors that a whole model does not have)
+and one for the arithmetic per token (which overlaps with the streaming in a whole model). The counts carry the
+per-operator costs of a branch or gather that pieces timed apart do not share with the whole model; phi says how
+far a model with that many bytes of weights runs from a cold cache (a small model stays in L2 between calls).
+"""
+
+from __future__ import annotations
+
+import random
+
+import numpy as np
+
+from ..types import Arch, ModelConfig, SlimSpec
+from .model import COUNTS, calibrated
+
+
+def random_spec(arch: Arch, source: ModelConfig, rng: random.Random, step: int = 8, min_keep: float = 0.15,
+                size: float | None = None, empty_branches: float = 0.1) -> SlimSpec:
+    """A random slim structure of overall size `size` (default: random in [min_keep, 1]), with per block and
+    dimension kept fractions around it, tokens dropped at some blocks (monotone), and a branch (all heads or
+    the whole MLP) removed with probability `empty_branches`."""
+    spec = SlimSpec.dense(source, arch)
+    size = rng.uniform(min_keep, 1.0) if size is None else size
+    tokens = list(range(arch.num_tokens))
+
+    def width(full: int) -> int:
+        w = full * min(1.0, max(0.05, size * rng.uniform(0.7, 1.3)))
+        return max(1, min(full, int(round(w / step)) * step if full >= step else int(round(w))))
+
+    for b in spec.blocks:
+        if rng.random() < 0.4:
+            patches = [t for t in tokens if t >= arch.num_prefix_tokens]
+            keep = max(1, int(round(len(patches) * rng.uniform(max(0.3, size), 1.0))))
+            tokens = tokens[:arch.num_prefix_tokens] + sorted(rng.sample(patches, keep))
+        h = max(1, min(arch.num_heads, int(round(arch.num_heads * size * rng.uniform(0.7, 1.3)))))
+        q, v, m = width(arch.head_dim), width(arch.head_dim), width(arch.mlp_dim)
+        heads = sorted(rng.sample(range(arch.num_heads), h))
+        if rng.random() < empty_branches:
+            heads = []
+        if rng.random() < empty_branches:
+            m = 0
+        b.tokens, b.heads = list(tokens), heads
+        b.qk = [list(range(q)) for _ in heads]
+        b.v = [list(range(v)) for _ in heads]
+        b.mlp = list(range(m))
+    return spec.validate()
+
+
+def synthetic_importance(arch: Arch, rng: np.random.Generator):
+    """Random importances shaped like a search's (deep blocks matter less), with a random exchange rate
+    between kinds: enough to send the solver everywhere it goes with real ones."""
+    from ..select.importance import Importance
+
+    depth = np.linspace(1.5, 0.5, arch.depth)[:, None]
+    w = np.exp(rng.uniform(np.log(0.1), np.log(10.0), 3))
+    return Importance(qk=rng.exponential(1.0, (arch.depth, arch.num_heads, arch.head_dim)) * depth[:, :, None] * w[0],
+                      v=rng.exponential(1.0, (arch.depth, arch.num_heads, arch.head_dim)) * depth[:, :, None] * w[0],
+                      mlp=rng.exponential(1.0, (arch.depth, arch.mlp_dim)) * depth * w[1] * 0.25,
+                      tok=rng.exponential(1.0, (arch.depth, arch.num_patches)) * depth * w[2], mode="synthetic")
+
+
+def solver_specs(lm, arch: Arch, source: ModelConfig, count: int, seed: int = 0) -> list[SlimSpec]:
+    """What the solver picks on `lm` at budgets spread over 20-95% of dense, with random importances."""
+    from ..errors import SlimError
+    from ..select.solver import LatencyCost, Selector
+
+    rng = np.random.default_rng(seed)
+    dense = lm.predict(SlimSpec.dense(source, arch))
+    out = []
+    for i in range(count):
+        frac = 0.2 + 0.75 * (i + 0.5) / max(1, count)
+        sel = Selector(arch, source, synthetic_importance(arch, rng), LatencyCost(lm))
+        try:
+            out.append(sel.select(max(frac * dense, sel.minimum_cost())).spec)
+        except SlimError:
+            continue
+    return out
+
+
+def fit_calibration(points: list[dict]) -> dict:
+    """Fit measured ms against each point's features (LatencyModel.features); see the module's docstring.
+
+    How cold the weighted pieces run, phi(bytes) = sigmoid((ln bytes - center) / width), is chosen on a grid
+    (the linear coefficients by weighted least squares at each grid point)."""
+    y = np.array([p["measured_ms"] for p in points], dtype=np.float64)
+    w = 1.0 / y
+    feats = [p["features"] for p in points]
+    logb = np.log(np.maximum([f["bytes"] for f in feats], 1.0))
+    has_warm = any(abs(f["fixed_cold"] - f["fixed_warm"]) > 1e-12 for f in feats)
+    grid = [(0.0, 1.0)]
+    if has_warm:
+        centers = np.linspace(logb.min() - 0.5, logb.max() + 0.5, 25)
+        grid = [(c, wd) for c in centers for wd in (0.1, 0.25, 0.5, 1.0)]
+    best = None
+    for center, width in grid:
+        cold = 1.0 / (1.0 + np.exp(-np.clip((logb - center) / width, -50, 50))) if has_warm else np.ones(len(y))
+
+        def part(f, c, prefix):
+            return f[f"{prefix}_shared"] + f[f"{prefix}_warm"] + c * (f[f"{prefix}_cold"] - f[f"{prefix}_warm"])
+        X = np.array([[part(f, c, "fixed"), part(f, c, "tok")] + [f[k] for k in COUNTS] + [1.0]
+                      for f, c in zip(feats, cold)])
+        coef = _solve(X, y, w, len(points))
+        sse = float((((X @ coef) - y) * w) @ (((X @ coef) - y) * w))
+        if best is None or sse < best[0] - 1e-15:
+            best = (sse, coef, center, width)
+    _, coef, center, width = best
+    cal = {"scale_fixed": float(coef[0]), "scale_tokens": float(coef[1]),
+           **{f"per_{k}": float(c) for k, c in zip(COUNTS, coef[2:-1])},
+           "beta": float(coef[-1]), "phi_center": float(center), "phi_width": float(width)}
+    err = np.array([calibrated(f, cal, has_warm) / p["measured_ms"] - 1 for f, p in zip(feats, points)])
+    return {**cal, "points": points, "fit_median_abs_error": float(np.median(np.abs(err))),
+            "fit_max_abs_error": float(np.abs(err).max())}
+
+
+def _solve(X: np.ndarray, y: np.ndarray, w: np.ndarray, n: int) -> np.ndarray:
+    """Weighted least squares: every coefficient with enough points, else the two scales only (then one
+    scale); the scales (the first two columns) kept >= 0."""
+    k = X.shape[1]
+    cols = list(range(k)) if n >= k + 3 else ([0, 1] if n >= 2 else [0])
+    coef = np.zeros(k)
+    coef[cols] = np.linalg.lstsq(X[:, cols] * w[:, None], y * w, rcond=None)[0]
+    for j in (0, 1):
+        if coef[j] < 0:  # a negative scale is noise: refit with that column out
+            keep = [c for c in cols if c != j and coef[c] >= 0 or c >= 2]
+            coef[:] = 0.0
+            coef[keep] = np.linalg.lstsq(X[:, keep] * w[:, None], y * w, rcond=None)[0]
+    return coef

@@ -1,0 +1,79 @@
+"""Whole models timed as they are deployed: exported the way `slimdeploy export` does, loaded on the backend,
+and measured together by the one protocol (interleaved rounds), so ratios between them are paired."""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..types import Arch
+from . import timing
+from .backends import Backend, Session
+
+
+def example_input(arch: Arch, batch: int, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).standard_normal((batch, arch.in_chans, arch.img_size, arch.img_size),
+                                                       dtype=np.float32)
+
+
+def deployed_session(backend: Backend, model: nn.Module, arch: Arch, batch: int, onnx: str | Path | None = None
+                     ) -> Session:
+    """A session of the model as deployed: the given ONNX file, else an export at the fixed batch size."""
+    if backend.name == "torch":
+        return backend.load_module(model.eval(), torch.as_tensor(example_input(arch, batch)))
+    if onnx is not None:
+        return backend.load_onnx(Path(onnx))
+    from ..export import export_onnx
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = export_onnx(model, Path(tmp) / "m.onnx", (arch.in_chans, arch.img_size, arch.img_size), batch)
+        return backend.load_onnx(path)
+
+
+def measure_sessions(sessions: dict[str, Session], arch: Arch, batch: int,
+                     protocol: timing.Protocol = timing.MODEL) -> dict[str, timing.Measurement]:
+    x = example_input(arch, batch)
+    return timing.measure({name: s.timed(x) for name, s in sessions.items()}, protocol)
+
+
+def measure_models(backend: Backend, models: dict[str, nn.Module], arch: Arch, batch: int,
+                   protocol: timing.Protocol = timing.MODEL) -> dict[str, timing.Measurement]:
+    """Export and time the models together (interleaved); the models need trained or nontrivial_ weights."""
+    sessions = {name: deployed_session(backend, m, arch, batch) for name, m in models.items()}
+    try:
+        return measure_sessions(sessions, arch, batch, protocol)
+    finally:
+        for s in sessions.values():
+            s.close()
+
+
+class SpecMeasurer:
+    """Measures structures pruned from `model`, each round interleaved with the dense model (kept loaded):
+    the closed loop's and the benchmarks' measurement.
+
+    The dense reference is the dense model itself, not the searched weights: weight values can change latency
+    on a CPU (masks searched to near zero leave denormal weights, which run slower)."""
+
+    def __init__(self, backend: Backend, model: nn.Module, arch: Arch, batch: int, dense: nn.Module | None = None):
+        self.backend, self.model, self.arch, self.batch = backend, model.eval(), arch, batch
+        self.dense = deployed_session(backend, (dense if dense is not None else model).eval(), arch, batch)
+
+    def __call__(self, specs: list, long: bool = False) -> tuple[timing.Measurement, list[timing.Measurement]]:
+        from ..slim import build_slim
+
+        sessions = {str(i): deployed_session(self.backend, build_slim(s, self.model), self.arch, self.batch)
+                    for i, s in enumerate(specs)}
+        try:
+            t = measure_sessions({"dense": self.dense, **sessions}, self.arch, self.batch,
+                                 timing.MODEL_LONG if long else timing.MODEL)
+        finally:
+            for s in sessions.values():
+                s.close()
+        return t["dense"], [t[str(i)] for i in range(len(specs))]
+
+    def close(self) -> None:
+        self.dense.close()

@@ -1,0 +1,256 @@
+"""LatencyModel: predict(spec) -> ms from a DeviceProfile's tables.
+
+A block with n tokens (n_prev before it), h heads of q and v channels and m MLP units costs the table lookups
+  [gather(n) if n < n_prev]
+  + (rest(n) + qkv(n, h*(2q+v)) + core(n, h, q, v) + proj(n, h*v)   if h > 0, else const(n))
+  + (rest(n) + mlp(n, m)                                            if m > 0, else const(n))
+and the model is stem_head + the blocks. Tables are read linearly in tokens (they hold the fixed cost of an
+operator at few tokens: nothing scales to zero) and as a staircase in widths (a width between two measured ones
+costs what the next measured one costs: engines pad to tiles). The attention core is factorised over its two
+widths: core(n, h, q, v) = core_q(n, h, q) + core_v(n, h, v) - core_q(n, h, head_dim).
+
+The sum maps to end-to-end latency by a calibration fitted on whole models measured during profiling:
+  ms = scale * sum + per_attn * (blocks with heads) + per_mlp * (blocks with MLP) + per_gather * (gathers) + beta
+which models the per-operator costs explicitly (the exported graph's extra reshapes per branch, its gathers).
+A closed loop's measurements refine it further with a correction (a * ms + b), saved with the run.
+"""
+
+from __future__ import annotations
+
+import os
+from bisect import bisect_left
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import SlimError
+from ..types import Arch, DeviceProfile, SlimSpec
+from .fingerprint import describe, differences
+
+SHIPPED_PROFILES = Path(__file__).resolve().parent.parent.parent / "profiles"
+TABLES = ("rest", "const", "gather", "qkv", "proj", "mlp", "core_q", "core_v")
+COUNTS = ("attn", "mlp", "gather")  # structural counts with their own per-operator cost
+FEATURES = ("fixed_shared", "fixed_cold", "fixed_warm", "tok_shared", "tok_cold", "tok_warm", "bytes", *COUNTS)
+
+
+def user_profiles_dir() -> Path:
+    """The user's own profile folder: $SLIMDEPLOY_PROFILES, else ~/.slimdeploy/profiles."""
+    return Path(os.environ.get("SLIMDEPLOY_PROFILES", "~/.slimdeploy/profiles")).expanduser()
+
+
+def profile_search_path(profiles_dir: str | Path | None = None) -> list[Path]:
+    first = Path(profiles_dir).expanduser() if profiles_dir else user_profiles_dir()
+    return [first, SHIPPED_PROFILES]
+
+
+def resolve_profile(device: str, profiles_dir: str | Path | None = None) -> Path:
+    """The profile file for --device NAME (or NAME as a path to a .json file)."""
+    if device.endswith(".json") and Path(device).expanduser().is_file():
+        return Path(device).expanduser()
+    for d in profile_search_path(profiles_dir):
+        p = d / f"{device}.json"
+        if p.is_file():
+            return p
+    known = sorted({p.stem for d in profile_search_path(profiles_dir) if d.is_dir() for p in d.glob("*.json")
+                    if not p.name.startswith(".")})
+    where = ", ".join(str(d) for d in profile_search_path(profiles_dir))
+    raise SlimError(f"no profile for device '{device}' in {where}"
+                    f" (known: {', '.join(known) or 'none'}; use --device local to measure this machine, or "
+                    f"make one with: slimdeploy profile --device {device})")
+
+
+def model_signature(arch: Arch) -> dict:
+    """The shape facts a profile's tables depend on."""
+    return {"embed_dim": arch.embed_dim, "num_tokens": arch.num_tokens, "num_prefix_tokens": arch.num_prefix_tokens,
+            "num_heads": arch.num_heads, "head_dim": arch.head_dim, "mlp_dim": arch.mlp_dim, "depth": arch.depth,
+            "img_size": arch.img_size, "patch_size": arch.patch_size, "in_chans": arch.in_chans,
+            "qkv_bias": arch.qkv_bias, "qk_norm": arch.qk_norm, "layer_scale": arch.layer_scale,
+            "num_classes": arch.num_classes}
+
+
+def check_profile_fits(profile: DeviceProfile, arch: Arch, batch_size: int | None = None,
+                       precision: str | None = None) -> None:
+    """Refuse a profile measured for another model shape, batch size or precision, saying what differs."""
+    want = model_signature(arch)
+    diffs = [f"{k} {profile.model.get(k)} (profile) vs {v} (model)" for k, v in want.items()
+             if k in profile.model and profile.model[k] != v and k != "num_classes"]
+    if batch_size is not None and batch_size != profile.batch_size:
+        diffs.append(f"batch size {profile.batch_size} (profile) vs {batch_size}")
+    if precision is not None and precision != profile.precision:
+        diffs.append(f"precision {profile.precision} (profile) vs {precision}")
+    if diffs:
+        raise SlimError(f"profile '{profile.device}' does not fit: " + "; ".join(diffs)
+                        + " (measure one: slimdeploy profile --device NAME --model ..., or use --device local)")
+
+
+def fingerprint_warning(profile: DeviceProfile, here: dict) -> str | None:
+    """A warning naming both machines when the profile was measured on another one, else None."""
+    diff = differences(profile.fingerprint, here)
+    if not diff:
+        return None
+    return (f"profile '{profile.device}' was measured on {describe(profile.fingerprint)}, but this machine is "
+            f"{describe(here)} (differs in {', '.join(diff)}): its predictions do not hold here; measure this "
+            "machine with --device local")
+
+
+class Table:
+    """A measured table: linear in its first axis (tokens), a staircase in the others."""
+
+    def __init__(self, d: dict):
+        self.axes: list[str] = d["axes"]
+        self.grid: list[list[int]] = [list(map(int, d["grid"][a])) for a in self.axes]
+        self.ms = np.asarray(d["ms"], dtype=np.float64)
+        if self.ms.shape != tuple(len(g) for g in self.grid):
+            raise SlimError(f"profile table over {self.axes} has shape {self.ms.shape}, not its grid's")
+        if not np.isfinite(self.ms).all() or (self.ms < 0).any():
+            raise SlimError(f"profile table over {self.axes} holds NaN or negative entries: re-measure the profile")
+
+    def _stair(self, axis: int, w: int) -> int:
+        """Index of the first grid width >= w (clamped to the largest)."""
+        g = self.grid[axis]
+        return min(bisect_left(g, w), len(g) - 1)
+
+    def __call__(self, n: float, *widths: int) -> float:
+        idx = tuple(self._stair(i + 1, w) for i, w in enumerate(widths))
+        g = self.grid[0]
+        if len(g) == 1:
+            return float(self.ms[(0, *idx)])
+        j = min(max(bisect_left(g, n), 1), len(g) - 1)
+        lo, hi = g[j - 1], g[j]
+        t = (n - lo) / (hi - lo)  # outside the grid: linear extrapolation from the nearest two points
+        return max(0.0, float((1 - t) * self.ms[(j - 1, *idx)] + t * self.ms[(j, *idx)]))
+
+    def widths(self, axis: int) -> list[int]:
+        return self.grid[axis]
+
+
+BYTES_PER_PARAM = {"fp32": 4, "fp16": 2, "bf16": 2, "int8": 1}
+
+
+class LatencyModel:
+    """predict(spec) -> ms on the profile's device, backend, precision and batch size."""
+
+    def __init__(self, profile: DeviceProfile, correction: tuple[float, float] = (1.0, 0.0),
+                 path: Path | None = None):
+        self.profile, self.path = profile, path  # path: the file it was read from
+        t = profile.tables
+        missing = [k for k in (*TABLES, "stem_head") if k not in t]
+        if missing:
+            raise SlimError(f"profile '{profile.device}' lacks the tables {missing}: re-measure it")
+        self.tables = {k: Table(t[k]) for k in TABLES}
+        self.warm = {k: Table(v) for k, v in (t.get("warm") or {}).items()}
+        self.stem = float(t["stem_head"]["ms"])
+        self.head_dim = int(profile.model["head_dim"])
+        self.embed_dim = int(profile.model["embed_dim"])
+        self.bytes_per_param = BYTES_PER_PARAM.get(profile.precision, 4)
+        self.cal = {k: v for k, v in (profile.calibration or {}).items() if k != "points"}
+        self.correction = correction  # (a, b): measured = a * prediction + b, from a closed loop
+        self._raw: dict[tuple, tuple[float, float, float]] = {}
+
+    @classmethod
+    def load(cls, device: str, profiles_dir: str | Path | None = None) -> LatencyModel:
+        path = resolve_profile(device, profiles_dir)
+        return cls(DeviceProfile.load(path), path=path.resolve())
+
+    def corrected(self, a: float, b: float) -> LatencyModel:
+        """The same tables with measured = a * prediction + b applied (a closed loop's refit)."""
+        return LatencyModel(self.profile, (a, b), self.path)
+
+    # ---- pieces --------------------------------------------------------------------------------
+    def core(self, n: int, h: int, q: int, v: int) -> float:
+        cq, cv = self.tables["core_q"], self.tables["core_v"]
+        return max(0.0, cq(n, h, q) + cv(n, h, v) - cq(n, h, self.head_dim))
+
+    def block_parts(self, n_prev: int, n: int, h: int, q: int, v: int, m: int, warm: bool = False
+                    ) -> dict[str, float]:
+        """Table lookups (uncalibrated ms) of one block's parts, from the cold (or warm) tables."""
+        t = self.tables
+        w = self.warm if warm and self.warm else t
+        parts = {"gather": t["gather"](n) if n < n_prev else 0.0}
+        if h > 0:
+            parts.update(attn_rest=t["rest"](n), qkv=w["qkv"](n, h * (2 * q + v)), core=self.core(n, h, q, v),
+                         proj=w["proj"](n, h * v))
+        else:
+            parts["attn_const"] = t["const"](n)
+        if m > 0:
+            parts.update(mlp_rest=t["rest"](n), mlp=w["mlp"](n, m))
+        else:
+            parts["mlp_const"] = t["const"](n)
+        return parts
+
+    def block_raw(self, n_prev: int, n: int, h: int, q: int, v: int, m: int) -> tuple[float, float, float]:
+        """(pieces without weights, weighted pieces cold, weighted pieces warm) of one block, uncalibrated ms."""
+        key = (n < n_prev, n, h, q, v, m)
+        if key not in self._raw:
+            cold = self.block_parts(n_prev, n, h, q, v, m)
+            warm = self.block_parts(n_prev, n, h, q, v, m, warm=True)
+            weighted = [k for k in ("qkv", "proj", "mlp") if k in cold]
+            shared = sum(v for k, v in cold.items() if k not in weighted)
+            self._raw[key] = (shared, sum(cold[k] for k in weighted), sum(warm[k] for k in weighted))
+        return self._raw[key]
+
+    def block_bytes(self, h: int, q: int, v: int, m: int) -> float:
+        """Bytes of a block's linear weights: what a call streams through the caches."""
+        return self.bytes_per_param * self.embed_dim * (h * (2 * q + v) + h * v + 2 * m)
+
+    # ---- whole models --------------------------------------------------------------------------
+    def features(self, sizes: list[tuple[int, int, int, int, int]], num_tokens: int) -> dict[str, float]:
+        """The calibration's regressors for per-block sizes (n, h, q, v, m): the table sums split into what a
+        block costs at its fewest tokens (fixed: operator and weight-streaming costs) and what its tokens add,
+        each for the pieces without weights (shared) and the weighted pieces cold and warm; the weight bytes;
+        and the structural counts."""
+        out = dict.fromkeys(FEATURES, 0.0)
+        out["fixed_shared"] = self.stem
+        prev, few = num_tokens, int(self.profile.model["num_prefix_tokens"]) + 1
+        for n, h, q, v, m in sizes:
+            full = self.block_raw(prev, n, h, q, v, m)
+            fixed = self.block_raw(prev, min(n, few), h, q, v, m)
+            for i, part in enumerate(("shared", "cold", "warm")):
+                out[f"fixed_{part}"] += fixed[i]
+                out[f"tok_{part}"] += full[i] - fixed[i]
+            out["bytes"] += self.block_bytes(h, q, v, m)
+            out["attn"] += h > 0
+            out["mlp"] += m > 0
+            out["gather"] += n < prev
+            prev = n
+        return out
+
+    def from_features(self, f: dict[str, float]) -> float:
+        a, b = self.correction
+        return a * calibrated(f, self.cal, bool(self.warm)) + b
+
+    def predict_sizes(self, sizes: list[tuple[int, int, int, int, int]]) -> float:
+        """Predicted ms of a model with these per-block sizes (n incl. prefix, heads, q, v, MLP units)."""
+        return self.from_features(self.features(sizes, int(self.profile.model["num_tokens"])))
+
+    def predict(self, spec: SlimSpec) -> float:
+        """Predicted end-to-end latency of the slim model in ms."""
+        return self.predict_sizes(spec_sizes(spec))
+
+    def breakdown(self, spec: SlimSpec) -> list[dict]:
+        """Uncalibrated (cold) ms per part, per block."""
+        out, prev = [], spec.arch.num_tokens
+        for n, h, q, v, m in spec_sizes(spec):
+            out.append(self.block_parts(prev, n, h, q, v, m))
+            prev = n
+        return out
+
+
+def phi(weight_bytes: float, center: float, width: float) -> float:
+    """How cold the weighted pieces run (0: warm, 1: cold) in a model of `weight_bytes` bytes of weights."""
+    z = (np.log(max(weight_bytes, 1.0)) - center) / max(width, 1e-6)
+    return float(1.0 / (1.0 + np.exp(-np.clip(z, -50, 50))))
+
+
+def calibrated(f: dict[str, float], cal: dict, has_warm: bool) -> float:
+    """End-to-end ms from a model's features and a calibration (see calibration.py)."""
+    cold = phi(f["bytes"], cal.get("phi_center", 0.0), cal.get("phi_width", 1.0)) if has_warm else 1.0
+
+    def part(prefix):
+        return f[f"{prefix}_shared"] + f[f"{prefix}_warm"] + cold * (f[f"{prefix}_cold"] - f[f"{prefix}_warm"])
+    return (cal.get("scale_fixed", 1.0) * part("fixed") + cal.get("scale_tokens", 1.0) * part("tok")
+            + sum(cal.get(f"per_{k}", 0.0) * f[k] for k in COUNTS) + cal.get("beta", 0.0))
+
+
+def spec_sizes(spec: SlimSpec) -> list[tuple[int, int, int, int, int]]:
+    return [(b.num_tokens, b.num_heads, b.qk_dim, b.v_dim, b.mlp_dim) for b in spec.blocks]

@@ -1,0 +1,378 @@
+"""`slimdeploy profile`: measure a device's latency tables and calibration (see model.py for how they are read).
+
+Factorised, never every block combination: each piece of components.py on a grid of token counts (geometric, so
+the few-token region where the solver goes is dense, plus an even spread) and widths on multiples of `step`, the
+attention core over (tokens, heads, q) and (tokens, heads, v). Each table is made monotone (isotonic fit), which
+removes timing noise without hiding steps. Then whole models (calibration.py) are measured to fit the
+calibration. Pieces are timed in a shuffled order, so that a slow phase of a shared machine is noise spread
+over every table (which the monotone fits smooth) rather than a bias of one table. Partial results are saved as
+they come: an interrupted profile resumes where it stopped.
+
+`--device local` profiles are measured on first use and cached under the user's profile folder, keyed by the
+machine's fingerprint, the backend, the model's shape and the batch size.
+"""
+
+from __future__ import annotations
+
+import copy
+import datetime as dt
+import random
+import shlex
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..errors import SlimError
+from ..fileio import read_json, write_json
+from ..models import arch_of
+from ..progress import log, make_progress
+from ..slim import build_slim
+from ..types import Arch, DeviceProfile, ModelConfig, SlimSpec
+from . import components, timing
+from .backends import Backend
+from .calibration import fit_calibration, random_spec, solver_specs
+from .fingerprint import fingerprint_key
+from .measure import measure_models
+from .model import (
+    LatencyModel,
+    check_profile_fits,
+    fingerprint_warning,
+    model_signature,
+    spec_sizes,
+    user_profiles_dir,
+)
+
+METHOD = 3  # bump when what a table entry means changes: partial profiles of another method are discarded
+GPU_WORKING_SET = 64 << 20  # beyond a GPU's L2 (40-60 MB on A100/H100/H200)
+
+
+def token_grid(arch: Arch, points: int = 10) -> list[int]:
+    """Token counts to measure (prefix included): a geometric spread of patch counts from 1 (dense where the
+    solver goes) joined with an even spread (the quadratic attention core at many tokens), always all."""
+    p, n = arch.num_prefix_tokens, arch.num_patches
+    if points <= 1 or n == 1:
+        return [p + n]
+    k = max(2, (points + 1) // 2)
+    geo = {max(1, round(n ** (i / (k - 1)))) for i in range(k)}
+    lin = {max(1, round(n * i / (points - k))) for i in range(1, points - k + 1)} if points > k else set()
+    return [p + c for c in sorted(geo | lin | {n})]
+
+
+def width_grid(limit: int, step: int) -> list[int]:
+    """Widths to measure: multiples of `step` up to 16 steps, then of 2 steps up to 32 more, and so on (a
+    resolution of 1/16 to 1/8 of the width), always ending at `limit`."""
+    out, w, s = [], step, step
+    while w <= limit:
+        out.append(w)
+        if w >= 16 * s:
+            s *= 2
+        w += s
+    return out if out and out[-1] == limit else [*out, limit]
+
+
+def isotonic(values: np.ndarray) -> np.ndarray:
+    """Least-squares non-decreasing fit (pool adjacent violators) along the last axis."""
+    out = np.array(values, dtype=np.float64)
+    flat = out.reshape(-1, out.shape[-1])
+    for row in flat:
+        merged: list[list[float]] = []
+        for v in row:
+            merged.append([float(v), 1])
+            while len(merged) > 1 and merged[-2][0] > merged[-1][0]:
+                v2, n2 = merged.pop()
+                v1, n1 = merged.pop()
+                merged.append([(v1 * n1 + v2 * n2) / (n1 + n2), n1 + n2])
+        row[:] = np.concatenate([[v] * int(n) for v, n in merged])
+    return out
+
+
+def monotone(ms: np.ndarray) -> np.ndarray:
+    """Non-decreasing along every axis (more tokens, heads or channels never cost less)."""
+    for ax in range(ms.ndim):
+        ms = np.moveaxis(isotonic(np.moveaxis(ms, ax, -1)), -1, ax)
+    return ms
+
+
+class PieceTimer:
+    """Times pieces in context (see components.py): cold and warm (distinct copies, 2x L2 and L2/2 of weights),
+    each interleaved with the per-call overhead of a graph of as many inputs and outputs; a cost is per copy.
+    Results are cached by key (for resume)."""
+
+    def __init__(self, backend: Backend, batch: int, working_set: int, warm: bool, cache: dict, save):
+        self.backend, self.batch, self.working_set, self.warm = backend, batch, working_set, warm
+        self.cache, self.save = cache, save
+        self.bases: dict[tuple, object] = {}
+        self.unsaved = 0
+
+    def _load(self, module: nn.Module, shape: tuple[int, ...], k: int):
+        """A session of K copies of the module (one export, repeated in ONNX)."""
+        from ..export import onnx_bytes
+
+        if self.backend.name == "torch":
+            xs = tuple(torch.randn(self.batch, *shape) for _ in range(k))
+            return self.backend.load_module(components.Copies(module, k), xs)
+        one = onnx_bytes(components.nontrivial_(copy.deepcopy(module)).eval(), torch.randn(self.batch, *shape))
+        return self.backend.load_onnx(components.replicate(one, k))
+
+    def _base(self, shape: tuple[int, ...], k: int):
+        if (shape, k) not in self.bases:
+            self.bases[shape, k] = self._load(components.Base(), shape, k)
+        return self.bases[shape, k]
+
+    def time(self, key: str, module: nn.Module, shape: tuple[int, ...]) -> None:
+        if key in self.cache:
+            return
+        weighted = components.weight_bytes(module) > 4 * 1024  # more than norms and biases
+        k_cold = components.copies_for(module, self.working_set) if weighted else components.WARM_COPIES
+        k_warm = components.copies_for(module, self.working_set // 4) if weighted else components.WARM_COPIES
+        xs = tuple(np.random.default_rng(i).standard_normal((self.batch, *shape), dtype=np.float32)
+                   for i in range(max(k_cold, k_warm)))
+        runs = {"cold": (self._load(module, shape, k_cold), k_cold),
+                "base_cold": (self._base(shape, k_cold), k_cold)}
+        if weighted and self.warm:
+            runs["warm"] = (self._load(module, shape, k_warm), k_warm)
+            runs["base_warm"] = (self._base(shape, k_warm), k_warm)
+        t = timing.measure({name: s.timed(xs[:k]) for name, (s, k) in runs.items()}, timing.COMPONENT)
+        cold = max(0.0, (t["cold"].median_ms - t["base_cold"].median_ms) / k_cold)
+        warm = max(0.0, (t["warm"].median_ms - t["base_warm"].median_ms) / k_warm) if "warm" in t else cold
+        self.cache[key] = (cold, warm, t["cold"].rel_halfwidth)
+        for name in ("cold", "warm"):
+            if name in runs:
+                runs[name][0].close()
+        self._count()
+
+    def whole(self, key: str, module: nn.Module, shape: tuple[int, ...]) -> None:
+        """A module timed alone, per-call overhead included (the stem and head: a model pays it once)."""
+        if key not in self.cache:
+            x = torch.randn(self.batch, *shape)
+            with self.backend.load_module(components.nontrivial_(module).eval(), x) as s:
+                t = s.time(x.numpy(), timing.COMPONENT)
+            self.cache[key] = (t.median_ms, t.median_ms, t.rel_halfwidth)
+            self._count()
+
+    def _count(self):
+        self.unsaved += 1
+        if self.unsaved >= 50:
+            self.save()
+            self.unsaved = 0
+
+
+def jobs_for(arch: Arch, step: int, token_points: int) -> tuple[list[tuple], dict]:
+    """Every piece to time, and the grids of the tables."""
+    H, hd = arch.num_heads, arch.head_dim
+    grids = {"tokens": token_grid(arch, token_points), "heads": list(range(1, H + 1)), "hd": width_grid(hd, step),
+             "qkv": width_grid(3 * H * hd, step), "proj": width_grid(H * hd, step),
+             "mlp": width_grid(arch.mlp_dim, step)}
+    ns = grids["tokens"]
+    jobs = ([("rest", n) for n in ns] + [("const", n) for n in ns] + [("gather", n) for n in ns]
+            + [("qkv", n, w) for n in ns for w in grids["qkv"]] + [("proj", n, w) for n in ns for w in grids["proj"]]
+            + [("mlp", n, m) for n in ns for m in grids["mlp"]]
+            + [("core_q", n, h, q) for n in ns for h in grids["heads"] for q in grids["hd"]]
+            + [("core_v", n, h, v) for n in ns for h in grids["heads"] for v in grids["hd"]] + [("stem_head",)])
+    return jobs, grids
+
+
+def run_job(timer: PieceTimer, job: tuple, arch: Arch, model) -> None:
+    kind, *dims = job
+    key = "/".join(map(str, job))
+    blk = model.blocks[0]
+    if kind == "stem_head":
+        timer.whole(key, components.stem_head(model), (arch.in_chans, arch.img_size, arch.img_size))
+    elif kind == "gather":
+        timer.time(key, *components.build("gather", arch, blk, (dims[0], arch.num_tokens)))
+    elif kind in ("core_q", "core_v"):
+        n, h, w = dims
+        q, v = (w, arch.head_dim) if kind == "core_q" else (arch.head_dim, w)
+        timer.time(key, *components.build("core", arch, blk, (n, h, q, v)))
+    else:
+        timer.time(key, *components.build(kind, arch, blk, tuple(dims)))
+
+
+def assemble(cache: dict, grids: dict, with_warm: bool) -> dict:
+    """The tables from the cached measurements (made monotone; the raw medians kept beside); `warm` holds the
+    warm-cache tables of the pieces with weights, when measured."""
+    def table(name, axes, keys, which=0):
+        shape = tuple(len(grids[a]) for a in keys)
+        raw = np.zeros(shape)
+        for idx in np.ndindex(*shape):
+            raw[idx] = cache["/".join(map(str, (name, *(grids[a][i] for a, i in zip(keys, idx)))))][which]
+        return {"axes": axes, "grid": {ax: grids[k] for ax, k in zip(axes, keys)},
+                "ms": np.round(monotone(raw), 6).tolist(), "raw_ms": np.round(raw, 6).tolist()}
+
+    warm = {"qkv": table("qkv", ["tokens", "out"], ["tokens", "qkv"], 1),
+            "proj": table("proj", ["tokens", "in"], ["tokens", "proj"], 1),
+            "mlp": table("mlp", ["tokens", "hidden"], ["tokens", "mlp"], 1)}
+    return {"warm": warm if with_warm else {},
+        "rest": table("rest", ["tokens"], ["tokens"]),
+        "const": table("const", ["tokens"], ["tokens"]),
+        "gather": table("gather", ["tokens"], ["tokens"]),
+        "qkv": table("qkv", ["tokens", "out"], ["tokens", "qkv"]),
+        "proj": table("proj", ["tokens", "in"], ["tokens", "proj"]),
+        "mlp": table("mlp", ["tokens", "hidden"], ["tokens", "mlp"]),
+        "core_q": table("core_q", ["tokens", "heads", "qk"], ["tokens", "heads", "hd"]),
+        "core_v": table("core_v", ["tokens", "heads", "v"], ["tokens", "heads", "hd"]),
+        "stem_head": {"ms": round(cache["stem_head"][0], 6)},
+    }
+
+
+def profile_device(device: str, backend: Backend, model: nn.Module, source: ModelConfig, batch_size: int,
+                   out: str | Path, step: int = 8, token_points: int = 10, calibration_models: int = 24,
+                   seed: int = 0) -> DeviceProfile:
+    """Measure the tables and calibration for `model`'s shape on `backend`; write the profile to `out`."""
+    if step < 1 or token_points < 1 or batch_size < 1 or calibration_models < 1:
+        raise SlimError("--step, --token-points, --batch-size and --calibration-models must be >= 1")
+    arch = arch_of(model)
+    out = Path(out)
+    partial = out.with_name(f".{out.stem}.partial.json")
+    model = components.nontrivial_(copy.deepcopy(model).cpu().eval())
+    gpu = backend.fingerprint().get("kind") == "gpu"
+    l2 = components.l2_bytes()
+    working_set = GPU_WORKING_SET if gpu else 2 * l2
+    # warm tables only where a slim model can fit in L2 (never for DeiT-S's 85 MB of block weights)
+    warm = not gpu and sum(components.weight_bytes(b) for b in model.blocks) < 16 * l2
+    settings = {"method": METHOD, "backend": backend.describe(), "batch": batch_size, "step": step,
+                "tokens": token_points, "model": model_signature(arch), "calibration_models": calibration_models,
+                "seed": seed, "working_set": working_set, "warm": warm}
+    cache: dict = {}
+    elapsed_before = 0.0
+    if partial.is_file():
+        saved = read_json(partial, "partial profile")
+        if saved.get("settings") == settings:
+            cache = {k: tuple(v) for k, v in saved["cache"].items()}
+            elapsed_before = float(saved.get("seconds", 0.0))
+            log(f"profile: resuming with {len(cache)} measurements already done")
+    t_start = time.perf_counter()
+
+    def save():
+        write_json(partial, {"settings": settings, "cache": cache,
+                             "seconds": elapsed_before + time.perf_counter() - t_start})
+
+    timer = PieceTimer(backend, batch_size, working_set, warm, cache, save)
+    jobs, grids = jobs_for(arch, step, token_points)
+    random.Random(seed).shuffle(jobs)  # drift of the machine's speed spreads over every table as noise
+    n_random = calibration_models // 2
+    with make_progress() as progress:
+        task = progress.add_task("profile", total=len(jobs) + calibration_models, info=backend.name)
+        for job in jobs:
+            run_job(timer, job, arch, model)
+            progress.update(task, advance=1, info=f"{backend.name} {job[0]} {job[1:]}")
+        save()
+        tables = assemble(cache, grids, warm)
+        raw = LatencyModel(_profile(device, backend, batch_size, arch, tables, {}, "", 0.0))
+        rng = random.Random(seed)
+        specs = [SlimSpec.dense(source, arch)]
+        specs += [random_spec(arch, source, rng, step, size=0.1 + 0.9 * i / max(1, n_random - 1))
+                  for i in range(n_random)]
+        specs += solver_specs(raw, arch, source, calibration_models - len(specs), seed)
+        # in chunks, each with the dense model: a shared machine's speed drifts by ~6% over minutes, so each
+        # model is recorded as its ratio to dense (paired rounds) times one dense reference
+        for start in range(1, len(specs), 7):
+            chunk = {f"calibration/{i}": s for i, s in enumerate(specs[start:start + 7], start)}
+            if all(k in cache for k in chunk):
+                progress.update(task, advance=len(chunk))
+                continue
+            t = measure_models(backend, {"dense": model, **{k: build_slim(s, model) for k, s in chunk.items()}},
+                               arch, batch_size, timing.CALIBRATION)
+            for k in chunk:
+                r = timing.ratio(t[k], t["dense"])
+                cache[k] = (r.median_ms, r.rel_halfwidth, t["dense"].median_ms)
+            save()
+            progress.update(task, advance=len(chunk), info=f"{backend.name} whole models")
+        progress.update(task, advance=1)
+        dense_ref = float(np.median([cache[f"calibration/{i}"][2] for i in range(1, len(specs))]))
+        points = [{"features": raw.features(spec_sizes(s), arch.num_tokens),
+                   "measured_ms": (cache[f"calibration/{i}"][0] if i else 1.0) * dense_ref,
+                   "halfwidth": cache[f"calibration/{i}"][1] if i else 0.0, "widths": s.summary()}
+                  for i, s in enumerate(specs)]
+    prof = _profile(device, backend, batch_size, arch, tables, fit_calibration(points),
+                    " ".join(shlex.quote(a) for a in ["slimdeploy", *sys.argv[1:]]),
+                    elapsed_before + time.perf_counter() - t_start)
+    prof.model["step"] = step
+    prof.measurements = len(cache)
+    prof.save(out)
+    partial.unlink(missing_ok=True)
+    return prof
+
+
+def _profile(device, backend, batch, arch, tables, calibration, command, seconds) -> DeviceProfile:
+    return DeviceProfile(device=device, hardware=backend.hardware(), backend=backend.name,
+                         backend_version=backend.version(), precision=backend.precision, batch_size=batch,
+                         threads=backend.threads, model=model_signature(arch), tables=tables,
+                         calibration=calibration, fingerprint=backend.fingerprint(),
+                         torch_device=str(getattr(backend, "device", "")) if backend.name == "torch" else None,
+                         created=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+                         command=command, seconds=round(seconds, 1))
+
+
+# ---- resolving --device ----------------------------------------------------------------------------
+
+def local_profile_path(backend: Backend, arch: Arch, batch: int, profiles_dir: str | Path | None = None) -> Path:
+    """Where the cached local profile of this machine, backend, model shape and batch size lives."""
+    folder = Path(profiles_dir).expanduser() if profiles_dir else user_profiles_dir()
+    shape = fingerprint_key(model_signature(arch))
+    return folder / f"local-{backend.name}-{fingerprint_key(backend.fingerprint())}-{shape}-b{batch}.json"
+
+
+def load_latency_model(device: str, model: nn.Module, source: ModelConfig, backend: Backend | None = None,
+                       batch_size: int = 1, profiles_dir: str | Path | None = None
+                       ) -> tuple[LatencyModel, list[str]]:
+    """The latency model for --device: 'local' measures this machine once (cached), a name or path loads a
+    profile. Returns it with warnings (a profile measured on another machine says so)."""
+    from .backends import get_backend
+
+    arch = arch_of(model)
+    if device == "local":
+        backend = backend or get_backend("ort-cpu")
+        path = local_profile_path(backend, arch, batch_size, profiles_dir)
+        if not path.is_file():
+            log(f"profiling this machine for {source.name} on {backend.name} (once; cached in {path})")
+            profile_device("local", backend, model, source, batch_size, path)
+        lm = LatencyModel(DeviceProfile.load(path), path=path.resolve())
+    else:
+        lm = LatencyModel.load(device, profiles_dir)
+        check_profile_fits(lm.profile, arch)
+    p = lm.profile
+    try:
+        here = (backend or get_backend(p.backend, threads=p.threads, precision=p.precision,
+                                       torch_device=p.torch_device or "auto")).fingerprint()
+    except SlimError as e:  # the profile's backend cannot run here: nothing to compare with
+        return lm, [f"profile '{p.device}' is for {p.backend}, which cannot run here ({e}): its predictions "
+                    "cannot be checked on this machine"]
+    warning = fingerprint_warning(p, here)
+    return lm, [warning] if warning else []
+
+
+def fold_runs(profile_path: str | Path, run_dirs: list[str | Path]) -> DeviceProfile:
+    """Fold closed-loop measurements of runs (select.json) back into a profile: they join its calibration
+    points (as their measured ratio to dense, times the profile's dense latency) and the calibration is fitted
+    again (the tables stay). The profile file is rewritten atomically."""
+    from ..fileio import read_json
+
+    path = Path(profile_path)
+    prof = DeviceProfile.load(path)
+    lm = LatencyModel(prof)
+    n_tokens = int(prof.model["num_tokens"])
+    points = list(prof.calibration.get("points", []))
+    if not points:
+        raise SlimError(f"profile {path} has no calibration points to fold into")
+    dense_ref = points[0]["measured_ms"]  # the dense model; every point is its ratio to dense times this
+    added = 0
+    for run in run_dirs:
+        rec = read_json(Path(run) / "select.json", "select record")
+        for row in rec.get("rounds") or []:
+            if "sizes" not in row:
+                continue
+            points.append({"features": lm.features([tuple(s) for s in row["sizes"]], n_tokens),
+                           "measured_ms": row["over_dense"] * dense_ref, "halfwidth": row.get("y_halfwidth"),
+                           "widths": row["sizes"], "from": str(run)})
+            added += 1
+    if not added:
+        raise SlimError("no closed-loop measurements to fold in: run select with --verify-latency first")
+    prof.calibration = fit_calibration(points)
+    prof.warnings = [*prof.warnings, f"calibration refitted with {added} closed-loop measurements"]
+    prof.save(path)
+    return prof

@@ -1,0 +1,131 @@
+"""The one measurement protocol, used by profiling, the closed loop, verify, `info --latency` and the benchmarks.
+
+1. Warm-up by time: every model is called until `warmup_s` of its calls have elapsed.
+2. Interleaved rounds: in each round every model runs for `round_s` (and at least `min_calls` calls), in an
+   order that rotates from round to round, so a slow phase of a shared machine hits all of them alike.
+3. The result of a model is the median of its round medians, with a 95% interval for that median from the
+   order statistics of the round medians (distribution-free). Ratios of two models are taken per round
+   (paired: both ran in the same round), then summarised the same way.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass, field
+
+# A timed call: fn() runs the model once on inputs already in place; sync() waits for it (CUDA) or is None.
+Timed = tuple[Callable[[], object], Callable[[], None] | None]
+
+
+@dataclass(frozen=True)
+class Protocol:
+    warmup_s: float
+    rounds: int
+    round_s: float
+    min_calls: int = 3
+    max_calls: int = 100_000
+
+
+# Whole models (closed loop, verify, info, benchmarks): 15 rounds give a 95% interval from the 4th to the 12th.
+MODEL = Protocol(warmup_s=0.5, rounds=15, round_s=0.08, min_calls=5)
+# Re-measurement of a round whose interval was too wide to decide on.
+MODEL_LONG = Protocol(warmup_s=0.5, rounds=31, round_s=0.1, min_calls=5)
+# Profiling components: thousands of small graphs, so fewer and shorter rounds.
+COMPONENT = Protocol(warmup_s=0.01, rounds=4, round_s=0.003, min_calls=3, max_calls=2000)
+# Whole models measured while profiling (calibration).
+CALIBRATION = Protocol(warmup_s=0.2, rounds=9, round_s=0.04, min_calls=2)
+
+
+@dataclass
+class Measurement:
+    """Latency of one call in ms: the median of round medians, with its 95% interval."""
+
+    median_ms: float
+    low_ms: float
+    high_ms: float
+    rounds: int
+    calls: int
+    round_ms: list[float] = field(default_factory=list)
+
+    @property
+    def rel_halfwidth(self) -> float:
+        """Half the 95% interval relative to the median (0.02 = +-2%)."""
+        return (self.high_ms - self.low_ms) / 2 / self.median_ms if self.median_ms > 0 else 0.0
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "rel_halfwidth": self.rel_halfwidth}
+
+    @classmethod
+    def from_values(cls, values: list[float], calls: int) -> Measurement:
+        lo, hi = median_interval(values)
+        return cls(median(values), lo, hi, len(values), calls, [round(v, 6) for v in values])
+
+
+def median(values: list[float]) -> float:
+    s = sorted(values)
+    n = len(s)
+    return s[n // 2] if n % 2 else 0.5 * (s[n // 2 - 1] + s[n // 2])
+
+
+def median_interval(values: list[float], confidence: float = 0.95) -> tuple[float, float]:
+    """Distribution-free interval for the median: order statistics k and n+1-k (1-based), with k the largest
+    such that P(Binomial(n, 1/2) < k) <= (1 - confidence) / 2. With fewer than 6 values: min and max."""
+    s = sorted(values)
+    n = len(s)
+    if n == 0:
+        raise ValueError("no values")
+    tail = (1 - confidence) / 2
+    k, cdf = 0, 0.0
+    while k < n // 2:
+        p = math.comb(n, k) / 2 ** n  # P(X = k)
+        if cdf + p > tail:
+            break
+        cdf += p
+        k += 1
+    if k == 0:
+        return s[0], s[-1]
+    return s[k - 1], s[n - k]
+
+
+def measure(timed: Mapping[str, Timed], protocol: Protocol = MODEL) -> dict[str, Measurement]:
+    """Time every model in `timed` by the protocol; returns a Measurement per name."""
+    names = list(timed)
+    if not names:
+        return {}
+    clock = time.perf_counter
+    for name in names:  # warm-up by time
+        fn, sync = timed[name]
+        start = clock()
+        while True:
+            fn()
+            if sync:
+                sync()
+            if clock() - start >= protocol.warmup_s:
+                break
+    per_round: dict[str, list[float]] = {n: [] for n in names}
+    calls = dict.fromkeys(names, 0)
+    for r in range(protocol.rounds):
+        for j in range(len(names)):
+            name = names[(r + j) % len(names)]
+            fn, sync = timed[name]
+            samples: list[float] = []
+            start = clock()
+            while len(samples) < protocol.max_calls and (len(samples) < protocol.min_calls
+                                                          or clock() - start < protocol.round_s):
+                t = clock()
+                fn()
+                if sync:
+                    sync()
+                samples.append(clock() - t)
+            per_round[name].append(median(samples) * 1e3)
+            calls[name] += len(samples)
+    return {n: Measurement.from_values(per_round[n], calls[n]) for n in names}
+
+
+def ratio(a: Measurement, b: Measurement) -> Measurement:
+    """a / b from paired rounds (both measured in one `measure` call), with its 95% interval."""
+    if len(a.round_ms) != len(b.round_ms) or not a.round_ms:
+        raise ValueError("a ratio needs two measurements from the same interleaved rounds")
+    return Measurement.from_values([x / y for x, y in zip(a.round_ms, b.round_ms)], min(a.calls, b.calls))

@@ -1,0 +1,119 @@
+"""Candidate structures for one budget: several ways to spend it, each solved against the cost model.
+
+The solver needs an exchange rate between kinds (how much a token is worth against an MLP unit), and the
+search's first-order scores do not give one that holds (removing tokens compounds over depth). So a family is a
+rule that turns a budget into a structure, and the families span the exchange rates:
+  greedy       the solver with kind weights (attention, MLP, tokens) on a small grid
+  channels     the solver with tokens kept (channel-only extreme)
+  fractions    ViT-Slim's per-kind kept fractions along a direction (how fast each kind is dropped), the size
+               solved to the budget; the equal-fractions direction is ViT-Slim's own rule and is always there
+  uniform      the same widths in every block, all tokens, solved to the budget
+Which family wins is measured (scoring.py); the closed loop then re-solves that family at refined budgets.
+Within a kind, which head, channel, unit or token goes first always comes from the search.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..errors import SlimError
+from ..types import Arch, ModelConfig, SlimSpec
+from .importance import Importance
+from .solver import Cost, Selector, StructureBuilder
+from .vitslim import fraction_spec, solve_scalar, uniform_spec
+
+# greedy kind weights (attention, MLP, tokens); MLP is the reference
+GREEDY_WEIGHTS = [(a, 1.0, t) for a in (0.25, 1.0, 4.0) for t in (0.25, 1.0, 4.0, 16.0)]
+CHANNEL_WEIGHTS = [(0.25, 1.0), (1.0, 1.0), (4.0, 1.0)]
+# fraction directions: how fast (attention, MLP, tokens) are dropped, relative to each other
+FRACTION_DIRECTIONS = [(1.0, 1.0, 1.0), (1.0, 1.0, 0.0), (0.5, 1.0, 0.0), (0.25, 1.0, 0.0), (0.5, 1.0, 0.25),
+                       (0.25, 1.0, 0.5), (1.0, 0.5, 0.5), (0.0, 1.0, 0.0)]
+MIN_KEEP = 0.01
+
+
+@dataclass(frozen=True)
+class Family:
+    """A rule that turns a budget into a structure."""
+
+    kind: str  # greedy | channels | fractions | uniform
+    params: tuple = ()
+
+    @property
+    def name(self) -> str:
+        if self.kind in ("greedy", "channels"):
+            return f"{self.kind} (attn x{self.params[0]:g}, mlp x{self.params[1]:g}" + (
+                f", tokens x{self.params[2]:g})" if self.kind == "greedy" else ")")
+        if self.kind == "fractions":
+            a, m, t = self.params
+            rule = "ViT-Slim's equal fractions" if self.params == (1.0, 1.0, 1.0) else "ViT-Slim fractions"
+            return f"{rule} (drop rates attn {a:g}, mlp {m:g}, tokens {t:g})"
+        return "uniform widths"
+
+
+@dataclass
+class Problem:
+    """What every family solves against."""
+
+    arch: Arch
+    source: ModelConfig
+    imp: Importance
+    cost: Cost
+
+    def builder(self, imp: Importance) -> StructureBuilder:
+        return StructureBuilder(self.arch, self.source, imp)
+
+    def solve(self, family: Family, budget: float) -> SlimSpec | None:
+        """The family's structure for the budget, or None where it cannot meet it."""
+        imp = self.imp
+        try:
+            if family.kind in ("greedy", "channels"):
+                a, m = family.params[:2]
+                w = imp.weighted(attn=a, mlp=m, tok=family.params[2] if family.kind == "greedy" else 1.0)
+                if family.kind == "channels":
+                    w.tok = None  # tokens are not a dimension here: all kept
+                return Selector(self.arch, self.source, w, self.cost).select(budget).spec
+            if family.kind == "fractions":
+                da, dm, dt = family.params
+
+                def make(u: float) -> SlimSpec:
+                    def keep(d):
+                        return max(MIN_KEEP, 1.0 - (1.0 - u) * d)
+                    return fraction_spec(self.arch, self.source, imp, keep(da), keep(dm), keep(dt))
+                found = solve_scalar(make, self.cost, budget)
+                return None if found is None else found[1]
+            if family.kind == "uniform":
+                builder = self.builder(imp)
+                found = solve_scalar(lambda u: uniform_spec(builder, u), self.cost, budget)
+                return None if found is None else found[1]
+        except SlimError:
+            return None
+        raise ValueError(family.kind)
+
+
+def families(imp: Importance) -> list[Family]:
+    """Every family that applies to what the search searched (no token families without token masks); ViT-Slim's
+    own rule first, so that it is always among the candidates."""
+    out: list[Family] = [Family("fractions", (1.0, 1.0, 1.0))]
+    if imp.tok is not None:
+        out += [Family("greedy", w) for w in GREEDY_WEIGHTS]
+    out += [Family("channels", w) for w in CHANNEL_WEIGHTS]
+    dirs = FRACTION_DIRECTIONS if imp.tok is not None else [d for d in FRACTION_DIRECTIONS if d[2] == 0.0]
+    out += [Family("fractions", d) for d in dirs if d != (1.0, 1.0, 1.0)]
+    out.append(Family("uniform"))
+    return out
+
+
+def candidates(problem: Problem, budget: float) -> list[tuple[Family, SlimSpec]]:
+    """Each family's structure for the budget (families that cannot meet it are left out), duplicates merged
+    (the first family that produced a structure keeps it)."""
+    out, seen = [], set()
+    for fam in families(problem.imp):
+        spec = problem.solve(fam, budget)
+        if spec is None:
+            continue
+        key = repr([(b.tokens, b.heads, b.qk, b.v, b.mlp) for b in spec.blocks])
+        if key in seen:
+            continue
+        seen.add(key)
+        out.append((fam, spec))
+    return out

@@ -1,0 +1,87 @@
+"""Per-element importance from the search: which head, channel, unit and token to keep within each kind.
+
+  taylor     |m * dL/dm| averaged over the last search epoch (default when recorded)
+  magnitude  |m| * (the kind's L1 factor): at the search's equilibrium |dL/dm| equals the factor
+
+These order elements within a kind well. Across kinds they are not comparable: nothing calibrates how much one
+token is worth against one MLP unit, and removing a token from block i on is a compounding change that a
+first-order score underrates. So the exchange rate between kinds is measured (candidates.py, scoring.py), and
+`weighted` lets the solver try several.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..errors import SlimError
+from ..types import SlimSpec
+
+KINDS = ("qk", "v", "mlp", "tok")
+
+
+@dataclass
+class Importance:
+    """Per-element importance (loss units). None for a dimension that was not searched (kept whole)."""
+
+    qk: np.ndarray | None  # (depth, heads, head_dim)
+    v: np.ndarray | None  # (depth, heads, head_dim)
+    mlp: np.ndarray | None  # (depth, mlp_dim)
+    tok: np.ndarray | None  # (depth, num_patches)
+    mode: str = "taylor"
+
+    @classmethod
+    def from_masks(cls, masks: dict[str, torch.Tensor], factors: dict[str, float], mode: str = "auto"
+                   ) -> Importance:
+        if mode not in ("auto", "taylor", "magnitude"):
+            raise SlimError("--importance must be auto, taylor or magnitude")
+        if mode == "auto":
+            mode = "taylor" if any(k.startswith("taylor.") for k in masks) else "magnitude"
+        out = {}
+        for kind in KINDS:
+            if kind not in masks:
+                out[kind] = None
+            elif mode == "taylor":
+                if f"taylor.{kind}" not in masks:
+                    raise SlimError("the search recorded no Taylor importance: use --importance magnitude")
+                out[kind] = masks[f"taylor.{kind}"].double().numpy()
+            else:
+                out[kind] = masks[kind].double().abs().numpy() * factors[kind]
+            if out[kind] is not None and not np.isfinite(out[kind]).all():
+                raise SlimError(f"the search's {kind} importance holds NaN or inf: re-run the search")
+        return cls(mode=mode, **out)
+
+    def weighted(self, attn: float = 1.0, mlp: float = 1.0, tok: float = 1.0) -> Importance:
+        """The same importances with each kind scaled (an exchange rate between kinds to try)."""
+        def scale(x, w):
+            return None if x is None else x * w
+        return replace(self, qk=scale(self.qk, attn), v=scale(self.v, attn), mlp=scale(self.mlp, mlp),
+                       tok=scale(self.tok, tok))
+
+
+def load_importance(run_dir: str | Path, mode: str = "auto") -> tuple[Importance, dict]:
+    """The importance a run's search recorded, with the search's config."""
+    from ..search import load_masks
+
+    masks, cfg = load_masks(run_dir)
+    factors = {"qk": cfg.get("w_attn", 2e-4), "v": cfg.get("w_attn", 2e-4), "mlp": cfg.get("w_mlp", 5e-5),
+               "tok": cfg.get("w_tok", 1e-4)}
+    return Importance.from_masks(masks, factors, mode), cfg
+
+
+def spec_importance(spec: SlimSpec, imp: Importance) -> float:
+    """Summed importance a spec keeps (the first-order objective; reported, not trusted across kinds)."""
+    P = spec.arch.num_prefix_tokens
+    tot = 0.0
+    for i, b in enumerate(spec.blocks):
+        for h, cs in zip(b.heads, b.qk):
+            tot += float(imp.qk[i, h, cs].sum()) if imp.qk is not None else 0.0
+        for h, cs in zip(b.heads, b.v):
+            tot += float(imp.v[i, h, cs].sum()) if imp.v is not None else 0.0
+        tot += float(imp.mlp[i, b.mlp].sum()) if imp.mlp is not None else 0.0
+        if imp.tok is not None:
+            tot += float(imp.tok[i, [t - P for t in b.tokens if t >= P]].sum())
+    return tot

@@ -1,0 +1,129 @@
+"""The closed loop: prune, export and measure the chosen family's structure on the device; refine until the
+measurement lands in [0.9, 1.0] x target.
+
+Each round measures the structure interleaved with the dense model (the one protocol). Between rounds the latency
+model is refitted from every measurement so far (measured = a * predicted + b: a scale with one point, a line with
+more), not rescaled blindly, and the next structure is solved on the refitted model; the budget stays bracketed
+between the best rounds measured under and over the target (bisected when a refit would leave the bracket).
+A round whose interval is wide near the target is measured again, longer, before it is judged. The round kept
+is the one nearest the target from below whose 95% interval is under it; `met` is decided on that interval.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from ..latency import timing
+from ..latency.model import LatencyModel
+from ..progress import log
+from ..types import SlimSpec
+
+WINDOW = (0.9, 1.0)  # accepted measured / target
+AIM = 0.95  # where a round aims inside the window
+WIDE = 0.02  # a relative half-width above this, near the target, is measured again
+MIN_SCALE, MAX_SCALE = 0.25, 4.0
+
+# measure(specs, long) -> (dense, [slim per spec]), all from one interleaved measurement
+Measure = Callable[[list[SlimSpec], bool], tuple[timing.Measurement, list[timing.Measurement]]]
+# solve(latency_model, budget_ms) -> spec or None
+Solve = Callable[[LatencyModel, float], SlimSpec | None]
+
+
+@dataclass
+class LoopResult:
+    spec: SlimSpec
+    rounds: list[dict]
+    chosen_round: int
+    met: bool
+    measured_ms: float
+    measured_high_ms: float
+    target_ms: float
+    dense_ms: float
+    refit: dict = field(default_factory=dict)
+
+
+def refit(points: list[tuple[float, float]]) -> tuple[float, float]:
+    """measured = a * predicted + b from (predicted, measured) points: a scale through the origin with one point
+    (or points at one prediction), a least-squares line with more; a stays in [MIN_SCALE, MAX_SCALE]."""
+    p = np.array([x for x, _ in points])
+    m = np.array([y for _, y in points])
+    if len(points) >= 2 and np.ptp(p) > 0.01 * p.mean():
+        a, b = np.polyfit(p, m, 1)
+        if MIN_SCALE <= a <= MAX_SCALE:
+            return float(a), float(b)
+    a = float(np.clip((m / p).mean(), MIN_SCALE, MAX_SCALE))
+    return a, 0.0
+
+
+def closed_loop(solve: Solve, lm: LatencyModel, measure: Measure, dense_spec: SlimSpec, target_ms: float | None,
+                fraction: float | None, rounds: int = 4) -> LoopResult:
+    """Run the loop for an absolute target (target_ms) or a fraction of the dense model's measured latency."""
+    dense0, _ = measure([], False)
+    dense_ms = dense0.median_ms
+    target = target_ms if target_ms is not None else fraction * dense_ms
+    rows: list[dict] = []
+    points: list[tuple[float, float]] = []
+    under: tuple[float, float] | None = None  # (predicted, y) of the best round under the target
+    over: tuple[float, float] | None = None  # ... and over it
+    model = lm
+    specs: list[SlimSpec] = []
+    for r in range(max(1, rounds)):
+        spec = solve(model, AIM * target)
+        if spec is not None and under and over and not under[0] < lm.predict(spec) < over[0]:
+            spec = solve(lm, 0.5 * (under[0] + over[0]))  # the refit left the bracket: bisect it instead
+        if spec is None:
+            break
+        pred = lm.predict(spec)
+        row = _measure_round(measure, spec, dense_ms, fraction, target, long=False)
+        if WINDOW[0] - 0.05 <= row["y"] <= WINDOW[1] + 0.05 and row["y_halfwidth"] > WIDE:
+            row = {**_measure_round(measure, spec, dense_ms, fraction, target, long=True), "remeasured": True}
+        row.update(round=r + 1, budget_ms=AIM * target, predicted_ms=pred, predicted_refit_ms=model.predict(spec),
+                   sizes=[[b.num_tokens, b.num_heads, b.qk_dim, b.v_dim, b.mlp_dim] for b in spec.blocks])
+        rows.append(row)
+        specs.append(spec)
+        log(f"select: round {r + 1}: predicted {row['predicted_refit_ms']:.3f} ms, measured "
+            f"{row['measured_ms']:.3f} ms ({100 * row['y']:.1f}% of target, 95% interval up to "
+            f"{100 * row['y_high']:.1f}%)")
+        points.append((pred, row["measured_ms"]))
+        if row["y_high"] <= WINDOW[1]:
+            if under is None or row["y"] > under[1]:
+                under = (pred, row["y"])
+        elif over is None or row["y"] < over[1]:
+            over = (pred, row["y"])
+        if row["y"] >= WINDOW[0] and row["y_high"] <= WINDOW[1]:
+            break
+        a, b = refit(points)
+        model = lm.corrected(a, b)
+    if not rows:
+        raise ValueError("no structure to measure")
+    met = [i for i, r in enumerate(rows) if r["y_high"] <= WINDOW[1]]
+    below = [i for i, r in enumerate(rows) if r["y"] <= WINDOW[1]]
+    if met:
+        chosen = max(met, key=lambda i: rows[i]["y"])
+    elif below:
+        chosen = max(below, key=lambda i: rows[i]["y"])
+    else:
+        chosen = min(range(len(rows)), key=lambda i: rows[i]["y"])
+    a, b = refit(points)
+    best = rows[chosen]
+    return LoopResult(spec=specs[chosen], rounds=rows, chosen_round=chosen + 1, met=best["y_high"] <= WINDOW[1],
+                      measured_ms=best["measured_ms"], measured_high_ms=best["measured_high_ms"], target_ms=target,
+                      dense_ms=dense_ms, refit={"a": a, "b": b, "points": [list(p) for p in points]})
+
+
+def _measure_round(measure: Measure, spec: SlimSpec, dense_ms: float, fraction: float | None, target: float,
+                   long: bool) -> dict:
+    """One interleaved measurement of spec and dense; for a relative target the paired ratio to dense decides
+    (expressed in ms of the first dense measurement, so that rounds compare)."""
+    dense, (slim,) = measure([spec], long)
+    ratio = timing.ratio(slim, dense)
+    if fraction is not None:
+        ms, lo, hi = (ratio.median_ms * dense_ms, ratio.low_ms * dense_ms, ratio.high_ms * dense_ms)
+    else:
+        ms, lo, hi = slim.median_ms, slim.low_ms, slim.high_ms
+    return {"measured_ms": ms, "measured_low_ms": lo, "measured_high_ms": hi, "slim_ms": slim.median_ms,
+            "dense_ms": dense.median_ms, "over_dense": ratio.median_ms, "y": ms / target, "y_high": hi / target,
+            "y_halfwidth": (hi - lo) / 2 / ms, "rounds": slim.rounds, "remeasured": False}

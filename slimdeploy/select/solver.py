@@ -1,0 +1,329 @@
+"""The solver: the structure that keeps the most (weighted) importance within a budget.
+
+Global across blocks and dimensions: start from the dense model and repeatedly take the cheapest move in
+importance lost per unit of cost saved (a width of one block down to the next width that is strictly cheaper, a
+head fewer, fewer tokens from a block on), until the cost meets the budget. Then climb back: take any widening
+that still fits, best importance per unit first. A widening that costs nothing is always taken, so every width
+ends at the widest point of its step of the latency staircase.
+
+Costs: latency (the profile's model, with the gather a block pays when it drops tokens), MACs or parameters.
+Within a kind, which head, channel, unit or token goes first comes from the search's importance; across kinds
+the solver takes the importances as given, and candidates.py varies their exchange rate.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..analysis import block_macs, block_params, stem_head_macs
+from ..errors import SlimError
+from ..latency.model import LatencyModel
+from ..types import Arch, BlockSpec, ModelConfig, SlimSpec
+from .importance import Importance
+
+# per block: [tokens incl. prefix, heads, q/k width, v width, MLP units]
+State = list[list[int]]
+
+
+class Cost:
+    """What the budget limits, as a function of the whole structure (latency is not a sum of independent
+    blocks: a block pays a gather when it drops tokens, and how cold the weights run depends on all of them)."""
+
+    unit = ""
+
+    def total(self, state: State, num_tokens: int) -> float:
+        raise NotImplementedError
+
+
+class LatencyCost(Cost):
+    unit = "ms"
+
+    def __init__(self, lm: LatencyModel):
+        self.lm = lm
+
+    def total(self, state, num_tokens):
+        return self.lm.predict_sizes([tuple(s) for s in state])
+
+
+class _AdditiveCost(Cost):
+    constant = 0.0
+
+    def block(self, n, h, q, v, m) -> float:
+        raise NotImplementedError
+
+    def total(self, state, num_tokens):
+        return self.constant + sum(self.block(*s) for s in state)
+
+
+class MacsCost(_AdditiveCost):
+    unit = "MACs"
+
+    def __init__(self, arch: Arch):
+        self.arch = arch
+        self.constant = float(stem_head_macs(arch))
+
+    def block(self, n, h, q, v, m):
+        return float(block_macs(self.arch, shape_block(n, h, q, v, m)))
+
+
+class ParamsCost(_AdditiveCost):
+    unit = "params"
+
+    def __init__(self, arch: Arch):
+        self.arch = arch
+        dense = shape_block(arch.num_tokens, arch.num_heads, arch.head_dim, arch.head_dim, arch.mlp_dim)
+        self.constant = float(arch.params - arch.depth * block_params(arch, dense))
+
+    def block(self, n, h, q, v, m):
+        return float(block_params(self.arch, shape_block(n, h, q, v, m)))
+
+
+def shape_block(n, h, q, v, m) -> BlockSpec:
+    """A BlockSpec with the given sizes (indices are placeholders; only sizes matter for costs)."""
+    return BlockSpec(tokens=list(range(n)), heads=list(range(h)), qk=[list(range(q))] * h, v=[list(range(v))] * h,
+                     mlp=list(range(m)))
+
+
+@dataclass
+class Widths:
+    """Values each dimension may take (ascending)."""
+
+    heads: list[int]
+    qk: list[int]
+    v: list[int]
+    mlp: list[int]
+    tokens: list[int]  # patch-token counts
+
+
+def widths_for(arch: Arch, cost: Cost, imp: Importance, token_step: int | None = None) -> Widths:
+    """Profile grid widths (plus the full width) for latency; multiples of 8 for MACs/params."""
+    if isinstance(cost, LatencyCost):
+        hd = sorted(set(cost.lm.tables["core_q"].widths(2)) | {arch.head_dim})  # (tokens, heads, qk)
+        mlp = sorted(set(cost.lm.tables["mlp"].widths(1)) | {arch.mlp_dim})
+    else:
+        hd = sorted(set(range(8, arch.head_dim + 1, 8)) | {arch.head_dim})
+        mlp = sorted(set(range(8, arch.mlp_dim + 1, 8)) | {arch.mlp_dim})
+    hd = [w for w in hd if w <= arch.head_dim]
+    mlp = [0] + [w for w in mlp if w <= arch.mlp_dim]
+    step = token_step or max(1, round(arch.num_patches / 32))
+    tokens = sorted({arch.num_patches} | set(range(step, arch.num_patches, step)))
+    return Widths(
+        heads=list(range(0, arch.num_heads + 1)) if imp.qk is not None else [arch.num_heads],
+        qk=hd if imp.qk is not None else [arch.head_dim],
+        v=hd if imp.v is not None else [arch.head_dim],
+        mlp=mlp if imp.mlp is not None else [arch.mlp_dim],
+        tokens=tokens if imp.tok is not None else [arch.num_patches],
+    )
+
+
+def _prefix_sums(x: np.ndarray) -> np.ndarray:
+    """Sorted descending along the last axis, cumulative, with a leading 0: P[..., k] = best k kept."""
+    s = -np.sort(-x, axis=-1)
+    return np.concatenate([np.zeros((*s.shape[:-1], 1)), np.cumsum(s, axis=-1)], axis=-1)
+
+
+class StructureBuilder:
+    """Turns per-block sizes into a SlimSpec, choosing within each kind by importance."""
+
+    def __init__(self, arch: Arch, source: ModelConfig, imp: Importance):
+        self.arch, self.source, self.imp = arch, source, imp
+        self.P = arch.num_prefix_tokens
+        self.P_qk = _prefix_sums(imp.qk) if imp.qk is not None else None
+        self.P_v = _prefix_sums(imp.v) if imp.v is not None else None
+        self.P_mlp = _prefix_sums(imp.mlp) if imp.mlp is not None else None
+        # future importance of keeping token t from block i on: which tokens leave first
+        self.R = np.flip(np.cumsum(np.flip(imp.tok, 0), 0), 0) if imp.tok is not None else None
+
+    def head_scores(self, i: int, q: int, v: int) -> np.ndarray:
+        score = np.zeros(self.arch.num_heads)
+        if self.P_qk is not None:
+            score = score + self.P_qk[i][:, q]
+        if self.P_v is not None:
+            score = score + self.P_v[i][:, v]
+        return score
+
+    def attn_imp(self, i: int, h: int, q: int, v: int) -> float:
+        return 0.0 if h == 0 else float(np.sort(self.head_scores(i, q, v))[::-1][:h].sum())
+
+    def mlp_imp(self, i: int, m: int) -> float:
+        return float(self.P_mlp[i][m]) if self.P_mlp is not None else 0.0
+
+    def drop_order(self, i: int, kept: list[int]) -> list[int]:
+        """Kept patch tokens of block i, least important (from block i on) first."""
+        return sorted(kept, key=lambda t: self.R[i, t]) if self.R is not None else list(kept)
+
+    def tokens_for_counts(self, counts: list[int]) -> list[list[int]]:
+        """Kept patch indices per block for non-increasing patch counts."""
+        kept = list(range(self.arch.num_patches))
+        out = []
+        for i, c in enumerate(counts):
+            if c < len(kept):
+                gone = set(self.drop_order(i, kept)[: len(kept) - c])
+                kept = [t for t in kept if t not in gone]
+            out.append(list(kept))
+        return out
+
+    def spec(self, state: State, kept_tokens: list[list[int]]) -> SlimSpec:
+        a, imp = self.arch, self.imp
+        blocks = []
+        for i, (_, h, q, v, m) in enumerate(state):
+            tokens = list(range(self.P)) + [self.P + t for t in sorted(kept_tokens[i])]
+            heads, qk, vv = [], [], []
+            if h > 0:
+                heads = sorted(np.argsort(-self.head_scores(i, q, v), kind="stable")[:h].tolist())
+                qk = [top(imp.qk[i, hh] if imp.qk is not None else None, q, a.head_dim) for hh in heads]
+                vv = [top(imp.v[i, hh] if imp.v is not None else None, v, a.head_dim) for hh in heads]
+            mlp = top(imp.mlp[i] if imp.mlp is not None else None, m, a.mlp_dim)
+            blocks.append(BlockSpec(tokens=tokens, heads=heads, qk=qk, v=vv, mlp=mlp))
+        return SlimSpec(source=self.source, arch=a, blocks=blocks).validate()
+
+
+@dataclass
+class Selection:
+    spec: SlimSpec
+    cost: float  # in the cost's unit (ms for latency)
+    importance: float  # kept (weighted) importance
+    moves: int
+
+
+class Selector:
+    """Greedy descent + ascent over per-block (tokens, heads, q, v, mlp) against a Cost."""
+
+    def __init__(self, arch: Arch, source: ModelConfig, imp: Importance, cost: Cost, widths: Widths | None = None):
+        self.arch, self.imp, self.cost = arch, imp, cost
+        self.c = widths or widths_for(arch, cost, imp)
+        self.b = StructureBuilder(arch, source, imp)
+        self.P = arch.num_prefix_tokens
+
+    def total(self, state: State) -> float:
+        return self.cost.total(state, self.arch.num_tokens)
+
+    def dense_state(self) -> State:
+        a = self.arch
+        return [[a.num_tokens, a.num_heads, a.head_dim, a.head_dim, a.mlp_dim] for _ in range(a.depth)]
+
+    def minimum_cost(self) -> float:
+        c = self.c
+        state = [[self.P + c.tokens[0], c.heads[0], c.qk[0], c.v[0], c.mlp[0]] for _ in range(self.arch.depth)]
+        return self.total(state)
+
+    def select(self, budget: float) -> Selection:
+        """The structure that keeps the most importance with cost <= budget (SlimError if impossible)."""
+        a = self.arch
+        state = self.dense_state()
+        kept_tokens = [list(range(a.num_patches)) for _ in range(a.depth)]
+        cost = self.total(state)
+        floor = self.minimum_cost()
+        if budget < floor - 1e-9:
+            raise SlimError(f"target {_fmt(budget, self.cost.unit)} is below the smallest this profile allows "
+                            f"({_fmt(floor, self.cost.unit)})")
+        moves = 0
+        while cost > budget + 1e-12:
+            move = self._best_move(state, kept_tokens, down=True, slack=None)
+            if move is None:
+                raise SlimError(f"target {_fmt(budget, self.cost.unit)} cannot be reached (best found "
+                                f"{_fmt(cost, self.cost.unit)})")
+            cost = self._apply(move, state, kept_tokens)
+            moves += 1
+        while True:  # climb back into the slack
+            move = self._best_move(state, kept_tokens, down=False, slack=budget - cost)
+            if move is None:
+                break
+            cost = self._apply(move, state, kept_tokens)
+            moves += 1
+        return Selection(spec=self.b.spec(state, kept_tokens), cost=cost,
+                         importance=self.kept_importance(state, kept_tokens), moves=moves)
+
+    def kept_importance(self, state: State, kept_tokens) -> float:
+        tot = 0.0
+        for i, (_, h, q, v, m) in enumerate(state):
+            tot += self.b.attn_imp(i, h, q, v) + self.b.mlp_imp(i, m)
+            if self.imp.tok is not None:
+                tot += float(self.imp.tok[i, kept_tokens[i]].sum())
+        return tot
+
+    # ---- moves -------------------------------------------------------------------------------
+    def _block_imp(self, i, s) -> float:
+        return self.b.attn_imp(i, s[1], s[2], s[3]) + self.b.mlp_imp(i, s[4])
+
+    def _best_move(self, state, kept_tokens, down: bool, slack: float | None):
+        best, best_ratio = None, None
+        base_cost = self.total(state)
+        for i in range(len(state)):
+            for dim in range(5):
+                if dim == 0:
+                    if not down or self.imp.tok is None:
+                        continue  # tokens only go down (a removed token stays removed)
+                    mv = self._token_move(i, state, kept_tokens, base_cost)
+                    if mv is None:
+                        continue
+                    d_cost, d_imp, payload = mv
+                else:
+                    values = [None, self.c.heads, self.c.qk, self.c.v, self.c.mlp][dim]
+                    payload = d_cost = d_imp = None
+                    for w in ([w for w in reversed(values) if w < state[i][dim]] if down
+                              else [w for w in values if w > state[i][dim]]):
+                        new = list(state[i])
+                        new[dim] = w
+                        nc = self.total(state[:i] + [new] + state[i + 1:])
+                        if down and nc >= base_cost - 1e-12:
+                            continue  # same step of the staircase: go further down
+                        d_cost = base_cost - nc if down else nc - base_cost
+                        d_imp = self._block_imp(i, state[i]) - self._block_imp(i, new)
+                        if not down:
+                            d_imp = -d_imp
+                        payload = (dim, w)
+                        break
+                    if payload is None:
+                        continue
+                if not down and d_cost > slack + 1e-12:
+                    continue
+                # down: least importance lost per unit saved; up: most gained per unit spent
+                ratio = d_imp / max(d_cost, 1e-15) if down else -d_imp / max(d_cost, 1e-15)
+                if best_ratio is None or ratio < best_ratio - 1e-15:
+                    best, best_ratio = (i, dim, payload), ratio
+        return best
+
+    def _token_move(self, i, state, kept_tokens, base_cost: float):
+        """Remove the least important tokens of block i (and from every later block)."""
+        kept = kept_tokens[i]
+        smaller = [t for t in self.c.tokens if t < len(kept)]
+        if not smaller:
+            return None
+        drop = set(self.b.drop_order(i, kept)[: len(kept) - smaller[-1]])
+        new_state = [list(s) for s in state]
+        d_imp = 0.0
+        for j in range(i, len(state)):
+            gone = [t for t in kept_tokens[j] if t in drop]
+            d_imp += float(self.imp.tok[j, gone].sum())
+            new_state[j][0] = self.P + len(kept_tokens[j]) - len(gone)
+        d_cost = base_cost - self.total(new_state)
+        if d_cost <= 1e-12:
+            return None
+        return d_cost, d_imp, ("tokens", sorted(drop))
+
+    def _apply(self, move, state, kept_tokens) -> float:
+        i, dim, payload = move
+        if dim == 0:
+            drop = set(payload[1])
+            for j in range(i, len(state)):
+                kept_tokens[j] = [t for t in kept_tokens[j] if t not in drop]
+                state[j][0] = self.P + len(kept_tokens[j])
+        else:
+            state[i][payload[0]] = payload[1]
+        return self.total(state)
+
+
+def top(scores: np.ndarray | None, k: int, n: int) -> list[int]:
+    """Indices of the k largest scores, sorted (the first k without scores)."""
+    if k >= n or scores is None:
+        return list(range(min(k, n)))
+    return sorted(np.argsort(-scores, kind="stable")[:k].tolist())
+
+
+def _fmt(value: float, unit: str) -> str:
+    if unit == "ms":
+        return f"{value:.3f} ms"
+    return f"{value / 1e6:.2f} M{unit}" if value >= 1e6 else f"{value:.0f} {unit}"
