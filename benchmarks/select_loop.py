@@ -4,7 +4,8 @@ For targets of 0.3 .. 0.9 x the dense model's latency measured on the device (pe
 them), the family chosen by the measured selection (or the solver with equal kind weights for synthetic
 importances) goes through the closed loop: prune, export, measure interleaved with dense, refit, at most --rounds
 rounds. Reported: measured / target of the kept round, its 95% interval, whether it landed in [0.9, 1.0] in round
-one, and in how many rounds.
+one, and in how many rounds. Then the kept structure is measured again the way `verify` does (a fresh export
+and session, in a separate measurement with the dense model): the loop and verify should agree within 3%.
 
     .venv/bin/python benchmarks/select_loop.py --device local --run runs/teacher30
     .venv/bin/python benchmarks/select_loop.py --device local --model deit_small_patch16_224
@@ -30,6 +31,19 @@ from slimdeploy.select.candidates import Family, Problem
 from slimdeploy.select.loop import closed_loop
 from slimdeploy.select.solver import LatencyCost
 from slimdeploy.types import ModelConfig, SlimSpec
+
+
+def verify_ratio(be, spec, model, dense_model, arch, batch) -> float:
+    """slim / dense the way verify measures it: a fresh export and sessions, one interleaved measurement."""
+    from slimdeploy.latency import timing
+    from slimdeploy.latency.measure import close_all, deployed_session, measure_sessions
+    from slimdeploy.slim import build_slim
+
+    sessions = {"slim": deployed_session(be, build_slim(spec, model), arch, batch),
+                "dense": deployed_session(be, dense_model, arch, batch)}
+    t = measure_sessions(sessions, arch, batch, timing.MODEL)
+    close_all(sessions)
+    return timing.ratio(t["slim"], t["dense"]).median_ms
 
 
 def main() -> None:
@@ -73,22 +87,27 @@ def main() -> None:
     for f in args.fractions:
         res = closed_loop(solve, lm, measure, dense_spec, None, f, args.rounds)
         first = res.rounds[0]
+        again = verify_ratio(be, res.spec, model, dense_model, arch, p.batch_size)
+        loop_ratio = res.rounds[res.chosen_round - 1]["over_dense"]
         row = {"fraction": f, "target_ms": res.target_ms, "dense_ms": res.dense_ms, "measured_ms": res.measured_ms,
                "measured_over_target": res.measured_ms / res.target_ms,
                "high_over_target": res.measured_high_ms / res.target_ms, "met": res.met,
                "rounds": len(res.rounds), "chosen_round": res.chosen_round,
                "first_round_in_window": 0.9 <= first["y"] and first["y_high"] <= 1.0,
                "first_round_predicted_over_target": first["predicted_ms"] / res.target_ms,
-               "first_round_measured_over_target": first["y"], "round_log": res.rounds}
+               "first_round_measured_over_target": first["y"], "loop_over_dense": loop_ratio,
+               "verify_over_dense": again, "loop_vs_verify": again / loop_ratio - 1, "round_log": res.rounds}
         rows.append(row)
         print(f"{f:.1f}x: target {res.target_ms:.3f} ms, kept round {res.chosen_round}: {res.measured_ms:.3f} ms "
               f"({row['measured_over_target']:.3f} of target, interval up to {row['high_over_target']:.3f}); "
-              f"round 1 {first['y']:.3f}; {len(res.rounds)} round(s)", flush=True)
+              f"round 1 {first['y']:.3f}; {len(res.rounds)} round(s); verify {100 * row['loop_vs_verify']:+.1f}%",
+              flush=True)
     measure.close()
     summary = {"label": label, "device": args.device, "cpu": cpu_name(), "family": family.name,
                "warnings": warnings, "dense_predicted_ms": lm.predict(dense_spec),
                "in_window": sum(0.9 <= r["measured_over_target"] and r["met"] for r in rows),
                "first_round_in_window": sum(r["first_round_in_window"] for r in rows), "targets": len(rows),
+               "loop_vs_verify_max_abs": max(abs(r["loop_vs_verify"]) for r in rows),
                "date": dt.datetime.now().isoformat(timespec="seconds"), "rows": rows}
     name = Path(args.run).name if args.run else args.model
     out = Path(f"benchmarks/results/select_loop_{name}.json")

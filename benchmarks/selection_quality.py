@@ -147,26 +147,26 @@ def phase1(args) -> dict:
                "date": dt.datetime.now().isoformat(timespec="seconds"), "targets": {}}
     print(f"teacher top-1 {results['teacher_top1']:.2f}%", flush=True)
 
-    def loop(family, fraction, weights=searched):
+    def loop(family, fraction, dense_ms):
         def solve(m, b):
             return Problem(a, cfg, imp, LatencyCost(m)).solve(family, b)
-        res = closed_loop(solve, lm, measure, dense_spec, None, fraction, rounds=6)
-        kept = res.rounds[res.chosen_round - 1]
-        return res.spec, kept["over_dense"], weights
+        res = closed_loop(solve, lm, measure, dense_spec, None, fraction, rounds=6, dense_ms=dense_ms)
+        return res.spec, res.rounds[res.chosen_round - 1]["over_dense"]
 
     for f in args.targets:
         rows = {}
+        dense_ms = measure([], False)[0].median_ms
+        now = lm.corrected(dense_ms / lm.predict(dense_spec), 0.0)  # as select_run: today's speed of the machine
         for mode, steps in (("slimdeploy (no retrain)", 0), ("slimdeploy (retrain)", 200)):
             scorer = Scorer(searched, teacher, bundle, cal, steps)
-            budget = 0.95 * f * measure([], False)[0].median_ms
-            cands, best = rank_candidates(Problem(a, cfg, imp, LatencyCost(lm)), budget, scorer, 3, lm)
+            cands, best = rank_candidates(Problem(a, cfg, imp, LatencyCost(now)), 0.95 * f * dense_ms, scorer, 3, now)
             fam = cands[best]["_family"]
-            spec, ratio, w = loop(fam, f)
+            spec, ratio = loop(fam, f, dense_ms)
             rows[mode] = {"family": fam.name, "spec": spec, "ratio": ratio, "weights": "searched",
                           "candidates": [{k: v for k, v in c.items() if not k.startswith("_")} for c in cands]}
         for name, fam in (("ViT-Slim fractions", Family("fractions", (1.0, 1.0, 1.0))),
                           ("uniform widths", Family("uniform"))):
-            spec, ratio, _ = loop(fam, f)
+            spec, ratio = loop(fam, f, dense_ms)
             rows[name] = {"family": fam.name, "spec": spec, "ratio": ratio, "weights": "searched"}
         for name, crit in (("Torch-Pruning Taylor", "taylor"), ("Torch-Pruning magnitude", "magnitude")):
             rows[name] = tp_to_target(teacher, bundle, cfg, crit, f, lm, measure)

@@ -216,7 +216,7 @@ def profile(
     threads: Annotated[int, typer.Option(min=1, help="CPU threads (ort-cpu, torch on cpu)")] = 1,
     step: Annotated[int, typer.Option(min=1, help="width resolution of the tables (channels)")] = 8,
     token_points: Annotated[int, typer.Option(min=1, help="token counts measured per table")] = 10,
-    calibration_models: Annotated[int, typer.Option(min=1, help="whole models measured for calibration")] = 24,
+    calibration_models: Annotated[int, typer.Option(min=1, help="whole models measured for calibration")] = 32,
     torch_device: TorchDeviceOpt = "auto",
     profiles_dir: ProfilesDirOpt = None,
     out_file: Annotated[Optional[Path], typer.Option("--out", help="profile file to write")] = None,

@@ -70,17 +70,3 @@ def barrier() -> None:
         dist.barrier()
 
 
-def broadcast_object(obj):
-    """Rank 0's value on every rank."""
-    if dist.is_available() and dist.is_initialized():
-        box = [obj]
-        dist.broadcast_object_list(box, src=0)
-        return box[0]
-    return obj
-
-
-def teardown() -> None:
-    global _CTX
-    if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
-    _CTX = None

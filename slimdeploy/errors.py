@@ -7,8 +7,3 @@ class SlimError(Exception):
     The message must be one line that says what is wrong and, where possible, what to do.
     """
 
-
-def require(condition: bool, message: str) -> None:
-    """Raise SlimError(message) unless condition holds."""
-    if not condition:
-        raise SlimError(message)

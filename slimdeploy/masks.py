@@ -27,9 +27,10 @@ from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
 from .models import arch_of
-from .types import Arch, BlockSpec, SlimSpec
+from .types import Arch, SlimSpec
 
 MASK_KINDS = ("qk", "v", "mlp", "tok")
+TINY_MASK = 1e-30
 
 
 @dataclass
@@ -161,8 +162,10 @@ class MaskedViT(nn.Module):
             q, k = a.q_norm(q), a.k_norm(k)
         bias = None
         if tok is not None:
-            # log(0) = -inf: a removed token gets zero attention weight (exp(-inf) = 0)
-            bias = torch.log(tok).to(q.dtype)[None, None, None, :]
+            # log m weights a token's key/value inside the softmax. At m = 0 exactly, log would be -inf, and its
+            # backward inf * 0 = NaN; clamped at TINY_MASK the token's weight is e^-69 of a kept one's: removal to
+            # fp32 precision, and a finite (zero) gradient through the attention
+            bias = torch.log(tok.clamp_min(TINY_MASK)).to(q.dtype)[None, None, None, :]
         o = F.scaled_dot_product_attention(q, k, val, attn_mask=bias, scale=a.scale,
                                            dropout_p=a.attn_drop.p if self.training else 0.0)
         o = a.proj_drop(a.proj(o.transpose(1, 2).reshape(B, N, A)))
@@ -223,12 +226,3 @@ def hard_twin(vit: VisionTransformer, spec: SlimSpec, dims: SearchDims | None = 
     """A MaskedViT over vit with the spec's 0/1 masks: the reference the pruned model must match."""
     return MaskedViT(vit, dims or SearchDims()).set_hard(spec).eval()
 
-
-def block_spec_from_masks(a: Arch, qk: torch.Tensor, v: torch.Tensor, mlp: torch.Tensor, tokens: list[int]
-                          ) -> BlockSpec:
-    """A BlockSpec from 0/1 masks of one block (heads kept where any v channel is kept)."""
-    heads = [h for h in range(a.num_heads) if bool(v[h].any()) and bool(qk[h].any())]
-    return BlockSpec(tokens=tokens, heads=heads,
-                     qk=[torch.nonzero(qk[h]).flatten().tolist() for h in heads],
-                     v=[torch.nonzero(v[h]).flatten().tolist() for h in heads],
-                     mlp=torch.nonzero(mlp).flatten().tolist())

@@ -21,7 +21,7 @@ from timm.models.vision_transformer import VisionTransformer
 
 from .errors import SlimError
 from .fileio import read_json, write_json
-from .models import arch_of, create_model, load_dense, save_dense
+from .models import arch_of, create_model, load_dense, read_model_config, save_dense
 from .progress import log
 from .types import ModelConfig, SlimSpec
 
@@ -169,10 +169,10 @@ class Run:
                     ) -> tuple[VisionTransformer, ModelConfig]:
         """The run's base model; created from --model/--checkpoint/--pretrained on first use."""
         if self.has_base:
-            m, cfg = self.base()
-            if model is not None and model != cfg.name:
-                raise SlimError(f"{self.dir} holds a run of {cfg.name}, not {model}: choose another run directory")
-            return m, cfg
+            name = read_model_config(self.dir).name
+            if model is not None and model != name:
+                raise SlimError(f"{self.dir} holds a run of {name}, not {model}: choose another run directory")
+            return self.base()
         if checkpoint is None and not pretrained:
             raise SlimError(f"{self.dir} has no base model: pass --checkpoint or --pretrained, or train one first "
                             "(slimdeploy train / slimdeploy run trains one when there is no checkpoint)")

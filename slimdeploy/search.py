@@ -171,15 +171,39 @@ def export_masks(masked: MaskedViT, taylor: dict[str, torch.Tensor]) -> dict[str
     return out
 
 
-def load_masks(run_dir: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
-    """The masks a search wrote, with its config."""
+def mask_shapes(a: Arch) -> dict[str, tuple[int, ...]]:
+    return {"qk": (a.depth, a.num_heads, a.head_dim), "v": (a.depth, a.num_heads, a.head_dim),
+            "mlp": (a.depth, a.mlp_dim), "tok": (a.depth, a.num_patches)}
+
+
+def load_masks(run_dir: str | Path, arch: Arch | None = None) -> tuple[dict[str, torch.Tensor], dict]:
+    """The masks a search wrote, with its config; checked against `arch` (default: the run's model)."""
+    from safetensors import SafetensorError, safe_open
+
+    from .models import read_model_config
+
     path = Path(run_dir) / "search" / "masks.safetensors"
     if not path.is_file():
         raise SlimError(f"{path} not found: run 'slimdeploy search' first")
-    from safetensors import safe_open
+    try:
+        with safe_open(str(path), "pt") as f:
+            meta = f.metadata() or {}
+        cfg = json.loads(meta.get("config", "{}"))
+        cfg["arch"] = Arch.from_dict(json.loads(meta["arch"])) if "arch" in meta else None
+        masks = load_file(str(path))
+    except (SafetensorError, OSError, ValueError, TypeError) as e:
+        raise SlimError(f"cannot read {path}: {str(e).splitlines()[0][:200]}: run the search again") from None
+    if arch is None and (Path(run_dir) / "model.json").is_file():
+        from .models import arch_of, create_model
 
-    with safe_open(str(path), "pt") as f:
-        meta = f.metadata() or {}
-    cfg = json.loads(meta.get("config", "{}"))
-    cfg["arch"] = Arch.from_dict(json.loads(meta["arch"])) if "arch" in meta else None
-    return load_file(str(path)), cfg
+        arch = arch_of(create_model(read_model_config(run_dir)))
+    if arch is not None:
+        want = mask_shapes(arch)
+        for kind, t in masks.items():
+            base = kind.removeprefix("taylor.")
+            if base in want and tuple(t.shape) != want[base]:
+                raise SlimError(f"{path}: {kind} has shape {tuple(t.shape)}, but this run's model needs "
+                                f"{want[base]}: the masks are from another model; run the search again")
+            if not torch.isfinite(t).all():
+                raise SlimError(f"{path}: {kind} holds NaN or inf: run the search again")
+    return masks, cfg

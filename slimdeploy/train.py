@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import asdict
 from pathlib import Path
 
+import torch
 import torch.nn.functional as F
 from timm.loss import SoftTargetCrossEntropy
 from torch import nn
@@ -55,6 +56,7 @@ def train_run(run_dir: str | Path, cfg: ModelConfig, data: DataBundle, tcfg: Tra
         return None
     if (r / "base.safetensors").is_file() and r.record("train") is None:
         raise SlimError(f"{r.dir} already holds a model that slimdeploy did not train there: choose another --out")
+    torch.manual_seed(tcfg.seed)  # the initial weights, so that a run is reproducible from its options
     model = create_model(cfg, drop_path_rate=drop_path) if drop_path else create_model(cfg)
     r.restart_if_changed("train", inputs, ["train/checkpoint.pt"])
     history = train_dense(model, cfg, data, tcfg, run_dir, resume=True, torch_device=torch_device)

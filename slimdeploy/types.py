@@ -19,14 +19,34 @@ PROFILE_SCHEMA = 2
 REPORT_SCHEMA = 2
 
 
+_TYPES = {"int": (int,), "float": (int, float), "str": (str,), "bool": (bool,), "dict": (dict,), "list": (list,)}
+
+
+def _type_ok(value: Any, annotation: str) -> bool:
+    """Whether a JSON value fits a field's annotation (int, float, str, bool, list[...], dict[...], X | None)."""
+    for alt in annotation.split("|"):
+        base = alt.strip().split("[")[0]
+        if base == "None" and value is None:
+            return True
+        types = _TYPES.get(base)
+        if types is None:  # a type this checker does not know (Any, nested dataclasses): their own checks apply
+            return True
+        if isinstance(value, types) and not (base in ("int", "float") and isinstance(value, bool)):
+            return True
+    return False
+
+
 def _from_dict(cls, d: dict[str, Any], what: str):
-    """Build a dataclass from a dict, with a clear error for missing or unknown keys."""
+    """Build a dataclass from a dict, with a clear error for missing or unknown keys and wrong value types."""
     if not isinstance(d, dict):
         raise SlimError(f"{what}: expected a JSON object")
     names = {f.name for f in fields(cls)}
     unknown = set(d) - names
     if unknown:
         raise SlimError(f"{what}: unknown keys {sorted(unknown)}")
+    for f in fields(cls):
+        if f.name in d and not _type_ok(d[f.name], str(f.type)):
+            raise SlimError(f"{what}: '{f.name}' must be {f.type}, not {type(d[f.name]).__name__}")
     try:
         return cls(**d)
     except TypeError as e:
@@ -81,7 +101,13 @@ class Arch:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Arch:
-        return _from_dict(cls, d, "architecture")
+        a = _from_dict(cls, d, "architecture")
+        sizes = [getattr(a, f.name) for f in fields(a) if str(f.type) == "int"]
+        if any(v < 0 or v > 10**9 for v in sizes) or min(a.depth, a.num_heads, a.head_dim, a.embed_dim,
+                                                            a.num_tokens) < 1 \
+                or not 0 <= a.num_prefix_tokens < a.num_tokens or a.num_tokens > 10**6:
+            raise SlimError("architecture: sizes out of range (a corrupted spec?)")
+        return a
 
 
 @dataclass
@@ -172,6 +198,9 @@ class SlimSpec:
                 raise SlimError(f"{where}: keeps no token")
             prev = set(b.tokens)
             _check_index_list(b.heads, a.num_heads, f"{where} heads")
+            if not isinstance(b.qk, list) or not isinstance(b.v, list) \
+                    or not all(isinstance(c, list) for c in [*b.qk, *b.v]):
+                raise SlimError(f"{where}: qk and v must be lists of channel lists")
             if len(b.qk) != len(b.heads) or len(b.v) != len(b.heads):
                 raise SlimError(f"{where}: qk and v need one channel list per kept head")
             for name, lists in (("qk", b.qk), ("v", b.v)):
@@ -193,6 +222,11 @@ class SlimSpec:
     def from_dict(cls, d: dict[str, Any]) -> SlimSpec:
         if not isinstance(d, dict) or "blocks" not in d or "arch" not in d or "source" not in d:
             raise SlimError("spec: expected an object with 'source', 'arch' and 'blocks'")
+        unknown = set(d) - {"schema", "source", "arch", "blocks", "meta"}
+        if unknown:
+            raise SlimError(f"spec: unknown keys {sorted(unknown)}")
+        if not isinstance(d["blocks"], list) or not isinstance(d.get("meta", {}), dict):
+            raise SlimError("spec: 'blocks' must be a list and 'meta' an object")
         blocks = [_from_dict(BlockSpec, b, f"spec block {i}") for i, b in enumerate(d["blocks"])]
         return cls(source=ModelConfig.from_dict(d["source"]), arch=Arch.from_dict(d["arch"]), blocks=blocks,
                    meta=d.get("meta", {}), schema=d.get("schema", SPEC_SCHEMA)).validate()
@@ -213,7 +247,9 @@ def _copy(v):
 
 
 def _check_index_list(idx: list[int], n: int, what: str) -> None:
-    if any((not isinstance(i, int)) or i < 0 or i >= n for i in idx):
+    if not isinstance(idx, list):
+        raise SlimError(f"{what}: expected a list of indices")
+    if any((not isinstance(i, int)) or isinstance(i, bool) or i < 0 or i >= n for i in idx):
         raise SlimError(f"{what}: indices must be integers in [0, {n})")
     if any(a >= b for a, b in zip(idx, idx[1:])):
         raise SlimError(f"{what}: indices must be sorted and unique")

@@ -29,7 +29,7 @@ from .export import slim_of_run
 from .fileio import atomic_write_bytes, read_json, write_json
 from .latency import timing
 from .latency.backends import disable_tf32, get_backend
-from .latency.measure import deployed_session, measure_sessions
+from .latency.measure import close_all, deployed_session, measure_sessions
 from .models import load_dense
 from .types import ModelFigures, Parity, Report, SlimSpec
 
@@ -226,15 +226,14 @@ def _measure(be, run_dir: Path, slim, dense, arch, batch: int):
 
         plan = (run_dir / "model.plan").read_bytes()
         lo, hi = engine_batch_range(plan)
-        slim_sess = TrtSession(plan) if lo <= batch <= hi else deployed_session(be, slim, arch, batch)
+        slim_sess = [TrtSession(plan)] if lo <= batch <= hi else deployed_session(be, slim, arch, batch)
     else:
         slim_sess = deployed_session(be, slim, arch, batch, onnx)
-    dense_sess = deployed_session(be, dense, arch, batch)
+    sessions = {"slim": slim_sess, "dense": deployed_session(be, dense, arch, batch)}
     try:
-        t = measure_sessions({"slim": slim_sess, "dense": dense_sess}, arch, batch, timing.MODEL)
+        t = measure_sessions(sessions, arch, batch, timing.MODEL)
     finally:
-        slim_sess.close()
-        dense_sess.close()
+        close_all(sessions)
     return t["slim"], t["dense"]
 
 
@@ -295,7 +294,7 @@ def report_markdown(r: Report) -> str:
 
 
 def report_dict_schema_errors(d: dict) -> list[str]:
-    """Keys DESIGN.md requires in report.json, with their types; returns what is wrong."""
+    """The keys every report.json must have (the report schema), with their types; returns what is wrong."""
     num = (int, float)
     spec = {"schema": int, "model": str, "device": str, "backend": str, "batch_size": int,
             "target_latency_ms": (float, int, type(None)), "met_target": (bool, type(None)),

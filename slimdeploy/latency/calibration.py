@@ -74,20 +74,24 @@ def synthetic_importance(arch: Arch, rng: np.random.Generator):
 
 
 def solver_specs(lm, arch: Arch, source: ModelConfig, count: int, seed: int = 0) -> list[SlimSpec]:
-    """What the solver picks on `lm` at budgets spread over 20-95% of dense, with random importances."""
-    from ..errors import SlimError
-    from ..select.solver import LatencyCost, Selector
+    """What selection picks on `lm` at budgets spread over 20-95% of dense: each a random candidate family
+    (select/candidates.py: the greedy solver under kind weights, channel-only, ViT-Slim fractions, uniform)
+    solved under random importances, so the whole models come from the region selection drives into."""
+    from ..select.candidates import Problem, families
+    from ..select.solver import LatencyCost
 
     rng = np.random.default_rng(seed)
     dense = lm.predict(SlimSpec.dense(source, arch))
     out = []
-    for i in range(count):
-        frac = 0.2 + 0.75 * (i + 0.5) / max(1, count)
-        sel = Selector(arch, source, synthetic_importance(arch, rng), LatencyCost(lm))
-        try:
-            out.append(sel.select(max(frac * dense, sel.minimum_cost())).spec)
-        except SlimError:
-            continue
+    for i in range(count * 3):
+        if len(out) == count:
+            break
+        frac = 0.2 + 0.75 * ((i * 0.618) % 1.0)
+        imp = synthetic_importance(arch, rng)
+        fams = families(imp)
+        spec = Problem(arch, source, imp, LatencyCost(lm)).solve(fams[int(rng.integers(len(fams)))], frac * dense)
+        if spec is not None:
+            out.append(spec)
     return out
 
 

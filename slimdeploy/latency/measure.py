@@ -20,35 +20,43 @@ def example_input(arch: Arch, batch: int, seed: int = 0) -> np.ndarray:
                                                        dtype=np.float32)
 
 
-def deployed_session(backend: Backend, model: nn.Module, arch: Arch, batch: int, onnx: str | Path | None = None
-                     ) -> Session:
-    """A session of the model as deployed: the given ONNX file, else an export at the fixed batch size."""
+def deployed_session(backend: Backend, model: nn.Module, arch: Arch, batch: int, onnx: str | Path | None = None,
+                     copies: int = timing.MODEL.sessions) -> list[Session]:
+    """Sessions (`copies`, loaded apart) of the model as deployed: the given ONNX file, else an export at the
+    fixed batch size."""
     if backend.name == "torch":
-        return backend.load_module(model.eval(), torch.as_tensor(example_input(arch, batch)))
+        return [backend.load_module(model.eval(), torch.as_tensor(example_input(arch, batch)))]
     if onnx is not None:
-        return backend.load_onnx(Path(onnx))
+        return [backend.load_onnx(Path(onnx)) for _ in range(copies)]
     from ..export import export_onnx
 
     with tempfile.TemporaryDirectory() as tmp:
         path = export_onnx(model, Path(tmp) / "m.onnx", (arch.in_chans, arch.img_size, arch.img_size), batch)
-        return backend.load_onnx(path)
+        return [backend.load_onnx(path) for _ in range(copies)]
 
 
-def measure_sessions(sessions: dict[str, Session], arch: Arch, batch: int,
+def close_all(sessions) -> None:
+    for group in sessions.values() if isinstance(sessions, dict) else [sessions]:
+        for s in group if isinstance(group, list) else [group]:
+            s.close()
+
+
+def measure_sessions(sessions: dict[str, Session | list[Session]], arch: Arch, batch: int,
                      protocol: timing.Protocol = timing.MODEL) -> dict[str, timing.Measurement]:
     x = example_input(arch, batch)
-    return timing.measure({name: s.timed(x) for name, s in sessions.items()}, protocol)
+    return timing.measure({name: [s.timed(x) for s in group] if isinstance(group, list) else group.timed(x)
+                           for name, group in sessions.items()}, protocol)
 
 
 def measure_models(backend: Backend, models: dict[str, nn.Module], arch: Arch, batch: int,
                    protocol: timing.Protocol = timing.MODEL) -> dict[str, timing.Measurement]:
     """Export and time the models together (interleaved); the models need trained or nontrivial_ weights."""
-    sessions = {name: deployed_session(backend, m, arch, batch) for name, m in models.items()}
+    sessions = {name: deployed_session(backend, m, arch, batch, copies=protocol.sessions)
+                for name, m in models.items()}
     try:
         return measure_sessions(sessions, arch, batch, protocol)
     finally:
-        for s in sessions.values():
-            s.close()
+        close_all(sessions)
 
 
 class SpecMeasurer:
@@ -71,9 +79,8 @@ class SpecMeasurer:
             t = measure_sessions({"dense": self.dense, **sessions}, self.arch, self.batch,
                                  timing.MODEL_LONG if long else timing.MODEL)
         finally:
-            for s in sessions.values():
-                s.close()
+            close_all(sessions)
         return t["dense"], [t[str(i)] for i in range(len(specs))]
 
     def close(self) -> None:
-        self.dense.close()
+        close_all(self.dense)

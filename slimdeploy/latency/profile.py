@@ -46,7 +46,7 @@ from .model import (
     user_profiles_dir,
 )
 
-METHOD = 3  # bump when what a table entry means changes: partial profiles of another method are discarded
+METHOD = 4  # bump when what a table entry means changes: partial profiles of another method are discarded
 GPU_WORKING_SET = 64 << 20  # beyond a GPU's L2 (40-60 MB on A100/H100/H200)
 
 
@@ -220,7 +220,7 @@ def assemble(cache: dict, grids: dict, with_warm: bool) -> dict:
 
 
 def profile_device(device: str, backend: Backend, model: nn.Module, source: ModelConfig, batch_size: int,
-                   out: str | Path, step: int = 8, token_points: int = 10, calibration_models: int = 24,
+                   out: str | Path, step: int = 8, token_points: int = 10, calibration_models: int = 32,
                    seed: int = 0) -> DeviceProfile:
     """Measure the tables and calibration for `model`'s shape on `backend`; write the profile to `out`."""
     if step < 1 or token_points < 1 or batch_size < 1 or calibration_models < 1:
@@ -352,6 +352,10 @@ def fold_runs(profile_path: str | Path, run_dirs: list[str | Path]) -> DevicePro
     again (the tables stay). The profile file is rewritten atomically."""
     from ..fileio import read_json
 
+    rows = [(run, row) for run in run_dirs
+            for row in read_json(Path(run) / "select.json", "select record").get("rounds") or [] if "sizes" in row]
+    if not rows:
+        raise SlimError("no closed-loop measurements to fold in: run select with --verify-latency first")
     path = Path(profile_path)
     prof = DeviceProfile.load(path)
     lm = LatencyModel(prof)
@@ -360,19 +364,11 @@ def fold_runs(profile_path: str | Path, run_dirs: list[str | Path]) -> DevicePro
     if not points:
         raise SlimError(f"profile {path} has no calibration points to fold into")
     dense_ref = points[0]["measured_ms"]  # the dense model; every point is its ratio to dense times this
-    added = 0
-    for run in run_dirs:
-        rec = read_json(Path(run) / "select.json", "select record")
-        for row in rec.get("rounds") or []:
-            if "sizes" not in row:
-                continue
-            points.append({"features": lm.features([tuple(s) for s in row["sizes"]], n_tokens),
-                           "measured_ms": row["over_dense"] * dense_ref, "halfwidth": row.get("y_halfwidth"),
-                           "widths": row["sizes"], "from": str(run)})
-            added += 1
-    if not added:
-        raise SlimError("no closed-loop measurements to fold in: run select with --verify-latency first")
+    for run, row in rows:
+        points.append({"features": lm.features([tuple(s) for s in row["sizes"]], n_tokens),
+                       "measured_ms": row["over_dense"] * dense_ref, "halfwidth": row.get("y_halfwidth"),
+                       "widths": row["sizes"], "from": str(run)})
     prof.calibration = fit_calibration(points)
-    prof.warnings = [*prof.warnings, f"calibration refitted with {added} closed-loop measurements"]
+    prof.warnings = [*prof.warnings, f"calibration refitted with {len(rows)} closed-loop measurements"]
     prof.save(path)
     return prof

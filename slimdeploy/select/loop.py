@@ -1,10 +1,11 @@
 """The closed loop: prune, export and measure the chosen family's structure on the device; refine until the
 measurement lands in [0.9, 1.0] x target.
 
-Each round measures the structure interleaved with the dense model (the one protocol). Between rounds the latency
-model is refitted from every measurement so far (measured = a * predicted + b: a scale with one point, a line with
-more), not rescaled blindly, and the next structure is solved on the refitted model; the budget stays bracketed
-between the best rounds measured under and over the target (bisected when a refit would leave the bracket).
+Each round measures the structure interleaved with the dense model (the one protocol). The latency model is
+refitted from every measurement so far, the dense model's first (measured = a * predicted + b: a scale with one
+point, a line through them with more), not rescaled blindly, and the next structure is solved on the refitted
+model; the budget stays bracketed between the best rounds measured under and over the target (bisected when a
+refit would leave the bracket).
 A round whose interval is wide near the target is measured again, longer, before it is judged. The round kept
 is the one nearest the target from below whose 95% interval is under it; `met` is decided on that interval.
 """
@@ -59,16 +60,19 @@ def refit(points: list[tuple[float, float]]) -> tuple[float, float]:
 
 
 def closed_loop(solve: Solve, lm: LatencyModel, measure: Measure, dense_spec: SlimSpec, target_ms: float | None,
-                fraction: float | None, rounds: int = 4) -> LoopResult:
-    """Run the loop for an absolute target (target_ms) or a fraction of the dense model's measured latency."""
-    dense0, _ = measure([], False)
-    dense_ms = dense0.median_ms
+                fraction: float | None, rounds: int = 4, dense_ms: float | None = None) -> LoopResult:
+    """Run the loop for an absolute target (target_ms) or a fraction of the dense model's measured latency.
+
+    The dense model's measurement (taken here unless given) is the first point of the refit: it says how fast
+    the machine runs now against the profile (a shared machine drifts by several percent over minutes)."""
+    if dense_ms is None:
+        dense_ms = measure([], False)[0].median_ms
     target = target_ms if target_ms is not None else fraction * dense_ms
     rows: list[dict] = []
-    points: list[tuple[float, float]] = []
+    points: list[tuple[float, float]] = [(lm.predict(dense_spec), dense_ms)]
     under: tuple[float, float] | None = None  # (predicted, y) of the best round under the target
     over: tuple[float, float] | None = None  # ... and over it
-    model = lm
+    model = lm.corrected(*refit(points))
     specs: list[SlimSpec] = []
     for r in range(max(1, rounds)):
         spec = solve(model, AIM * target)

@@ -120,13 +120,15 @@ def select_run(run_dir: str | Path, target: Target, data=None, device: str | Non
         return _write(r, inputs, spec, dense_spec, imp, target, lm, record, None)
 
     searched = searched_model(run_dir, dense_spec)
-    cost: Cost = {"macs": lambda: MacsCost(arch), "params": lambda: ParamsCost(arch),
-                  "latency": lambda: LatencyCost(lm)}[target.kind]()
     looping = target.kind == "latency" and o.verify_latency
-    measurer = None
-    if looping:
+    measurer, dense_ms, lm_now = None, None, lm
+    if looping:  # the dense model measured now: the budget's reference, and how fast this machine runs today
         measurer = measure or _device_measurer(lm, searched, teacher, arch)
-    budget, dense_ms = _budget(target, cost, dense_spec, lm, measurer)
+        dense_ms = measurer([], False)[0].median_ms
+        lm_now = lm.corrected(dense_ms / lm.predict(dense_spec), 0.0)
+    cost: Cost = {"macs": lambda: MacsCost(arch), "params": lambda: ParamsCost(arch),
+                  "latency": lambda: LatencyCost(lm_now)}[target.kind]()
+    budget = _budget(target, dense_spec, lm, dense_ms)
     record.update(budget=budget, dense_measured_ms=dense_ms)
     if budget >= _cost_of(dense_spec, cost):
         log(f"select: the target ({budget:.4g} {cost.unit}) is at or above the dense model's: keeping it")
@@ -139,7 +141,7 @@ def select_run(run_dir: str | Path, target: Target, data=None, device: str | Non
     scorer = Scorer(searched, teacher, data, calibration_set(data, teacher, n_cal), o.recovery_steps, tau=o.tau)
     problem = Problem(arch, mcfg, imp, cost)
     aim = AIM if looping else 1.0
-    rows, best = rank_candidates(problem, aim * budget, scorer, o.recovery_top, lm)
+    rows, best = rank_candidates(problem, aim * budget, scorer, o.recovery_top, lm_now)
     family: Family = rows[best]["_family"]
     spec: SlimSpec = rows[best]["_spec"]
     why = ("lowest distillation loss " + ("after recovery" if o.recovery_steps > 0 else "right after pruning")
@@ -150,7 +152,7 @@ def select_run(run_dir: str | Path, target: Target, data=None, device: str | Non
         def solve(model, b):
             return Problem(arch, mcfg, imp, LatencyCost(model)).solve(family, b)
         res = closed_loop(solve, lm, measurer, dense_spec, None if target.relative else target.value,
-                          target.fraction, o.rounds)
+                          target.fraction, o.rounds, dense_ms)
         spec = res.spec
         record.update(rounds=res.rounds, chosen_round=res.chosen_round, refit=res.refit, met=res.met,
                       measured_ms=res.measured_ms, measured_high_ms=res.measured_high_ms, target_ms=res.target_ms)
@@ -172,16 +174,15 @@ def _device_measurer(lm: LatencyModel, model, dense, arch):
     return SpecMeasurer(backend, model, arch, p.batch_size, dense)
 
 
-def _budget(target: Target, cost: Cost, dense_spec: SlimSpec, lm: LatencyModel | None, measurer
-            ) -> tuple[float, float | None]:
-    """The budget in the cost's unit, and the dense model's measured ms when it was measured."""
+def _budget(target: Target, dense_spec: SlimSpec, lm: LatencyModel | None, dense_ms: float | None) -> float:
+    """The budget in the cost's unit: a percentage of the dense model measured on the device (in the same
+    protocol) when it was measured, else of its predicted latency."""
     if not target.relative:
-        return float(target.value), None
-    if measurer is not None:  # a percentage of the dense model measured on the device, in the same protocol
-        dense, _ = measurer([], False)
-        return target.fraction * dense.median_ms, dense.median_ms
+        return float(target.value)
+    if dense_ms is not None:
+        return target.fraction * dense_ms
     log("select: without --verify-latency a percentage target is taken of the dense model's predicted latency")
-    return target.fraction * lm.predict(dense_spec), None
+    return target.fraction * lm.predict(dense_spec)
 
 
 def _search_seconds(run_dir: Path) -> float | None:
