@@ -28,7 +28,6 @@ from slimdeploy.latency.measure import SpecMeasurer
 from slimdeploy.latency.profile import load_latency_model
 from slimdeploy.models import arch_of, create_model, load_dense
 from slimdeploy.select.candidates import Family, Problem
-from slimdeploy.select.loop import closed_loop
 from slimdeploy.select.solver import LatencyCost
 from slimdeploy.types import ModelConfig, SlimSpec
 
@@ -56,6 +55,8 @@ def main() -> None:
     ap.add_argument("--profiles-dir", default=None)
     ap.add_argument("--rounds", type=int, default=4)
     ap.add_argument("--fractions", type=float, nargs="+", default=[0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9])
+    ap.add_argument("--fold", default=None, help="then fold every round into a copy of the profile written here, "
+                    "and run the targets again on it (the loop's measurements teach the model its own region)")
     args = ap.parse_args()
     kind, _, params = args.family.partition(":")
     family = Family(kind, tuple(float(x) for x in params.split(",")) if params else ())
@@ -83,6 +84,29 @@ def main() -> None:
     def solve(m, budget):
         return Problem(arch, cfg, imp, LatencyCost(m)).solve(family, budget)
 
+    rows = run_targets(args, lm, solve, measure, be, model, dense_model, arch, dense_spec, p)
+    summary = summarise(args, lm, family, warnings, dense_spec, rows, label)
+    if args.fold:
+        import shutil
+
+        from slimdeploy.latency.model import LatencyModel
+        from slimdeploy.latency.profile import fold_rounds
+
+        shutil.copy(lm.path, args.fold)
+        rounds = [r for row in rows for r in row["round_log"]]
+        folded = LatencyModel(fold_rounds(args.fold, rounds), path=Path(args.fold))
+        again = run_targets(args, folded, solve, measure, be, model, dense_model, arch, dense_spec, p)
+        summary["after_fold"] = summarise(args, folded, family, warnings, dense_spec, again, label)
+    measure.close()
+    name = Path(args.run).name if args.run else args.model
+    out = Path(f"benchmarks/results/select_loop_{name}.json")
+    out.write_text(json.dumps(summary, indent=2))
+    print(json.dumps({k: v for k, v in summary.items() if k != "rows"}, indent=2, default=str)[:3000])
+
+
+def run_targets(args, lm, solve, measure, be, model, dense_model, arch, dense_spec, p) -> list[dict]:
+    from slimdeploy.select.loop import closed_loop
+
     rows = []
     for f in args.fractions:
         res = closed_loop(solve, lm, measure, dense_spec, None, f, args.rounds)
@@ -102,17 +126,17 @@ def main() -> None:
               f"({row['measured_over_target']:.3f} of target, interval up to {row['high_over_target']:.3f}); "
               f"round 1 {first['y']:.3f}; {len(res.rounds)} round(s); verify {100 * row['loop_vs_verify']:+.1f}%",
               flush=True)
-    measure.close()
-    summary = {"label": label, "device": args.device, "cpu": cpu_name(), "family": family.name,
-               "warnings": warnings, "dense_predicted_ms": lm.predict(dense_spec),
-               "in_window": sum(0.9 <= r["measured_over_target"] and r["met"] for r in rows),
-               "first_round_in_window": sum(r["first_round_in_window"] for r in rows), "targets": len(rows),
-               "loop_vs_verify_max_abs": max(abs(r["loop_vs_verify"]) for r in rows),
-               "date": dt.datetime.now().isoformat(timespec="seconds"), "rows": rows}
-    name = Path(args.run).name if args.run else args.model
-    out = Path(f"benchmarks/results/select_loop_{name}.json")
-    out.write_text(json.dumps(summary, indent=2))
-    print(json.dumps({k: v for k, v in summary.items() if k != "rows"}, indent=2))
+    return rows
+
+
+def summarise(args, lm, family, warnings, dense_spec, rows, label) -> dict:
+    return {"label": label, "device": args.device, "profile": str(lm.path), "cpu": cpu_name(), "family": family.name,
+            "warnings": warnings, "dense_predicted_ms": lm.predict(dense_spec),
+            "in_window": sum(0.9 <= r["measured_over_target"] and r["met"] for r in rows),
+            "first_round_in_window": sum(r["first_round_in_window"] for r in rows), "targets": len(rows),
+            "rounds_total": sum(r["rounds"] for r in rows),
+            "loop_vs_verify_max_abs": max(abs(r["loop_vs_verify"]) for r in rows),
+            "date": dt.datetime.now().isoformat(timespec="seconds"), "rows": rows}
 
 
 if __name__ == "__main__":

@@ -34,6 +34,7 @@ from pathlib import Path
 import torch
 
 from slimdeploy.data import load_data, make_loader
+from slimdeploy.errors import SlimError
 from slimdeploy.latency.backends import get_backend
 from slimdeploy.latency.fingerprint import cpu_name
 from slimdeploy.latency.measure import SpecMeasurer
@@ -42,7 +43,7 @@ from slimdeploy.models import arch_of, data_config, load_dense
 from slimdeploy.prune import searched_model
 from slimdeploy.select.candidates import Family, Problem
 from slimdeploy.select.importance import load_importance
-from slimdeploy.select.loop import closed_loop
+from slimdeploy.select.loop import closed_loop, dense_reference
 from slimdeploy.select.scoring import Scorer, calibration_set
 from slimdeploy.select.solver import LatencyCost
 from slimdeploy.select.stage import rank_candidates
@@ -59,7 +60,7 @@ def top1(model, bundle) -> float:
 
 # ---- Torch-Pruning, as its users run it -------------------------------------------------------------
 
-def _tp_attention_forward(self, x):
+def _tp_attention_forward(self, x, attn_mask=None, is_causal=False, **_):
     """Torch-Pruning's timm example re-implements Attention.forward so that the output width follows the pruned
     qkv (timm's reshapes to the full embedding width)."""
     import torch.nn.functional as F
@@ -145,33 +146,46 @@ def phase1(args) -> dict:
     cal = calibration_set(bundle, teacher, 2048)
     results = {"teacher_top1": top1(teacher, bundle), "cpu": cpu_name(), "warnings": warnings,
                "date": dt.datetime.now().isoformat(timespec="seconds"), "targets": {}}
+    if Path(args.out).is_file():  # resume: targets already done are kept
+        results["targets"] = json.loads(Path(args.out).read_text()).get("targets", {})
     print(f"teacher top-1 {results['teacher_top1']:.2f}%", flush=True)
 
-    def loop(family, fraction, dense_ms):
+    def loop(family, fraction, dense):
         def solve(m, b):
             return Problem(a, cfg, imp, LatencyCost(m)).solve(family, b)
-        res = closed_loop(solve, lm, measure, dense_spec, None, fraction, rounds=6, dense_ms=dense_ms)
+        res = closed_loop(solve, lm, measure, dense_spec, None, fraction, rounds=8, dense=dense,
+                          window=(1 - TOLERANCE, 1.0), aim=1 - TOLERANCE / 2)
         return res.spec, res.rounds[res.chosen_round - 1]["over_dense"]
 
     for f in args.targets:
+        if str(f) in results["targets"]:
+            continue
         rows = {}
-        dense_ms = measure([], False)[0].median_ms
-        now = lm.corrected(dense_ms / lm.predict(dense_spec), 0.0)  # as select_run: today's speed of the machine
+        dense = dense_reference(measure, dense_spec)
+        dense_ms = dense[0]
+        now = lm.corrected(dense[1] / lm.predict(dense_spec), 0.0)  # as select_run: today's speed of the machine
         for mode, steps in (("slimdeploy (no retrain)", 0), ("slimdeploy (retrain)", 200)):
             scorer = Scorer(searched, teacher, bundle, cal, steps)
             cands, best = rank_candidates(Problem(a, cfg, imp, LatencyCost(now)), 0.95 * f * dense_ms, scorer, 3, now)
             fam = cands[best]["_family"]
-            spec, ratio = loop(fam, f, dense_ms)
+            spec, ratio = loop(fam, f, dense)
             rows[mode] = {"family": fam.name, "spec": spec, "ratio": ratio, "weights": "searched",
                           "candidates": [{k: v for k, v in c.items() if not k.startswith("_")} for c in cands]}
         for name, fam in (("ViT-Slim fractions", Family("fractions", (1.0, 1.0, 1.0))),
                           ("uniform widths", Family("uniform"))):
-            spec, ratio = loop(fam, f, dense_ms)
-            rows[name] = {"family": fam.name, "spec": spec, "ratio": ratio, "weights": "searched"}
+            try:
+                spec, ratio = loop(fam, f, dense)
+                rows[name] = {"family": fam.name, "spec": spec, "ratio": ratio, "weights": "searched"}
+            except SlimError as e:
+                rows[name] = {"family": fam.name, "spec": None, "ratio": None, "weights": "searched",
+                              "cannot_reach": str(e)}
         for name, crit in (("Torch-Pruning Taylor", "taylor"), ("Torch-Pruning magnitude", "magnitude")):
             rows[name] = tp_to_target(teacher, bundle, cfg, crit, f, lm, measure)
         for name, r in rows.items():
             spec = r["spec"]
+            if spec is None:
+                print(f"{f:.1f}x {name:26s} cannot reach the target", flush=True)
+                continue
             weights = teacher if r["weights"] == "dense" else searched
             r["top1_pruned"] = top1(build_slim(spec, weights), bundle)
             r["in_tolerance"] = abs(r["ratio"] / f - 1) <= TOLERANCE if r["ratio"] else False
@@ -241,12 +255,14 @@ def retrain_one(args, job) -> dict:
 def phase2(args, results: dict) -> None:
     from concurrent.futures import ProcessPoolExecutor
 
-    jobs = []
-    for f, rows in results["targets"].items():
-        for name, r in rows.items():
-            for seed in args.seeds:
+    jobs = []  # seed by seed: a first complete table early, the spread after
+    for seed in args.seeds:
+        for f, rows in results["targets"].items():
+            for name, r in rows.items():
                 key = f"{name}|{seed}"
-                if r.get("retrained", {}).get(key) is None and r.get("ratio") is not None:
+                if name == "slimdeploy (no retrain)" or r.get("ratio") is None:
+                    continue  # its column is top-1 right after pruning; or it could not reach the target
+                if r.get("retrained", {}).get(key) is None:
                     jobs.append((f, name, seed, r["spec"], r["weights"]))
     print(f"{len(jobs)} retraining jobs", flush=True)
     with ProcessPoolExecutor(max_workers=args.workers) as pool:

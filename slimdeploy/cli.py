@@ -57,6 +57,12 @@ TargetMacsOpt = Annotated[Optional[str], typer.Option("--target-macs", help="ins
 TargetParamsOpt = Annotated[Optional[str], typer.Option("--target-params", help="instead of latency: e.g. 12M")]
 MaxDropOpt = Annotated[Optional[float], typer.Option("--max-drop", help="fail (exit 1) when top-1 falls more than "
                                                      "this many points below the dense model's")]
+PrecisionOpt = Annotated[Optional[str], typer.Option("--precision", help="fp32, int8 (ort-cpu), bf16 (torch), fp16 "
+                                                     "(torch on cuda, trt), or auto (the profiled precision whose "
+                                                     "best structure scores best); default: the profile's")]
+CalibrationMethodOpt = Annotated[str, typer.Option("--calibration-method", help="int8 calibration: minmax, entropy "
+                                                   "or percentile")]
+QuantImagesOpt = Annotated[int, typer.Option("--quant-images", min=1, help="training images int8 is calibrated on")]
 
 
 def handle_errors(fn):
@@ -212,12 +218,15 @@ def profile(
     model: ModelOpt = None, img_size: ImgSizeOpt = None, num_classes: NumClassesOpt = None,
     in_chans: InChansOpt = None,
     batch_size: Annotated[int, typer.Option(min=1, help="deployment batch size")] = 1,
-    precision: Annotated[str, typer.Option(help="fp32 or fp16")] = "fp32",
+    precision: Annotated[str, typer.Option(help="fp32, int8 (ort-cpu: the pieces quantized), bf16 (torch), fp16 "
+                                           "(torch on cuda, trt)")] = "fp32",
     threads: Annotated[int, typer.Option(min=1, help="CPU threads (ort-cpu, torch on cpu)")] = 1,
     step: Annotated[int, typer.Option(min=1, help="width resolution of the tables (channels)")] = 8,
     token_points: Annotated[int, typer.Option(min=1, help="token counts measured per table")] = 10,
     calibration_models: Annotated[int, typer.Option(min=1, help="whole models measured for calibration")] = 32,
     torch_device: TorchDeviceOpt = "auto",
+    torch_mode: Annotated[str, typer.Option(help="torch backend: eager, compile (torch.compile) or graph (CUDA "
+                                            "graphs)")] = "eager",
     profiles_dir: ProfilesDirOpt = None,
     out_file: Annotated[Optional[Path], typer.Option("--out", help="profile file to write")] = None,
     fold: Annotated[Optional[list[Path]], typer.Option("--fold", help="instead of measuring: refit the profile's "
@@ -247,7 +256,7 @@ def profile(
                   f"{100 * cal['fit_median_abs_error']:.1f}%, max {100 * cal['fit_max_abs_error']:.1f}%")
         return
     m, cfg = resolve_model(model, None, False, num_classes, img_size, in_chans)
-    be = get_backend(backend, threads=threads, precision=precision, torch_device=torch_device)
+    be = get_backend(backend, threads=threads, precision=precision, torch_device=torch_device, torch_mode=torch_mode)
     if out_file:
         path = out_file
     elif device == "local":
@@ -305,6 +314,7 @@ def select(
                                   ] = None,
     recovery_steps: Annotated[int, typer.Option(min=0, help="distillation steps before scoring (for a model that "
                                                 "will be retrained); 0: score right after pruning")] = 0,
+    precision: PrecisionOpt = None,
 ):
     """Choose the slim structure for a target: candidates solved against the cost model, scored by their
     distillation loss on training images, checked on the device with --verify-latency."""
@@ -318,7 +328,8 @@ def select(
         dense, _ = load_dense(run)
         bundle = _data(dense, data, train_limit, None) if target.kind != "fractions" else None
         res = select_run(run, target, bundle, device, profiles_dir,
-                         SelectOptions(importance, verify_latency, rounds, calibration_images, recovery_steps))
+                         SelectOptions(importance, verify_latency, rounds, calibration_images, recovery_steps,
+                                       precision=precision))
     s = res["spec"]
     _warn(res.get("warnings", []))
     msg = f"selected ({res.get('chosen')}): {s.meta['macs'] / 1e6:.1f} MMACs, {s.meta['params'] / 1e6:.3f} M params"
@@ -392,7 +403,9 @@ def retrain(
 def export(
     run: RunArg,
     trt: Annotated[bool, typer.Option("--trt", help="also build a TensorRT engine (model.plan)")] = False,
-    fp16: Annotated[bool, typer.Option("--fp16", help="FP16 TensorRT engine")] = False,
+    fp16: Annotated[bool, typer.Option("--fp16", help="FP16 TensorRT engine (= --precision fp16)")] = False,
+    precision: Annotated[str, typer.Option(help="TensorRT engine precision: fp32, fp16 or int8 (ONNX stays "
+                                           "fp32; int8 ONNX: slimdeploy quantize)")] = "fp32",
     opset: Annotated[int, typer.Option(help="ONNX opset")] = 20,
     batch_size: Annotated[Optional[int], typer.Option(min=1, help="fixed batch size (default: dynamic)")] = None,
     max_batch: Annotated[int, typer.Option(min=1, help="largest batch of the TensorRT profile")] = 64,
@@ -402,9 +415,33 @@ def export(
     from .runs import Run
 
     with Run(run).lock():
-        rec = export_run(run, trt, fp16, opset, batch_size, max_batch)
+        rec = export_run(run, trt, "fp16" if fp16 else precision, opset, batch_size, max_batch)
     out.print(f"exported {rec['onnx']} ({rec['onnx_bytes'] / 1e6:.2f} MB, sequence lengths "
               f"{sorted(set(rec['sequence_lengths']), reverse=True)})" + (f" and {rec['plan']}" if trt else ""))
+
+
+@app.command()
+@handle_errors
+def quantize(
+    run: RunArg,
+    data: DataOpt = "fashion-mnist", train_limit: TrainLimitOpt = None,
+    calibration_method: CalibrationMethodOpt = "minmax",
+    quant_images: QuantImagesOpt = 512,
+    keep_fp32: Annotated[str, typer.Option(help="op types kept in fp32, comma-separated ('head': the classifier)")
+                         ] = "Softmax,LayerNormalization,head",
+):
+    """Quantize RUN/model.onnx to int8 (ONNX Runtime static QDQ, per-channel weights), calibrated on training
+    images: RUN/model.int8.onnx and RUN/quantize.json."""
+    from .models import load_dense
+    from .quantize import QuantConfig, quantize_run
+    from .runs import Run
+
+    cfg = QuantConfig(calibration_method, quant_images, [k for k in keep_fp32.split(",") if k]).check()
+    with Run(run).lock():
+        dense, _ = load_dense(run)
+        rec = quantize_run(run, _data(dense, data, train_limit, None), cfg)
+    out.print(f"quantized {run}/model.int8.onnx ({rec['method']}, {rec['images']} calibration images, "
+              f"{rec['nodes_kept_fp32']} nodes kept in fp32)")
 
 
 @app.command()
@@ -420,6 +457,8 @@ def verify(
     threads: Annotated[Optional[int], typer.Option(min=1, help="CPU threads (default: the profile's, else 1)")
                        ] = None,
     max_drop: MaxDropOpt = None,
+    max_quant_drop: Annotated[float, typer.Option("--max-quant-drop", help="int8/bf16: fail (exit 1) when top-1 "
+                                                  "falls more than this many points below the fp32 twin's")] = 1.0,
     torch_device: TorchDeviceOpt = "auto",
 ):
     """Check parity and accuracy of the deployed model, measure latency, write report.json/.md/.png."""
@@ -430,7 +469,7 @@ def verify(
     with Run(run).lock():
         dense, _ = load_dense(run)
         rep = verify_run(run, _data(dense, data, None, val_limit, with_train=False), backend, device, profiles_dir,
-                         batch_size, threads, torch_device, max_drop)
+                         batch_size, threads, torch_device, max_drop, max_quant_drop=max_quant_drop)
     _finish(rep.to_dict() | {"passed": rep.passed, "failures": rep.failures()})
 
 
@@ -499,7 +538,10 @@ def run(
                                   ] = None,
     distill: Annotated[str, typer.Option(help="soft, hard or none")] = RETRAIN["distill"],
     trt: Annotated[bool, typer.Option("--trt", help="export and verify a TensorRT engine")] = False,
-    fp16: Annotated[bool, typer.Option("--fp16", help="FP16 TensorRT engine")] = False,
+    fp16: Annotated[bool, typer.Option("--fp16", help="FP16 TensorRT engine (= --precision fp16)")] = False,
+    precision: PrecisionOpt = None,
+    calibration_method: CalibrationMethodOpt = "minmax",
+    quant_images: QuantImagesOpt = 512,
     backend: Annotated[Optional[str], typer.Option(help="verify backend (default: the profile's)")] = None,
     max_drop: MaxDropOpt = RUN["max_drop"],
     seed: Annotated[int, typer.Option(help="random seed")] = 0,
@@ -508,6 +550,7 @@ def run(
     """The whole pipeline: train (if needed), search, select, prune, retrain, export, verify. Re-running it
     continues where it stopped; a stage whose inputs changed runs again."""
     from .pipeline import RunOptions, run_pipeline
+    from .quantize import QuantConfig
     from .select.target import parse_target
 
     if target_macs or target_params:
@@ -520,7 +563,8 @@ def run(
                       retrain_epochs=retrain_epochs, w_attn=w_attn, w_mlp=w_mlp, w_tok=w_tok, importance=importance,
                       verify_latency=verify_latency, recovery_steps=recovery_steps,
                       calibration_images=calibration_images, distill=distill, trt=trt,
-                      fp16=fp16, backend=backend, max_drop=max_drop, seed=seed, torch_device=torch_device)
+                      precision="fp16" if fp16 else precision, backend=backend, max_drop=max_drop, seed=seed,
+                      torch_device=torch_device, quant=QuantConfig(calibration_method, quant_images).check())
     report = run_pipeline(opts)
     if report is not None:
         _finish(report)

@@ -205,7 +205,7 @@ def first_batch(bundle: DataBundle, n: int) -> torch.Tensor:
 
 
 def make_loader(ds: Dataset, transform: BatchTransform | None, batch_size: int, train: bool, seed: int = 0,
-                rank: int = 0, world: int = 1, workers: int = 0) -> DataLoader:
+                rank: int = 0, world: int = 1, workers: int = 0, pin_memory: bool = False) -> DataLoader:
     """A loader that shards across ranks.
 
     Training: DistributedSampler (also with world=1, so the shuffle order depends only on
@@ -218,6 +218,22 @@ def make_loader(ds: Dataset, transform: BatchTransform | None, batch_size: int, 
     if train:
         sampler = DistributedSampler(ds, num_replicas=world, rank=rank, shuffle=True, seed=seed, drop_last=True)
         return DataLoader(ds, batch_size=batch_size, sampler=sampler, collate_fn=collate, num_workers=workers,
-                          drop_last=True, persistent_workers=workers > 0)
+                          drop_last=True, persistent_workers=workers > 0, pin_memory=pin_memory)
     shard = Subset(ds, range(rank, len(ds), world))
-    return DataLoader(shard, batch_size=batch_size, shuffle=False, collate_fn=collate, num_workers=workers)
+    return DataLoader(shard, batch_size=batch_size, shuffle=False, collate_fn=collate, num_workers=workers,
+                      pin_memory=pin_memory)
+
+
+def training_images(bundle: DataBundle, n: int, seed: int = 0) -> tuple[torch.Tensor, list[int]]:
+    """A fixed, seeded subset of n training images with the evaluation transform, and their indices (the
+    calibration data of selection's scores and of quantization; never the split verify reports on)."""
+    ds = bundle.train_eval
+    if n < 1:
+        raise SlimError("the number of calibration images must be >= 1")
+    if len(ds) < n:
+        raise SlimError(f"the training set has {len(ds)} images, fewer than the {n} calibration images asked for")
+    g = torch.Generator().manual_seed(seed)
+    indices = torch.randperm(len(ds), generator=g)[:n].sort().values.tolist()
+    loader = DataLoader(Subset(ds, indices), batch_size=256, shuffle=False,
+                        collate_fn=_collate(bundle.transform) if bundle.transform is not None else None)
+    return torch.cat([x for x, _ in loader]), indices

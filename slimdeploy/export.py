@@ -78,12 +78,13 @@ def export_onnx(model: nn.Module, path: str | Path, input_shape: tuple[int, int,
     return path
 
 
-def write_trt_engine(onnx_path: str | Path, plan_path: str | Path, fp16: bool, opt_batch: int = 1,
-                     max_batch: int = 64) -> Path:
+def write_trt_engine(onnx_path: str | Path, plan_path: str | Path, precision: str, opt_batch: int = 1,
+                     max_batch: int = 64, calibration=None) -> Path:
     """Build a TensorRT engine from the ONNX file (tuned at the deployment batch size) and write it atomically."""
     from .trt import build_engine
 
-    plan = build_engine(onnx_path, fp16=fp16, opt_batch=opt_batch, max_batch=max_batch)
+    plan = build_engine(onnx_path, precision=precision, opt_batch=opt_batch, max_batch=max_batch,
+                        calibration=calibration)
     atomic_write_bytes(plan_path, plan)
     return Path(plan_path)
 
@@ -103,22 +104,24 @@ def slim_of_run(run_dir: str | Path):
     raise SlimError(f"{run_dir} has no slim.safetensors or pruned.safetensors: run prune (and retrain) first")
 
 
-def export_run(run_dir: str | Path, trt: bool = False, fp16: bool = False, opset: int = 20,
-               batch_size: int | None = None, max_batch: int = 64) -> dict:
-    """The export stage: RUN/model.onnx (+ RUN/model.plan with trt), skipped when current. Returns export.json."""
+def export_run(run_dir: str | Path, trt: bool = False, precision: str = "fp32", opset: int = 20,
+               batch_size: int | None = None, max_batch: int = 64, calibration=None) -> dict:
+    """The export stage: RUN/model.onnx (fp32; int8 ONNX comes from the quantize stage), + RUN/model.plan at
+    `precision` with trt (int8 calibrated on `calibration` images). Skipped when current. Returns export.json."""
     from .fileio import read_json, write_json
     from .runs import Run
 
     run_dir = Path(run_dir)
-    if fp16 and not trt:
-        raise SlimError("--fp16 applies to the TensorRT engine: add --trt (the ONNX file stays fp32)")
+    if precision in ("fp16", "bf16") and not trt:
+        raise SlimError(f"--precision {precision} applies to the TensorRT engine: add --trt (ONNX stays fp32; int8 "
+                        "ONNX comes from slimdeploy quantize)")
     if trt:  # fail before the slow export when TensorRT cannot run here
         from .trt import require_tensorrt
 
         require_tensorrt()
     r = Run(run_dir)
     weights = [r / "slim.safetensors"] if (r / "slim.safetensors").is_file() else [r / "pruned.safetensors"]
-    inputs = r.inputs({"trt": trt, "fp16": fp16, "opset": opset, "batch_size": batch_size,
+    inputs = r.inputs({"trt": trt, "precision": precision, "opset": opset, "batch_size": batch_size,
                            "max_batch": max_batch}, [r / "spec.json", *weights])
     outputs = ["model.onnx", "export.json"] + (["model.plan"] if trt else [])
     if r.current("export", inputs, outputs):
@@ -130,9 +133,9 @@ def export_run(run_dir: str | Path, trt: bool = False, fp16: bool = False, opset
               "weights": f"{stem}.safetensors", "onnx_bytes": onnx_path.stat().st_size,
               "sequence_lengths": onnx_sequence_lengths(onnx_path)}
     if trt:
-        plan = write_trt_engine(onnx_path, run_dir / "model.plan", fp16, opt_batch=batch_size or 1,
-                                max_batch=batch_size or max_batch)
-        record.update(plan=str(plan), precision="fp16" if fp16 else "fp32", max_batch=batch_size or max_batch)
+        plan = write_trt_engine(onnx_path, run_dir / "model.plan", precision, opt_batch=batch_size or 1,
+                                max_batch=batch_size or max_batch, calibration=calibration)
+        record.update(plan=str(plan), precision=precision, max_batch=batch_size or max_batch)
     write_json(run_dir / "export.json", record)
     r.finished("export", inputs, outputs)
     return record

@@ -16,7 +16,7 @@ from .defaults import RETRAIN, RUN, SEARCH, SELECT, TRAIN
 from .progress import log
 from .select.target import Target
 
-STAGES = ("train", "search", "select", "prune", "retrain", "export", "verify")
+STAGES = ("train", "search", "select", "prune", "retrain", "export", "quantize", "verify")
 
 
 @dataclass
@@ -55,7 +55,8 @@ class RunOptions:
     alpha: float = RETRAIN["alpha"]
     tau: float = RETRAIN["tau"]
     trt: bool = False
-    fp16: bool = False
+    precision: str | None = None  # default: the profile's (int8 adds the quantize stage)
+    quant: object = None  # QuantConfig of the quantize stage (default: its defaults)
     backend: str | None = None  # verify backend; default: the profile's
     max_drop: float | None = RUN["max_drop"]
     seed: int = 0
@@ -69,6 +70,7 @@ def run_pipeline(o: RunOptions) -> dict | None:
     from .export import export_run
     from .masks import SearchDims
     from .prune import prune_run
+    from .quantize import QuantConfig, quantize_run
     from .retrain import DistillConfig, retrain_run
     from .runs import Run
     from .search import SearchConfig, search_run
@@ -96,7 +98,8 @@ def run_pipeline(o: RunOptions) -> dict | None:
         recovery = o.recovery_steps if o.recovery_steps is not None else (
             SELECT["recovery_steps"] if o.retrain_epochs > 0 else 0)
         _on_main(lambda: select_run(o.out, o.target, data, o.device, o.profiles_dir, SelectOptions(
-            o.importance, o.verify_latency, o.rounds, o.calibration_images, recovery), measure=o.measure))
+            o.importance, o.verify_latency, o.rounds, o.calibration_images, recovery, precision=o.precision),
+            measure=o.measure))
         step("prune")
         _on_main(lambda: prune_run(o.out, first_batch(data, 16)))
         step("retrain")
@@ -104,7 +107,18 @@ def run_pipeline(o: RunOptions) -> dict | None:
                                              warmup_epochs=RETRAIN["warmup_epochs"], seed=o.seed),
                     DistillConfig(o.distill, o.alpha, o.tau), o.torch_device)
         step("export")
-        _on_main(lambda: export_run(o.out, trt=o.trt, fp16=o.fp16, batch_size=deployment_batch(r)))
+        trt, precision, batch = deployment(r, o)
+        calibration = None
+        if trt and precision == "int8":
+            from .quantize import calibration_batches
+
+            calibration = calibration_batches(data, (o.quant or QuantConfig()).images, batch or 1)[0][0]
+        _on_main(lambda: export_run(o.out, trt=trt, precision=precision, batch_size=batch, calibration=calibration))
+        step("quantize")
+        if precision == "int8" and not trt:
+            _on_main(lambda: quantize_run(o.out, data, o.quant))
+        else:
+            log(f"quantize: nothing to do at {precision}", ctx.is_main)
         step("verify")
         report = _on_main(lambda: verify_run(o.out, data, o.backend or ("trt" if o.trt else None),
                                              torch_device=o.torch_device, max_drop=o.max_drop))
@@ -155,13 +169,18 @@ def _check_device(o: RunOptions, cfg) -> None:
     from .latency.model import LatencyModel, check_profile_fits
     from .models import arch_of, create_model
 
-    check_profile_fits(LatencyModel.load(o.device, o.profiles_dir).profile, arch_of(create_model(cfg)))
+    check_profile_fits(LatencyModel.load(o.device, o.profiles_dir).profile, arch_of(create_model(cfg)),
+                       precision=None if o.precision == "auto" else o.precision)
 
 
-def deployment_batch(r) -> int | None:
-    """The batch size the structure was selected for (its profile's), so that the exported graph is the one the
-    closed loop measured; None (a dynamic batch axis) without a profile."""
+def deployment(r, o: RunOptions) -> tuple[bool, str, int | None]:
+    """How to export: what the structure was selected for (its profile's backend, precision and batch size, so
+    that the exported graph is the one the closed loop measured), else the options; a dynamic batch axis
+    without a profile."""
     from .types import DeviceProfile
 
     path = r.spec().meta.get("profile_path")
-    return DeviceProfile.load(path).batch_size if path and Path(path).is_file() else None
+    if not (path and Path(path).is_file()):
+        return o.trt, o.precision or "fp32", None
+    p = DeviceProfile.load(path)
+    return o.trt or p.backend == "trt", p.precision, p.batch_size

@@ -46,13 +46,13 @@ def distill_loss(student: torch.Tensor, teacher: torch.Tensor | None, target: to
     else:
         base = F.cross_entropy(student, target, label_smoothing=label_smoothing)
     if cfg.mode == "none" or teacher is None:
-        return base, {"ce": base.item()}
+        return base, {"ce": base.detach()}
     if cfg.mode == "soft":
         kd = F.kl_div(F.log_softmax(student / cfg.tau, -1), F.log_softmax(teacher / cfg.tau, -1),
                       reduction="batchmean", log_target=True) * cfg.tau ** 2
     else:
         kd = F.cross_entropy(student, teacher.argmax(-1))
-    return (1 - cfg.alpha) * base + cfg.alpha * kd, {"ce": base.item(), "kd": kd.item()}
+    return (1 - cfg.alpha) * base + cfg.alpha * kd, {"ce": base.detach(), "kd": kd.detach()}
 
 
 def retrain(student: nn.Module, teacher: nn.Module, data: DataBundle, tcfg: TrainConfig, dcfg: DistillConfig,

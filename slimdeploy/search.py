@@ -120,7 +120,7 @@ def search(model: VisionTransformer, data: DataBundle, tcfg: TrainConfig, scfg: 
                     else F.cross_entropy(logits, y))
         l1 = masked.l1()
         penalty = sum(scfg.factor(k) * v for k, v in l1.items())
-        return task + penalty, {"task": task.item(), "l1": float(penalty.detach())}
+        return task + penalty, {"task": task.detach(), "l1": penalty.detach()}
 
     hooks = TaylorImportance(masked, scfg)
     history = fit(masked, loss_fn, data, tcfg, out / "checkpoint.pt", resume=resume,

@@ -29,6 +29,8 @@ from .errors import SlimError
 from .fileio import load_torch, save_torch
 from .progress import log, make_progress
 
+SYNC_EVERY = 20  # training steps between host syncs (the loss check, the progress line)
+
 
 @dataclass
 class TrainConfig:
@@ -70,15 +72,20 @@ class Hooks:
     def load_state(self, state: dict[str, Any]) -> None: ...
 
 
+def eval_counts(device: torch.device) -> torch.Tensor:
+    """(correct, seen) accumulated on the model's device: NCCL all-reduces device tensors only."""
+    return torch.zeros(2, dtype=torch.float64, device=device)
+
+
 @torch.no_grad()
 def evaluate(model: nn.Module, loader, device: torch.device) -> float:
     """Top-1 accuracy in percent, summed exactly over ranks."""
     was_training = model.training
     model.eval()
-    counts = torch.zeros(2, dtype=torch.float64)
+    counts = eval_counts(device)
     for x, y in loader:
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-        counts[0] += (model(x).argmax(-1) == y).sum().item()
+        counts[0] += (model(x).argmax(-1) == y).sum()
         counts[1] += len(y)
     dist.all_reduce_sum(counts)
     model.train(was_training)
@@ -91,7 +98,7 @@ def fit(model: nn.Module, loss_fn: Callable, data: DataBundle, cfg: TrainConfig,
         torch_device: str = "auto") -> list[dict[str, float]]:
     """Train `model` in place; return the per-epoch history.
 
-    loss_fn(outputs, inputs, targets) -> (loss, {name: float}); targets are class indices, or
+    loss_fn(outputs, inputs, targets) -> (loss, {name: tensor}); targets are class indices, or
     soft targets when mixup/cutmix is on. eval_model maps the trained module to the module
     evaluated each epoch (default: the EMA model if any, else the model).
     """
@@ -105,8 +112,11 @@ def fit(model: nn.Module, loss_fn: Callable, data: DataBundle, cfg: TrainConfig,
     per_rank = cfg.batch_size // ctx.world
     if per_rank < 1 or cfg.batch_size % ctx.world:
         raise SlimError(f"--batch-size {cfg.batch_size} must be a multiple of the {ctx.world} processes")
-    train_loader = make_loader(data.train, data.transform, per_rank, True, cfg.seed, ctx.rank, ctx.world, cfg.workers)
-    val_loader = make_loader(data.val, data.transform, per_rank, False, cfg.seed, ctx.rank, ctx.world, cfg.workers)
+    cuda = ctx.device.type == "cuda"
+    train_loader = make_loader(data.train, data.transform, per_rank, True, cfg.seed, ctx.rank, ctx.world, cfg.workers,
+                               pin_memory=cuda)
+    val_loader = make_loader(data.val, data.transform, per_rank, False, cfg.seed, ctx.rank, ctx.world, cfg.workers,
+                             pin_memory=cuda)
     steps = len(train_loader)
     if steps == 0:
         raise SlimError(f"the training set ({len(data.train)} images) is smaller than one batch ({cfg.batch_size})")
@@ -119,7 +129,9 @@ def fit(model: nn.Module, loss_fn: Callable, data: DataBundle, cfg: TrainConfig,
     ema = ModelEmaV3(model, decay=cfg.ema_decay) if cfg.ema_decay else None
     mixup = (Mixup(mixup_alpha=cfg.mixup, cutmix_alpha=cfg.cutmix, label_smoothing=cfg.label_smoothing,
                    num_classes=data.num_classes) if cfg.mixup > 0 or cfg.cutmix > 0 else None)
-    use_amp = cfg.amp and ctx.device.type == "cuda"
+    use_amp = cfg.amp and cuda and bf16_native(ctx.device)
+    if cfg.amp and cuda and not use_amp:
+        log(f"{desc}: this GPU emulates bf16 (before Ampere): training in fp32", ctx.is_main)
     autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if use_amp else nullcontext
     evaluated = eval_model or (lambda m: ema.module if ema is not None else m)
 
@@ -135,6 +147,8 @@ def fit(model: nn.Module, loss_fn: Callable, data: DataBundle, cfg: TrainConfig,
             ema.load_state_dict(ck["ema"])
         hooks.load_state(ck.get("hooks", {}))
         torch.set_rng_state(ck["rng"])
+        if cuda and ck.get("cuda_rng") is not None:
+            torch.cuda.set_rng_state_all(ck["cuda_rng"])
         start, history = ck["epoch"] + 1, ck["history"]
         log(f"{desc}: resuming after epoch {start}/{cfg.epochs}", ctx.is_main)
 
@@ -143,7 +157,9 @@ def fit(model: nn.Module, loss_fn: Callable, data: DataBundle, cfg: TrainConfig,
         for epoch in range(start, cfg.epochs):
             train_loader.sampler.set_epoch(epoch)
             model.train()
-            t0, seen, loss_sum, parts_sum = time.perf_counter(), 0, 0.0, {}
+            t0, seen = time.perf_counter(), 0
+            loss_sum = torch.zeros((), device=ctx.device)  # summed on the device: one sync per SYNC_EVERY steps
+            parts_sum: dict[str, torch.Tensor] = {}
             for step, (x, y) in enumerate(train_loader):
                 x, y = x.to(ctx.device, non_blocking=True), y.to(ctx.device, non_blocking=True)
                 if mixup is not None:
@@ -151,7 +167,7 @@ def fit(model: nn.Module, loss_fn: Callable, data: DataBundle, cfg: TrainConfig,
                 with autocast():
                     out = ddp(x)
                     loss, parts = loss_fn(out, x, y)
-                if not math.isfinite(loss.item()):
+                if (step % SYNC_EVERY == 0 or step == steps - 1) and not math.isfinite(loss.item()):
                     raise SlimError(f"{desc}: loss became {loss.item()} at epoch {epoch + 1}; lower --lr")
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
@@ -163,17 +179,19 @@ def fit(model: nn.Module, loss_fn: Callable, data: DataBundle, cfg: TrainConfig,
                 if ema is not None:
                     ema.update(model)
                 seen += len(x)
-                loss_sum += loss.item()
+                loss_sum += loss.detach()
                 for k, v in parts.items():
-                    parts_sum[k] = parts_sum.get(k, 0.0) + v
-                rate = seen * ctx.world / (time.perf_counter() - t0)
-                info = f"epoch {epoch + 1}/{cfg.epochs} loss {loss_sum / (step + 1):.3f} {rate:.0f} img/s"
-                progress.update(task, advance=1, info=info)
+                    parts_sum[k] = parts_sum.get(k, 0.0) + v.detach()
+                info = None
+                if step % SYNC_EVERY == 0:
+                    rate = seen * ctx.world / (time.perf_counter() - t0)
+                    info = f"epoch {epoch + 1}/{cfg.epochs} loss {loss_sum.item() / (step + 1):.3f} {rate:.0f} img/s"
+                progress.update(task, advance=1, **({"info": info} if info else {}))
             top1 = evaluate(evaluated(model), val_loader, ctx.device)
-            metrics = {"epoch": epoch + 1, "loss": loss_sum / steps, "top1": top1,
+            metrics = {"epoch": epoch + 1, "loss": loss_sum.item() / steps, "top1": top1,
                        "img_per_s": seen * ctx.world / (time.perf_counter() - t0), "lr": opt.param_groups[0]["lr"],
                        "seconds": time.perf_counter() - t0,
-                       **{k: v / steps for k, v in parts_sum.items()}}
+                       **{k: float(v) / steps for k, v in parts_sum.items()}}
             history.append(metrics)
             hooks.on_epoch_end(epoch, metrics)
             log(f"{desc}: epoch {epoch + 1}/{cfg.epochs} loss {metrics['loss']:.4f} top-1 {metrics['top1']:.2f}%",
@@ -181,11 +199,18 @@ def fit(model: nn.Module, loss_fn: Callable, data: DataBundle, cfg: TrainConfig,
             if ctx.is_main:
                 save_torch({"model": model.state_dict(), "optimizer": opt.state_dict(), "epoch": epoch,
                             "history": history, "rng": torch.get_rng_state(), "config": _cfg_key(cfg),
+                            "cuda_rng": torch.cuda.get_rng_state_all() if cuda else None,
                             "ema": ema.state_dict() if ema is not None else {}, "hooks": hooks.state()}, ckpt_path)
             dist.barrier()
     if ema is not None:
         model.load_state_dict(ema.module.state_dict())
     return history
+
+
+def bf16_native(device: torch.device) -> bool:
+    """Whether the GPU runs bf16 natively (Ampere and later); torch would emulate it silently before."""
+    major, _ = torch.cuda.get_device_capability(device)
+    return major >= 8
 
 
 def _cfg_key(cfg: TrainConfig) -> dict[str, Any]:

@@ -102,25 +102,59 @@ def build_config(fp16: bool, shapes: dict | None, timing_cache: str | Path | Non
     return CreateConfig(**kw)
 
 
-def build_engine(onnx: str | Path | bytes, fp16: bool = False, min_batch: int = 1, opt_batch: int = 1,
-                 max_batch: int = 64, timing_cache: str | Path | None = None) -> bytes:
-    """Parse ONNX, build and return a serialized engine (the bytes of model.plan)."""
+def profile_shapes(name: str, shape: list[int | None], min_batch: int, opt_batch: int, max_batch: int
+                   ) -> dict | None:
+    """The optimisation profile of a dynamic-batch input, tuned at the deployment batch size (opt, clamped into
+    [min, max]); None for a static input."""
+    if not shape or shape[0] is not None:
+        return None
+    rest = tuple(shape[1:])
+    opt = min(max(opt_batch, min_batch), max_batch)
+    return {name: ((min_batch, *rest), (opt, *rest), (max_batch, *rest))}
+
+
+def modelopt_quantize(onnx: str | Path | bytes, mode: str, calibration: np.ndarray | None) -> bytes:
+    """An int8 or fp8 QDQ graph from NVIDIA Model Optimizer's ONNX post-training quantization (the way TensorRT
+    10/11 take int8: explicit quantization, built strongly typed). Random calibration data when none is given
+    (timing only)."""
+    try:
+        from modelopt.onnx.quantization import quantize
+    except ImportError:
+        raise SlimError("int8/fp8 TensorRT engines need NVIDIA Model Optimizer: pip install 'nvidia-modelopt[onnx]'"
+                        ) from None
+    import onnx as onnx_lib
+
+    with tempfile.TemporaryDirectory() as tmp:
+        src, dst = Path(tmp) / "m.onnx", Path(tmp) / "q.onnx"
+        onnx_lib.save(onnx_lib.load_from_string(onnx) if isinstance(onnx, bytes) else onnx_lib.load(str(onnx)),
+                      str(src))
+        if calibration is None:
+            _, shape = onnx_input(onnx)
+            calibration = np.random.default_rng(0).standard_normal([d or 1 for d in shape]).astype(np.float32)
+        quantize(onnx_path=str(src), quantize_mode=mode, calibration_data=calibration, output_path=str(dst),
+                 op_types_to_exclude=["Softmax", "LayerNormalization"])
+        return dst.read_bytes()
+
+
+def build_engine(onnx: str | Path | bytes, precision: str = "fp32", min_batch: int = 1, opt_batch: int = 1,
+                 max_batch: int = 64, timing_cache: str | Path | None = None,
+                 calibration: np.ndarray | None = None) -> bytes:
+    """Parse ONNX, build and return a serialized engine (the bytes of model.plan) at fp32, fp16 or int8."""
     from polygraphy.backend.trt import EngineBytesFromNetwork, NetworkFromOnnxBytes, NetworkFromOnnxPath
 
     trt = require_tensorrt()
     name, shape = onnx_input(onnx)
     strongly_typed = major_version(trt) >= 11
-    if fp16 and strongly_typed:
+    fp16 = precision == "fp16"
+    if precision in ("int8", "fp8"):
+        network = NetworkFromOnnxBytes(modelopt_quantize(onnx, precision, calibration), strongly_typed=True)
+    elif fp16 and strongly_typed:
         network = NetworkFromOnnxBytes(fp16_onnx(onnx), strongly_typed=True)  # paths and bytes alike
     elif isinstance(onnx, bytes):
         network = NetworkFromOnnxBytes(onnx, strongly_typed=strongly_typed or None)
     else:  # from the file, so that external weight files are found
         network = NetworkFromOnnxPath(str(onnx), strongly_typed=strongly_typed or None)
-    shapes = None
-    if shape and shape[0] is None:  # dynamic batch: tuned at the deployment batch size
-        rest = tuple(shape[1:])
-        opt_batch = min(max(opt_batch, min_batch), max_batch)
-        shapes = {name: ((min_batch, *rest), (opt_batch, *rest), (max_batch, *rest))}
+    shapes = profile_shapes(name, shape, min_batch, opt_batch, max_batch)
     cache = timing_cache or _TIMING_CACHE
     try:
         plan = EngineBytesFromNetwork(network, config=build_config(fp16, shapes, cache if Path(cache).is_file()

@@ -277,6 +277,7 @@ class DeviceProfile:
     calibration: dict[str, Any] = field(default_factory=dict)
     fingerprint: dict[str, Any] = field(default_factory=dict)
     torch_device: str | None = None  # where a torch-backend profile ran (cpu, cuda:0)
+    torch_mode: str | None = None  # how: eager, compile or graph (CUDA graphs)
     created: str = ""
     command: str = ""
     seconds: float = 0.0
@@ -351,9 +352,13 @@ class Report:
         if not self.parity.passed:
             out.append(f"parity failed on {self.backend}: max abs diff {self.parity.max_abs_diff:.3g}, top-1 "
                        f"agreement {100 * self.parity.top1_agreement:.2f}% ({self.extra.get('parity_rule')})")
-        if not self.accuracy.get("passed", True):
-            out.append(f"top-1 fell {self.accuracy['drop']:.2f} points below the dense model's, more than "
-                       f"--max-drop {self.accuracy['max_drop']:g}")
+        a, q = self.accuracy, self.accuracy.get("quantized") or {}
+        if a.get("max_drop") is not None and a["drop"] > a["max_drop"]:
+            out.append(f"top-1 fell {a['drop']:.2f} points below the dense model's, more than --max-drop "
+                       f"{a['max_drop']:g}")
+        if q and not q["passed"]:
+            out.append(f"the {self.extra.get('precision')} model's top-1 is {q['drop']:.2f} points below its fp32 "
+                       f"twin's, more than {q['max_drop']:g} (agreement {100 * q['agreement']:.1f}%)")
         if self.met_target is False:
             out.append(f"latency target not met on this machine: {self.slim.latency_ms:.3f} ms measured (95% interval "
                        f"up to {self.slim.latency_high_ms:.3f} ms) against {self.target_latency_ms:.3f} ms")

@@ -35,6 +35,17 @@ from .types import ModelFigures, Parity, Report, SlimSpec
 
 FP32_ATOL = 1e-4
 FP16_AGREEMENT = 0.995
+# int8 and bf16: a sanity floor on agreement; the decision is the accuracy guard against the fp32 twin
+QUANT_AGREEMENT = 0.9
+MAX_QUANT_DROP = 1.0  # points of top-1 a quantized model may lose against its fp32 twin (--max-drop)
+
+
+def parity_rule(precision: str) -> str:
+    if precision == "fp32":
+        return f"max |diff| <= {FP32_ATOL} and 100% top-1 agreement"
+    if precision == "fp16":
+        return f"top-1 agreement >= {100 * FP16_AGREEMENT}%"
+    return f"top-1 agreement >= {100 * QUANT_AGREEMENT:g}%, and top-1 within --max-drop of the fp32 twin"
 
 
 class TorchRunner(BaseRunner):
@@ -78,11 +89,12 @@ def deployed_runner(run_dir: Path, backend: str, threads: int | None, torch_devi
     if backend in ("ort-cpu", "ort-cuda"):
         from polygraphy.backend.onnxrt import OnnxrtRunner
 
-        onnx = run_dir / "model.onnx"
+        onnx = run_dir / ("model.int8.onnx" if precision == "int8" else "model.onnx")
         if not onnx.is_file():
-            raise SlimError(f"{onnx} not found: run 'slimdeploy export {run_dir}' first")
-        be = get_backend(backend, threads)  # one clear line if the package or provider is missing
-        return OnnxrtRunner(lambda: be.session(onnx)), "fp32"
+            step = "quantize" if precision == "int8" else "export"
+            raise SlimError(f"{onnx} not found: run 'slimdeploy {step} {run_dir}' first")
+        be = get_backend(backend, threads, precision=precision)  # one clear line if a package is missing
+        return OnnxrtRunner(lambda: be.session(onnx)), precision
     if backend == "trt":
         from polygraphy.backend.trt import EngineFromBytes, TrtRunner
 
@@ -96,7 +108,7 @@ def deployed_runner(run_dir: Path, backend: str, threads: int | None, torch_devi
         return TrtRunner(EngineFromBytes(plan.read_bytes())), export.get("precision", "fp32")
     if backend == "torch":
         be = get_backend("torch", threads, precision=precision, torch_device=torch_device)
-        dtype = torch.float16 if precision == "fp16" else torch.float32
+        dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(precision, torch.float32)
         return TorchRunner(slim_module, input_shape, name="torch-deployed", device=str(be.device),
                            dtype=dtype), precision
     raise SlimError(f"unknown backend '{backend}'")
@@ -130,7 +142,8 @@ def check_parity(results, labels: list[np.ndarray], precision: str) -> tuple[Par
     y = np.concatenate(labels)
     diff = float(np.abs(ref - dep).max())
     agree = float((ref.argmax(1) == dep.argmax(1)).mean())
-    passed = (diff <= FP32_ATOL and agree == 1.0) if precision == "fp32" else agree >= FP16_AGREEMENT
+    passed = ((diff <= FP32_ATOL and agree == 1.0) if precision == "fp32"
+              else agree >= (FP16_AGREEMENT if precision == "fp16" else QUANT_AGREEMENT))
     acc = {"deployed_top1": float(100 * (dep.argmax(1) == y).mean()),
            "pytorch_top1": float(100 * (ref.argmax(1) == y).mean()), "reference": ref_name, "deployed": dep_name}
     return Parity(backend="", max_abs_diff=diff, top1_agreement=agree, passed=passed, samples=len(y)), acc
@@ -139,7 +152,8 @@ def check_parity(results, labels: list[np.ndarray], precision: str) -> tuple[Par
 def verify(run_dir: str | Path, data, backend: str = "ort-cpu", batch_size: int = 1, threads: int | None = 1,
            target_ms: float | None = None, target_fraction: float | None = None, device: str | None = None,
            lm=None, torch_device: str = "auto", precision: str = "fp32", eval_batch: int = 256,
-           max_drop: float | None = None, warnings: list[str] | None = None) -> Report:
+           max_drop: float | None = None, warnings: list[str] | None = None,
+           max_quant_drop: float = MAX_QUANT_DROP) -> Report:
     """Compare, measure and write report.json / report.md / report.png in run_dir."""
     run_dir = Path(run_dir)
     slim, spec, stem = slim_of_run(run_dir)
@@ -164,7 +178,8 @@ def verify(run_dir: str | Path, data, backend: str = "ort-cpu", batch_size: int 
     dense_top1 = 100.0 * _accuracy(dense, feeds, labels, ref_dev)  # padded rows are not counted
     # latency: the deployed artifact and the dense model, interleaved, at the deployment batch size
     be = get_backend(backend, threads, precision=precision, torch_device=torch_device)
-    slim_t, dense_t = _measure(be, run_dir, slim, dense, a, batch_size)
+    reference = be if precision == "fp32" else get_backend(backend, threads, torch_device=torch_device)
+    slim_t, dense_t, twin_t = _measure(be, reference, run_dir, slim, dense, a, batch_size, precision)
     ratio = timing.ratio(slim_t, dense_t)
     if target_fraction is not None:
         target_ms = target_fraction * dense_t.median_ms
@@ -185,7 +200,7 @@ def verify(run_dir: str | Path, data, backend: str = "ort-cpu", batch_size: int 
                           predicted_latency_ms=lm.predict(spec) if lm else None,
                           top1_before_retrain=retrain.get("top1_before_retrain")),
         parity=parity, met_target=met,
-        accuracy={"drop": drop, "max_drop": max_drop, "passed": max_drop is None or drop <= max_drop},
+        accuracy=_accuracy_guards(drop, max_drop, precision, acc, parity, max_quant_drop),
         warnings=list(warnings or []),
         extra={"precision": precision, "weights": f"{stem}.safetensors", "eval_images": parity.samples,
                "pytorch_slim_top1": acc["pytorch_top1"], "teacher_top1": retrain.get("teacher_top1"),
@@ -194,12 +209,27 @@ def verify(run_dir: str | Path, data, backend: str = "ort-cpu", batch_size: int 
                "target_fraction": target_fraction, "hardware": be.hardware(), "fingerprint": be.fingerprint(),
                "profile_fingerprint": lm.profile.fingerprint if lm else None,
                "backend_version": be.version(), "threads": threads, "speedup": dense_t.median_ms / slim_t.median_ms,
-               "protocol": timing.MODEL.__dict__,
-               "parity_rule": f"max |diff| <= {FP32_ATOL} and 100% top-1 agreement" if precision == "fp32"
-               else f"top-1 agreement >= {100 * FP16_AGREEMENT}%"},
+               "protocol": timing.MODEL.__dict__, "parity_rule": parity_rule(precision),
+               "fp32_twin_timing": twin_t.to_dict() if twin_t else None,
+               "quantize": read_json(run_dir / "quantize.json", "quantize record")
+               if precision == "int8" and (run_dir / "quantize.json").is_file() else None},
     )
     write_report(report, run_dir)
     return report
+
+
+def _accuracy_guards(drop: float, max_drop: float | None, precision: str, acc: dict, parity, max_quant_drop: float
+                     ) -> dict:
+    """The drop from dense against --max-drop; at int8/bf16 also the drop from the fp32 twin (the same slim model
+    in PyTorch fp32) against max_quant_drop."""
+    out = {"drop": drop, "max_drop": max_drop, "passed": max_drop is None or drop <= max_drop}
+    if precision in ("int8", "bf16"):
+        q = acc["pytorch_top1"] - acc["deployed_top1"]
+        out["quantized"] = {"fp32_twin_top1": acc["pytorch_top1"], "top1": acc["deployed_top1"],
+                            "agreement": parity.top1_agreement, "drop": q, "max_drop": max_quant_drop,
+                            "passed": q <= max_quant_drop}
+        out["passed"] = out["passed"] and q <= max_quant_drop
+    return out
 
 
 @torch.no_grad()
@@ -214,27 +244,33 @@ def _accuracy(model, feeds, labels, device: str = "cpu") -> float:
     return correct / max(1, total)
 
 
-def _measure(be, run_dir: Path, slim, dense, arch, batch: int):
-    """The deployed artifact (model.onnx or the engine, re-exported when it was exported at another batch size)
-    and the dense model, measured together."""
-    onnx = None
+def _measure(be, reference, run_dir: Path, slim, dense, arch, batch: int, precision: str = "fp32"):
+    """The deployed artifact (model.onnx, model.int8.onnx or the engine; re-exported when it was exported at
+    another batch size), the dense model (fp32) and, for a quantized deployment, the slim model's fp32 twin,
+    measured together."""
+    onnx, quantized = None, precision == "int8"
     if be.name in ("ort-cpu", "ort-cuda"):
         export = read_json(run_dir / "export.json", "export record") if (run_dir / "export.json").is_file() else {}
-        onnx = run_dir / "model.onnx" if export.get("batch_size") in (None, batch) else None
+        if export.get("batch_size") in (None, batch):
+            onnx = run_dir / ("model.int8.onnx" if quantized else "model.onnx")
     if be.name == "trt":
         from .trt import TrtSession, engine_batch_range
 
         plan = (run_dir / "model.plan").read_bytes()
         lo, hi = engine_batch_range(plan)
         slim_sess = [TrtSession(plan)] if lo <= batch <= hi else deployed_session(be, slim, arch, batch)
+    elif quantized and onnx is not None:  # the calibrated graph, as deployed
+        slim_sess = [be.load_onnx(onnx, quantized=True) for _ in range(timing.MODEL.sessions)]
     else:
         slim_sess = deployed_session(be, slim, arch, batch, onnx)
-    sessions = {"slim": slim_sess, "dense": deployed_session(be, dense, arch, batch)}
+    sessions = {"slim": slim_sess, "dense": deployed_session(reference, dense, arch, batch)}
+    if precision != "fp32":
+        sessions["twin"] = deployed_session(reference, slim, arch, batch)
     try:
         t = measure_sessions(sessions, arch, batch, timing.MODEL)
     finally:
         close_all(sessions)
-    return t["slim"], t["dense"]
+    return t["slim"], t["dense"], t.get("twin")
 
 
 def write_report(report: Report, run_dir: Path) -> None:
@@ -318,7 +354,8 @@ def report_dict_schema_errors(d: dict) -> list[str]:
 
 def verify_run(run_dir: str | Path, data, backend: str | None = None, device: str | None = None,
                profiles_dir: str | Path | None = None, batch_size: int | None = None, threads: int | None = None,
-               torch_device: str = "auto", max_drop: float | None = None, lm=None) -> Report:
+               torch_device: str = "auto", max_drop: float | None = None, lm=None,
+               max_quant_drop: float | None = None) -> Report:
     """The verify stage: backend, precision, threads and batch size come from the profile the structure was
     selected on (recorded in spec.json) unless given; so does the target."""
     from .latency.model import LatencyModel, fingerprint_warning
@@ -337,6 +374,8 @@ def verify_run(run_dir: str | Path, data, backend: str | None = None, device: st
     p = lm.profile if lm is not None else None
     backend = backend or (p.backend if p else "ort-cpu")
     precision = p.precision if p else "fp32"
+    if torch_device == "auto" and p is not None and p.torch_device:
+        torch_device = p.torch_device  # a torch profile measured on cuda:1 is verified on cuda:1
     warnings = list(meta.get("warnings") or [])
     if p is not None:
         here = get_backend(backend, threads or p.threads, precision=precision, torch_device=torch_device)
@@ -348,4 +387,5 @@ def verify_run(run_dir: str | Path, data, backend: str | None = None, device: st
         meta.get("target_value") if meta.get("target") == "latency" else None)
     return verify(run_dir, data, backend, batch_size or (p.batch_size if p else 1),
                   threads or (p.threads if p else 1), target_ms, target_fraction, p.device if p else device, lm,
-                  torch_device, precision, max_drop=max_drop, warnings=warnings)
+                  torch_device, precision, max_drop=max_drop, warnings=warnings,
+                  max_quant_drop=MAX_QUANT_DROP if max_quant_drop is None else max_quant_drop)

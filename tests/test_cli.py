@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-COMMANDS = ["train", "info", "search", "prune", "profile", "predict", "select", "retrain", "export", "verify", "run",
-            "doctor"]
+COMMANDS = ["train", "info", "search", "prune", "profile", "predict", "select", "retrain", "export", "quantize",
+            "verify", "run", "doctor"]
 
 
 def slimdeploy(*args: str, cwd: Path | None = None, env_extra: dict | None = None) -> subprocess.CompletedProcess:

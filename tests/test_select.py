@@ -264,3 +264,11 @@ def test_the_round_kept_is_the_nearest_below_with_its_interval_under(setup):
     assert not res.met and res.measured_high_ms > 0.6 * dense
     res = closed_loop(_solve_on(setup), lm, slower, dense_spec, 0.6 * dense, None, rounds=4)
     assert res.met and 0.9 <= res.measured_ms / (0.6 * dense) <= 1.0  # more rounds: the refit finds it
+
+
+def test_a_rule_that_cannot_reach_the_target_says_so(setup):
+    arch, lm, imp, sel, dense = setup
+    dense_spec = SlimSpec.dense(ModelConfig("t-wide"), arch)
+    with pytest.raises(SlimError, match="cannot reach"):
+        closed_loop(lambda m, b: None, lm, _fake_measure(lambda s: lm.predict(s), dense_spec), dense_spec,
+                    0.1 * dense, None)

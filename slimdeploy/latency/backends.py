@@ -19,7 +19,10 @@ from . import timing
 from .fingerprint import cpu_fingerprint, cpu_name, gpu_fingerprint
 
 BACKEND_NAMES = ("ort-cpu", "ort-cuda", "trt", "torch")
-PRECISIONS = ("fp32", "fp16")
+PRECISIONS = ("fp32", "fp16", "bf16", "int8")
+# what each backend runs (torch: cpu / cuda)
+SUPPORTED = {"ort-cpu": ("fp32", "int8"), "ort-cuda": ("fp32",), "trt": ("fp32", "fp16", "int8"),
+             "torch-cpu": ("fp32", "bf16"), "torch-cuda": ("fp32", "fp16", "bf16")}
 
 
 class Session:
@@ -118,8 +121,7 @@ class OrtBackend(Backend):
     def __init__(self, device: str = "cpu", threads: int | None = 1, precision: str = "fp32"):
         self.ort = _ort()
         self.device, self.name, self.threads = device, f"ort-{device}", threads
-        if precision != "fp32":
-            raise SlimError(f"{self.name} profiles and runs fp32 models only (use --backend trt or torch for fp16)")
+        self.precision = precision
         if device == "cuda":
             if hasattr(self.ort, "preload_dlls"):  # CUDA/cuDNN from the nvidia-* pip packages
                 try:
@@ -171,7 +173,18 @@ class OrtBackend(Backend):
                             "(slimdeploy doctor)")
         return sess
 
-    def load_onnx(self, onnx):
+    def load_onnx(self, onnx, quantized: bool = False):
+        """A session of the graph; at int8 an fp32 graph is quantized first (random calibration: for timing;
+        deployed int8 graphs come from the quantize stage and are loaded with quantized=True)."""
+        if self.precision == "int8" and not quantized:
+            import tempfile
+
+            from ..quantize import quantize_for_timing
+
+            with tempfile.TemporaryDirectory() as tmp:
+                path = Path(tmp) / "q.onnx"
+                quantize_for_timing(onnx if isinstance(onnx, bytes) else Path(onnx), path)
+                return OrtSession(self.session(path), self.device)
         return OrtSession(self.session(onnx), self.device)
 
 
@@ -183,37 +196,70 @@ def disable_tf32() -> None:
     torch.backends.cudnn.allow_tf32 = False
 
 
+def device_sync(device: torch.device):
+    """What waits for work queued on `device`: the model's own GPU (torch.cuda.synchronize() alone waits on the
+    current one, so a model on cuda:1 would be timed too fast), nothing on the CPU."""
+    if device.type == "cuda":
+        return lambda: torch.cuda.synchronize(device)
+    return None
+
+
+TORCH_MODES = ("eager", "compile", "graph")
+
+
 class TorchSession(Session):
-    def __init__(self, module: nn.Module, device: torch.device, dtype: torch.dtype):
-        self.module, self.device, self.dtype = module, device, dtype
+    """A module run as deployed in torch: eager, torch.compile'd, or (CUDA) replayed from a captured CUDA graph."""
+
+    def __init__(self, module: nn.Module, device: torch.device, dtype: torch.dtype, mode: str = "eager"):
+        self.module, self.device, self.dtype, self.mode = module, device, dtype, mode
+        self.fn = torch.compile(module) if mode == "compile" else module
 
     @torch.inference_mode()
     def run(self, x):
-        out = self.module(torch.as_tensor(x).to(self.device, self.dtype))
+        out = self.fn(torch.as_tensor(x).to(self.device, self.dtype))
         return out.float().cpu().numpy()
 
     def timed(self, x):
         xs = tuple(torch.as_tensor(a).to(self.device, self.dtype) for a in (x if isinstance(x, tuple) else (x,)))
+        if self.mode == "graph":
+            return self._graph(xs), device_sync(self.device)
 
         @torch.inference_mode()
         def call():
-            return self.module(*xs)
+            return self.fn(*xs)
+        return call, device_sync(self.device)
 
-        if self.device.type == "cuda":  # wait on the model's device, not the current one
-            return call, (lambda: torch.cuda.synchronize(self.device))
-        return call, None
+    @torch.inference_mode()
+    def _graph(self, xs):
+        """Capture one call in a CUDA graph (after warm-up on a side stream, as torch's docs do); replay it."""
+        stream = torch.cuda.Stream(self.device)
+        stream.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(stream):
+            for _ in range(3):
+                self.module(*xs)
+        torch.cuda.current_stream(self.device).wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            self._static_out = self.module(*xs)
+        return graph.replay
 
 
 class TorchBackend(Backend):
     name = "torch"
 
-    def __init__(self, device: str = "cpu", threads: int | None = 1, precision: str = "fp32"):
+    def __init__(self, device: str = "cpu", threads: int | None = 1, precision: str = "fp32", mode: str = "eager"):
         self.device = torch.device(device)
-        self.precision, self.threads = precision, threads
+        self.precision, self.threads, self.mode = precision, threads, mode
+        if mode not in TORCH_MODES:
+            raise SlimError(f"--torch-mode must be one of {', '.join(TORCH_MODES)}, not '{mode}'")
+        if mode == "graph" and self.device.type != "cuda":
+            raise SlimError("--torch-mode graph (CUDA graphs) needs a CUDA device")
         if self.device.type == "cuda" and not torch.cuda.is_available():
             raise SlimError("the torch backend on cuda needs a CUDA GPU and a CUDA build of torch")
+        if precision == "int8":
+            raise SlimError("int8 runs on ort-cpu (ONNX Runtime) or trt, not on the torch backend")
         if precision == "fp16" and self.device.type == "cpu":
-            raise SlimError("fp16 on the torch backend needs a CUDA device (--torch-device cuda)")
+            raise SlimError("fp16 on the torch backend needs a CUDA device (--torch-device cuda); bf16 runs on CPUs")
         if self.device.type == "cuda" and precision == "fp32":
             disable_tf32()
         if self.device.type == "cpu" and threads:
@@ -231,11 +277,11 @@ class TorchBackend(Backend):
         return cpu_fingerprint(self.name, self.version(), self.threads)
 
     def describe(self) -> dict:
-        return {**super().describe(), "torch_device": str(self.device)}
+        return {**super().describe(), "torch_device": str(self.device), "torch_mode": self.mode}
 
     def load_module(self, module, example=None):
-        dtype = torch.float16 if self.precision == "fp16" else torch.float32
-        return TorchSession(module.eval().to(self.device, dtype), self.device, dtype)
+        dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(self.precision, torch.float32)
+        return TorchSession(module.eval().to(self.device, dtype), self.device, dtype, self.mode)
 
     def load_onnx(self, onnx):
         raise SlimError("the torch backend runs torch modules, not ONNX files")
@@ -264,7 +310,7 @@ class TrtBackend(Backend):
     def load_onnx(self, onnx):
         from ..trt import TrtSession, build_engine
 
-        plan = build_engine(onnx, fp16=self.precision == "fp16", opt_batch=self.opt_batch,
+        plan = build_engine(onnx, precision=self.precision, opt_batch=self.opt_batch,
                             timing_cache=self.timing_cache)
         return TrtSession(plan)
 
@@ -274,6 +320,10 @@ def get_backend(name: str, threads: int | None = 1, precision: str = "fp32", tor
     """The backend called `name`; SlimError naming what to install when it cannot run here."""
     if precision not in PRECISIONS:
         raise SlimError(f"--precision must be one of {', '.join(PRECISIONS)}, not '{precision}'")
+    cuda = torch_device.startswith("cuda") or (torch_device == "auto" and torch.cuda.is_available())
+    key = name if name != "torch" else f"torch-{'cuda' if cuda else 'cpu'}"
+    if name in BACKEND_NAMES and precision not in SUPPORTED[key]:
+        raise SlimError(f"{key} does not run {precision} (it runs {', '.join(SUPPORTED[key])})")
     if name == "ort-cpu":
         return OrtBackend("cpu", threads, precision)
     if name == "ort-cuda":
@@ -282,5 +332,5 @@ def get_backend(name: str, threads: int | None = 1, precision: str = "fp32", tor
         return TrtBackend(precision, **kw)
     if name == "torch":
         dev = torch_device if torch_device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-        return TorchBackend(dev, threads, precision)
+        return TorchBackend(dev, threads, precision, kw.get("torch_mode", "eager"))
     raise SlimError(f"unknown backend '{name}': choose one of {', '.join(BACKEND_NAMES)}")

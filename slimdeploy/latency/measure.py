@@ -60,15 +60,18 @@ def measure_models(backend: Backend, models: dict[str, nn.Module], arch: Arch, b
 
 
 class SpecMeasurer:
-    """Measures structures pruned from `model`, each round interleaved with the dense model (kept loaded):
-    the closed loop's and the benchmarks' measurement.
+    """Measures structures pruned from `model`, each round interleaved with the dense model (kept loaded, on the
+    `reference` backend: fp32 when structures are measured at int8): the closed loop's and the benchmarks'
+    measurement.
 
     The dense reference is the dense model itself, not the searched weights: weight values can change latency
     on a CPU (masks searched to near zero leave denormal weights, which run slower)."""
 
-    def __init__(self, backend: Backend, model: nn.Module, arch: Arch, batch: int, dense: nn.Module | None = None):
+    def __init__(self, backend: Backend, model: nn.Module, arch: Arch, batch: int, dense: nn.Module | None = None,
+                 reference: Backend | None = None):
         self.backend, self.model, self.arch, self.batch = backend, model.eval(), arch, batch
-        self.dense = deployed_session(backend, (dense if dense is not None else model).eval(), arch, batch)
+        self.dense = deployed_session(reference or backend, (dense if dense is not None else model).eval(), arch,
+                                      batch)
 
     def __call__(self, specs: list, long: bool = False) -> tuple[timing.Measurement, list[timing.Measurement]]:
         from ..slim import build_slim

@@ -77,7 +77,9 @@ def check_profile_fits(profile: DeviceProfile, arch: Arch, batch_size: int | Non
     if batch_size is not None and batch_size != profile.batch_size:
         diffs.append(f"batch size {profile.batch_size} (profile) vs {batch_size}")
     if precision is not None and precision != profile.precision:
-        diffs.append(f"precision {profile.precision} (profile) vs {precision}")
+        raise SlimError(f"profile '{profile.device}' was measured at {profile.precision}, not {precision}: a width "
+                        f"staircase at one precision does not hold at another; measure one with slimdeploy profile "
+                        f"--precision {precision} (or --device local --precision {precision})")
     if diffs:
         raise SlimError(f"profile '{profile.device}' does not fit: " + "; ".join(diffs)
                         + " (measure one: slimdeploy profile --device NAME --model ..., or use --device local)")

@@ -304,6 +304,7 @@ def _profile(device, backend, batch, arch, tables, calibration, command, seconds
                          threads=backend.threads, model=model_signature(arch), tables=tables,
                          calibration=calibration, fingerprint=backend.fingerprint(),
                          torch_device=str(getattr(backend, "device", "")) if backend.name == "torch" else None,
+                         torch_mode=getattr(backend, "mode", None) if backend.name == "torch" else None,
                          created=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
                          command=command, seconds=round(seconds, 1))
 
@@ -311,22 +312,24 @@ def _profile(device, backend, batch, arch, tables, calibration, command, seconds
 # ---- resolving --device ----------------------------------------------------------------------------
 
 def local_profile_path(backend: Backend, arch: Arch, batch: int, profiles_dir: str | Path | None = None) -> Path:
-    """Where the cached local profile of this machine, backend, model shape and batch size lives."""
+    """Where the cached local profile of this machine, backend, precision, model shape and batch size lives."""
     folder = Path(profiles_dir).expanduser() if profiles_dir else user_profiles_dir()
     shape = fingerprint_key(model_signature(arch))
-    return folder / f"local-{backend.name}-{fingerprint_key(backend.fingerprint())}-{shape}-b{batch}.json"
+    precision = "" if backend.precision == "fp32" else f"-{backend.precision}"
+    return folder / f"local-{backend.name}-{fingerprint_key(backend.fingerprint())}-{shape}-b{batch}{precision}.json"
 
 
 def load_latency_model(device: str, model: nn.Module, source: ModelConfig, backend: Backend | None = None,
-                       batch_size: int = 1, profiles_dir: str | Path | None = None
+                       batch_size: int = 1, profiles_dir: str | Path | None = None, precision: str | None = None
                        ) -> tuple[LatencyModel, list[str]]:
     """The latency model for --device: 'local' measures this machine once (cached), a name or path loads a
-    profile. Returns it with warnings (a profile measured on another machine says so)."""
+    profile (refused when it was measured at another precision than `precision`). Returns it with warnings (a
+    profile measured on another machine says so)."""
     from .backends import get_backend
 
     arch = arch_of(model)
     if device == "local":
-        backend = backend or get_backend("ort-cpu")
+        backend = backend or get_backend("ort-cpu", precision=precision or "fp32")
         path = local_profile_path(backend, arch, batch_size, profiles_dir)
         if not path.is_file():
             log(f"profiling this machine for {source.name} on {backend.name} (once; cached in {path})")
@@ -334,11 +337,12 @@ def load_latency_model(device: str, model: nn.Module, source: ModelConfig, backe
         lm = LatencyModel(DeviceProfile.load(path), path=path.resolve())
     else:
         lm = LatencyModel.load(device, profiles_dir)
-        check_profile_fits(lm.profile, arch)
+        check_profile_fits(lm.profile, arch, precision=precision)
     p = lm.profile
     try:
         here = (backend or get_backend(p.backend, threads=p.threads, precision=p.precision,
-                                       torch_device=p.torch_device or "auto")).fingerprint()
+                                       torch_device=p.torch_device or "auto",
+                                       torch_mode=p.torch_mode or "eager")).fingerprint()
     except SlimError as e:  # the profile's backend cannot run here: nothing to compare with
         return lm, [f"profile '{p.device}' is for {p.backend}, which cannot run here ({e}): its predictions "
                     "cannot be checked on this machine"]
@@ -347,14 +351,20 @@ def load_latency_model(device: str, model: nn.Module, source: ModelConfig, backe
 
 
 def fold_runs(profile_path: str | Path, run_dirs: list[str | Path]) -> DeviceProfile:
-    """Fold closed-loop measurements of runs (select.json) back into a profile: they join its calibration
-    points (as their measured ratio to dense, times the profile's dense latency) and the calibration is fitted
-    again (the tables stay). The profile file is rewritten atomically."""
+    """Fold closed-loop measurements of runs (their select.json) back into a profile (see fold_rounds)."""
     from ..fileio import read_json
 
-    rows = [(run, row) for run in run_dirs
-            for row in read_json(Path(run) / "select.json", "select record").get("rounds") or [] if "sizes" in row]
-    if not rows:
+    rounds = [{**row, "from": str(run)} for run in run_dirs
+              for row in read_json(Path(run) / "select.json", "select record").get("rounds") or [] if "sizes" in row]
+    return fold_rounds(profile_path, rounds)
+
+
+def fold_rounds(profile_path: str | Path, rounds: list[dict]) -> DeviceProfile:
+    """Closed-loop rounds join the profile's calibration points (as their measured ratio to dense, times the
+    profile's dense latency) and the calibration is fitted again (the tables stay). The loop measures exactly
+    where selection goes, so the next selection on this machine starts from a model that has seen it. The
+    profile file is rewritten atomically."""
+    if not rounds:
         raise SlimError("no closed-loop measurements to fold in: run select with --verify-latency first")
     path = Path(profile_path)
     prof = DeviceProfile.load(path)
@@ -364,11 +374,11 @@ def fold_runs(profile_path: str | Path, run_dirs: list[str | Path]) -> DevicePro
     if not points:
         raise SlimError(f"profile {path} has no calibration points to fold into")
     dense_ref = points[0]["measured_ms"]  # the dense model; every point is its ratio to dense times this
-    for run, row in rows:
+    for row in rounds:
         points.append({"features": lm.features([tuple(s) for s in row["sizes"]], n_tokens),
                        "measured_ms": row["over_dense"] * dense_ref, "halfwidth": row.get("y_halfwidth"),
-                       "widths": row["sizes"], "from": str(run)})
+                       "widths": row["sizes"], "from": row.get("from", "closed loop")})
     prof.calibration = fit_calibration(points)
-    prof.warnings = [*prof.warnings, f"calibration refitted with {len(rows)} closed-loop measurements"]
+    prof.warnings = [*prof.warnings, f"calibration refitted with {len(rounds)} closed-loop measurements"]
     prof.save(path)
     return prof

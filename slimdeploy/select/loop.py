@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from ..errors import SlimError
 from ..latency import timing
 from ..latency.model import LatencyModel
 from ..progress import log
@@ -46,6 +47,12 @@ class LoopResult:
     refit: dict = field(default_factory=dict)
 
 
+def dense_reference(measure: Measure, dense_spec: SlimSpec) -> tuple[float, float]:
+    """(the dense reference, the dense model as deployed), in ms, from one interleaved measurement."""
+    ref, (deployed,) = measure([dense_spec], False)
+    return ref.median_ms, deployed.median_ms
+
+
 def refit(points: list[tuple[float, float]]) -> tuple[float, float]:
     """measured = a * predicted + b from (predicted, measured) points: a scale through the origin with one point
     (or points at one prediction), a least-squares line with more; a stays in [MIN_SCALE, MAX_SCALE]."""
@@ -60,31 +67,35 @@ def refit(points: list[tuple[float, float]]) -> tuple[float, float]:
 
 
 def closed_loop(solve: Solve, lm: LatencyModel, measure: Measure, dense_spec: SlimSpec, target_ms: float | None,
-                fraction: float | None, rounds: int = 4, dense_ms: float | None = None) -> LoopResult:
+                fraction: float | None, rounds: int = 4, dense: tuple[float, float] | None = None,
+                window: tuple[float, float] = WINDOW, aim: float = AIM) -> LoopResult:
     """Run the loop for an absolute target (target_ms) or a fraction of the dense model's measured latency.
 
-    The dense model's measurement (taken here unless given) is the first point of the refit: it says how fast
-    the machine runs now against the profile (a shared machine drifts by several percent over minutes)."""
-    if dense_ms is None:
-        dense_ms = measure([], False)[0].median_ms
+    dense: (the dense reference in ms, the dense model at the deployment precision in ms), measured here unless
+    given; they differ when deploying int8 against an fp32 reference. The second is the first point of the
+    refit: it says how fast the machine runs now against the profile (a shared machine drifts by several
+    percent over minutes)."""
+    dense_ms, deploy_ms = dense or dense_reference(measure, dense_spec)
     target = target_ms if target_ms is not None else fraction * dense_ms
     rows: list[dict] = []
-    points: list[tuple[float, float]] = [(lm.predict(dense_spec), dense_ms)]
+    points: list[tuple[float, float]] = [(lm.predict(dense_spec), deploy_ms)]
     under: tuple[float, float] | None = None  # (predicted, y) of the best round under the target
     over: tuple[float, float] | None = None  # ... and over it
     model = lm.corrected(*refit(points))
     specs: list[SlimSpec] = []
     for r in range(max(1, rounds)):
-        spec = solve(model, AIM * target)
+        spec = solve(model, aim * target)
         if spec is not None and under and over and not under[0] < lm.predict(spec) < over[0]:
             spec = solve(lm, 0.5 * (under[0] + over[0]))  # the refit left the bracket: bisect it instead
         if spec is None:
+            if not rows:
+                raise SlimError(f"this rule cannot reach {target:.4g} ms on the profile's model: raise the target")
             break
         pred = lm.predict(spec)
         row = _measure_round(measure, spec, dense_ms, fraction, target, long=False)
-        if WINDOW[0] - 0.05 <= row["y"] <= WINDOW[1] + 0.05 and row["y_halfwidth"] > WIDE:
+        if window[0] - 0.05 <= row["y"] <= window[1] + 0.05 and row["y_halfwidth"] > WIDE:
             row = {**_measure_round(measure, spec, dense_ms, fraction, target, long=True), "remeasured": True}
-        row.update(round=r + 1, budget_ms=AIM * target, predicted_ms=pred, predicted_refit_ms=model.predict(spec),
+        row.update(round=r + 1, budget_ms=aim * target, predicted_ms=pred, predicted_refit_ms=model.predict(spec),
                    sizes=[[b.num_tokens, b.num_heads, b.qk_dim, b.v_dim, b.mlp_dim] for b in spec.blocks])
         rows.append(row)
         specs.append(spec)
@@ -92,19 +103,17 @@ def closed_loop(solve: Solve, lm: LatencyModel, measure: Measure, dense_spec: Sl
             f"{row['measured_ms']:.3f} ms ({100 * row['y']:.1f}% of target, 95% interval up to "
             f"{100 * row['y_high']:.1f}%)")
         points.append((pred, row["measured_ms"]))
-        if row["y_high"] <= WINDOW[1]:
+        if row["y_high"] <= window[1]:
             if under is None or row["y"] > under[1]:
                 under = (pred, row["y"])
         elif over is None or row["y"] < over[1]:
             over = (pred, row["y"])
-        if row["y"] >= WINDOW[0] and row["y_high"] <= WINDOW[1]:
+        if row["y"] >= window[0] and row["y_high"] <= window[1]:
             break
         a, b = refit(points)
         model = lm.corrected(a, b)
-    if not rows:
-        raise ValueError("no structure to measure")
-    met = [i for i, r in enumerate(rows) if r["y_high"] <= WINDOW[1]]
-    below = [i for i, r in enumerate(rows) if r["y"] <= WINDOW[1]]
+    met = [i for i, r in enumerate(rows) if r["y_high"] <= window[1]]
+    below = [i for i, r in enumerate(rows) if r["y"] <= window[1]]
     if met:
         chosen = max(met, key=lambda i: rows[i]["y"])
     elif below:
@@ -113,7 +122,7 @@ def closed_loop(solve: Solve, lm: LatencyModel, measure: Measure, dense_spec: Sl
         chosen = min(range(len(rows)), key=lambda i: rows[i]["y"])
     a, b = refit(points)
     best = rows[chosen]
-    return LoopResult(spec=specs[chosen], rounds=rows, chosen_round=chosen + 1, met=best["y_high"] <= WINDOW[1],
+    return LoopResult(spec=specs[chosen], rounds=rows, chosen_round=chosen + 1, met=best["y_high"] <= window[1],
                       measured_ms=best["measured_ms"], measured_high_ms=best["measured_high_ms"], target_ms=target,
                       dense_ms=dense_ms, refit={"a": a, "b": b, "points": [list(p) for p in points]})
 

@@ -21,8 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Subset
 
-from ..data import DataBundle, _collate
-from ..errors import SlimError
+from ..data import DataBundle, _collate, training_images
 from ..slim import build_slim
 from ..types import SlimSpec
 
@@ -40,18 +39,7 @@ class CalibrationSet:
 def calibration_set(bundle: DataBundle, teacher: nn.Module, size: int, seed: int = 0, batch: int = 256
                     ) -> CalibrationSet:
     """A fixed, seeded subset of the training images (evaluation transform) with the teacher's logits."""
-    ds = bundle.train_eval
-    if size < 1:
-        raise SlimError("--calibration-images must be >= 1")
-    if len(ds) < size:
-        raise SlimError(f"the training set has {len(ds)} images, fewer than the {size} calibration images asked for "
-                        "(--calibration-images)")
-    g = torch.Generator().manual_seed(seed)
-    indices = torch.randperm(len(ds), generator=g)[:size].sort().values.tolist()
-    loader = DataLoader(Subset(ds, indices), batch_size=batch, shuffle=False,
-                        collate_fn=_collate(bundle.transform) if bundle.transform is not None else None)
-    xs = [x for x, _ in loader]
-    x = torch.cat(xs)
+    x, indices = training_images(bundle, size, seed)
     teacher = teacher.eval()
     logits = torch.cat([teacher(x[i:i + batch]) for i in range(0, len(x), batch)])
     return CalibrationSet(x, logits.float(), indices)
@@ -125,3 +113,26 @@ class Scorer:
                                              self.cal, self.tau)}
         self.seconds += time.perf_counter() - start
         return out
+
+
+@torch.no_grad()
+def quantized_loss(spec: SlimSpec, searched: nn.Module, cal: CalibrationSet, bundle: DataBundle, tau: float = 1.0
+                   ) -> float:
+    """The distillation loss of a structure as an int8 deployment runs it: pruned from the searched weights,
+    exported, quantized (calibrated on other training images) and run by ONNX Runtime on the calibration split."""
+    import tempfile
+    from pathlib import Path
+
+    from ..export import export_onnx
+    from ..latency.backends import get_backend
+    from ..quantize import QuantConfig, calibration_batches, quantize_onnx
+
+    a = spec.arch
+    model = build_slim(spec, searched)
+    with tempfile.TemporaryDirectory() as tmp:
+        fp32 = export_onnx(model, Path(tmp) / "m.onnx", (a.in_chans, a.img_size, a.img_size), None)
+        q = Path(tmp) / "m.int8.onnx"
+        quantize_onnx(fp32, q, calibration_batches(bundle, 256, 64), QuantConfig(images=256))
+        sess = get_backend("ort-cpu", precision="int8").load_onnx(q, quantized=True)
+        out = torch.cat([torch.as_tensor(sess.run(cal.x[i:i + 256].numpy())) for i in range(0, len(cal.x), 256)])
+    return float(kd(out.float(), cal.teacher, tau))

@@ -22,7 +22,7 @@ from ..progress import log
 from ..types import SlimSpec
 from .candidates import Family, Problem, candidates
 from .importance import Importance, load_importance, spec_importance
-from .loop import AIM, closed_loop
+from .loop import AIM, closed_loop, dense_reference
 from .scoring import Scorer, calibration_set
 from .solver import Cost, LatencyCost, MacsCost, ParamsCost
 from .target import Target
@@ -40,6 +40,7 @@ class SelectOptions:
     recovery_steps: int = 0
     recovery_top: int = SELECT["recovery_top"]
     tau: float = SELECT["tau"]
+    precision: str | None = None  # refuse a profile of another precision (default: the profile's)
 
 
 def _cost_of(spec: SlimSpec, cost: Cost) -> float:
@@ -97,12 +98,18 @@ def select_run(run_dir: str | Path, target: Target, data=None, device: str | Non
     arch = arch_of(teacher)
     warnings: list[str] = []
     record: dict = {"target": target.to_dict(), "warnings": warnings}
+    options_lms: list[LatencyModel] = []  # with --precision auto: one latency model per precision profiled
     if target.kind == "latency" and lm is None:
         from ..latency.profile import load_latency_model
 
         if device is None:
             raise SlimError("a latency target needs --device (a profile name, or local)")
-        lm, warnings[:] = load_latency_model(device, teacher, mcfg, profiles_dir=profiles_dir)
+        if o.precision == "auto":
+            options_lms, warnings[:] = _auto_profiles(device, teacher, mcfg, profiles_dir)
+            lm = options_lms[0]
+        else:
+            lm, warnings[:] = load_latency_model(device, teacher, mcfg, profiles_dir=profiles_dir,
+                                                 precision=o.precision)
         for w in warnings:
             log(f"[yellow]warning:[/yellow] {w}")
     record["profile_path"] = str(lm.path) if lm is not None and lm.path else None
@@ -120,12 +127,15 @@ def select_run(run_dir: str | Path, target: Target, data=None, device: str | Non
         return _write(r, inputs, spec, dense_spec, imp, target, lm, record, None)
 
     searched = searched_model(run_dir, dense_spec)
+    if len(options_lms) > 1:  # --precision auto: the precision whose best candidate scores best decides
+        lm = _choose_precision(options_lms, imp, arch, mcfg, target, dense_spec, searched, teacher, data, o, record)
+        record["profile_path"] = str(lm.path)
     looping = target.kind == "latency" and o.verify_latency
     measurer, dense_ms, lm_now = None, None, lm
     if looping:  # the dense model measured now: the budget's reference, and how fast this machine runs today
         measurer = measure or _device_measurer(lm, searched, teacher, arch)
-        dense_ms = measurer([], False)[0].median_ms
-        lm_now = lm.corrected(dense_ms / lm.predict(dense_spec), 0.0)
+        dense_ms, deploy_ms = dense_reference(measurer, dense_spec)
+        lm_now = lm.corrected(deploy_ms / lm.predict(dense_spec), 0.0)
     cost: Cost = {"macs": lambda: MacsCost(arch), "params": lambda: ParamsCost(arch),
                   "latency": lambda: LatencyCost(lm_now)}[target.kind]()
     budget = _budget(target, dense_spec, lm, dense_ms)
@@ -152,7 +162,7 @@ def select_run(run_dir: str | Path, target: Target, data=None, device: str | Non
         def solve(model, b):
             return Problem(arch, mcfg, imp, LatencyCost(model)).solve(family, b)
         res = closed_loop(solve, lm, measurer, dense_spec, None if target.relative else target.value,
-                          target.fraction, o.rounds, dense_ms)
+                          target.fraction, o.rounds, (dense_ms, deploy_ms))
         spec = res.spec
         record.update(rounds=res.rounds, chosen_round=res.chosen_round, refit=res.refit, met=res.met,
                       measured_ms=res.measured_ms, measured_high_ms=res.measured_high_ms, target_ms=res.target_ms)
@@ -165,13 +175,74 @@ def select_run(run_dir: str | Path, target: Target, data=None, device: str | Non
     return _write(r, inputs, spec, dense_spec, imp, target, lm, record, rows)
 
 
+def _auto_profiles(device: str, teacher, mcfg, profiles_dir) -> tuple[list[LatencyModel], list[str]]:
+    """The profiles --precision auto chooses among: for local, this machine at fp32 and int8 (each measured once);
+    for a named device NAME, NAME and whichever of NAME-int8, NAME-bf16, NAME-fp16 exist."""
+    from ..latency.model import resolve_profile
+    from ..latency.profile import load_latency_model
+
+    if device == "local":
+        names = [("local", "fp32"), ("local", "int8")]
+    else:
+        names = [(device, None)]
+        for p in ("int8", "bf16", "fp16"):
+            try:
+                resolve_profile(f"{device}-{p}", profiles_dir)
+                names.append((f"{device}-{p}", p))
+            except SlimError:
+                pass
+    out, warnings = [], []
+    for name, precision in names:
+        lm, w = load_latency_model(name, teacher, mcfg, profiles_dir=profiles_dir, precision=precision)
+        out.append(lm)
+        warnings += [x for x in w if x not in warnings]
+    return out, warnings
+
+
+def _choose_precision(lms: list[LatencyModel], imp, arch, mcfg, target: Target, dense_spec: SlimSpec, searched,
+                      teacher, data, o: SelectOptions, record: dict) -> LatencyModel:
+    """At each precision, the best candidate for the target on that precision's tables (a percentage of the
+    dense model's predicted fp32 latency), scored as it would be deployed (int8: quantized and run in ONNX
+    Runtime on the calibration split); the precision with the lowest loss is kept."""
+    from .scoring import quantized_loss
+
+    reference = next((lm for lm in lms if lm.profile.precision == "fp32"), lms[0])
+    budget = (target.fraction * reference.predict(dense_spec) if target.relative else float(target.value)) * AIM
+    n_cal = o.calibration_images or min(SELECT["calibration_images"], len(data.train_eval) // 2)
+    scorer = Scorer(searched, teacher, data, calibration_set(data, teacher, n_cal), 0, tau=o.tau)
+    results = []
+    for lm in lms:
+        p = lm.profile.precision
+        try:
+            rows, best = rank_candidates(Problem(arch, mcfg, imp, LatencyCost(lm)), budget, scorer, 0, lm)
+        except SlimError:
+            results.append({"precision": p, "reaches": False})
+            continue
+        spec = rows[best]["_spec"]
+        loss = quantized_loss(spec, searched, scorer.cal, data, o.tau) if p == "int8" else rows[best]["loss"]
+        results.append({"precision": p, "reaches": True, "family": rows[best]["family"], "loss": loss,
+                        "predicted_ms": lm.predict(spec), "profile": str(lm.path)})
+        log(f"select: --precision auto: {p}: {rows[best]['family']}, loss {loss:.4f} (as deployed)")
+    reached = [r for r in results if r["reaches"]]
+    if not reached:
+        raise SlimError("no profiled precision reaches the target: raise it")
+    best = min(reached, key=lambda r: r["loss"])
+    record["precision_auto"] = {"options": results, "chosen": best["precision"]}
+    log(f"select: --precision auto chose {best['precision']}")
+    return next(lm for lm in lms if lm.profile.precision == best["precision"])
+
+
 def _device_measurer(lm: LatencyModel, model, dense, arch):
+    """Structures measured at the profile's precision, beside the dense model at fp32 on the same runtime (the
+    reference a percentage target is taken of)."""
     from ..latency.backends import get_backend
     from ..latency.measure import SpecMeasurer
 
     p = lm.profile
-    backend = get_backend(p.backend, threads=p.threads, precision=p.precision, torch_device=p.torch_device or "auto")
-    return SpecMeasurer(backend, model, arch, p.batch_size, dense)
+    kw = dict(threads=p.threads, torch_device=p.torch_device or "auto", torch_mode=p.torch_mode or "eager")
+    backend = get_backend(p.backend, precision=p.precision, **kw)
+    reference = backend if p.precision == "fp32" else get_backend(p.backend, precision="fp32", **kw)
+    return SpecMeasurer(backend, model, arch, p.batch_size, dense, reference)
 
 
 def _budget(target: Target, dense_spec: SlimSpec, lm: LatencyModel | None, dense_ms: float | None) -> float:
