@@ -199,7 +199,7 @@ def profile_torch(cfg, dev, out, tiny) -> dict:
     kw = dict(token_points=3, calibration_models=4, step=8) if tiny else {}
     p = profile_device(name, TorchBackend(dev, threads=None), create_model(cfg), cfg, 1, path, **kw)
     cal = p.calibration
-    return {"profile": str(path), "seconds": p.seconds, "measurements": p.measurements,
+    return {"profile": str(path), "profile_seconds": p.seconds, "measurements": p.measurements,
             "fit_median_abs_error": cal["fit_median_abs_error"], "fit_max_abs_error": cal["fit_max_abs_error"],
             "torch_device": p.torch_device}
 

@@ -76,15 +76,18 @@ def quantize_onnx(src: str | Path | bytes, dst: str | Path, calib: list[list[np.
     method = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
               "percentile": CalibrationMethod.Percentile}[cfg.method]
     with tempfile.TemporaryDirectory() as tmp:
-        pre = Path(tmp) / "pre.onnx"
+        # onnxruntime's tools are given paths: handed a ModelProto they write it with external data they then
+        # cannot read back (onnxruntime 1.32)
+        src_path, pre = Path(tmp) / "named.onnx", Path(tmp) / "pre.onnx"
+        onnx.save(model, str(src_path))
         try:  # shape inference and graph clean-up before quantizing, as onnxruntime recommends
-            quant_pre_process(model, str(pre), skip_symbolic_shape=True)
-            model = onnx.load(str(pre))
+            quant_pre_process(str(src_path), str(pre), skip_symbolic_shape=True)
+            model, src_path = onnx.load(str(pre)), pre
         except Exception:  # noqa: BLE001 - an optimisation only: quantize the graph as it is
             pass
         excluded = _excluded(model, cfg.keep_fp32)
         try:
-            quantize_static(model, str(dst), _Reader(names, calib), quant_format=QuantFormat.QDQ,
+            quantize_static(str(src_path), str(dst), _Reader(names, calib), quant_format=QuantFormat.QDQ,
                             per_channel=cfg.per_channel, activation_type=QuantType.QUInt8,
                             weight_type=QuantType.QInt8, calibrate_method=method, nodes_to_exclude=excluded,
                             calibration_providers=["CPUExecutionProvider"])

@@ -280,8 +280,13 @@ class TorchBackend(Backend):
         return {**super().describe(), "torch_device": str(self.device), "torch_mode": self.mode}
 
     def load_module(self, module, example=None):
+        import copy
+
         dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(self.precision, torch.float32)
-        return TorchSession(module.eval().to(self.device, dtype), self.device, dtype, self.mode)
+        moved = dtype != torch.float32 or any(p.device != self.device for p in module.parameters())
+        # the caller's module stays as it was: a copy is cast and moved
+        module = copy.deepcopy(module).to(self.device, dtype) if moved else module
+        return TorchSession(module.eval(), self.device, dtype, self.mode)
 
     def load_onnx(self, onnx):
         raise SlimError("the torch backend runs torch modules, not ONNX files")
