@@ -218,7 +218,7 @@ def closed_loop(cfg, dev, work, out) -> dict:
     res = select_run(work, parse_target("60%"), data, str(profile),
                      options=SelectOptions(verify_latency=True, calibration_images=64))
     return {"chosen": res.get("chosen"), "rounds": [{k: r[k] for k in ("y", "y_high", "measured_ms", "predicted_ms")}
-                                                    for r in res.get("rounds", [])],
+                                                    for r in res.get("measured", [])],
             "met": res.get("met")}
 
 

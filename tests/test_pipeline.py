@@ -105,9 +105,10 @@ def test_select_records_every_candidate_and_the_loop(run):
     assert cands[0] in recovered  # ViT-Slim's rule is always scored the same way
     # the loop: a percentage of the injected dense latency, the device 10% slower than the profile
     assert sel["target_ms"] == pytest.approx(0.75 * sel["dense_measured_ms"])
-    for row in sel["rounds"]:
+    for row in sel["measured"]:
         assert row["measured_ms"] == pytest.approx(1.1 * row["predicted_ms"], rel=0.01)
-    kept = sel["rounds"][sel["chosen_round"] - 1]
+    kept = sel["measured"][sel["chosen_measured"]]
+    assert sel["rounds"] == 1 and kept["round"] == sel["chosen_round"] == 1
     assert sel["met"] and 0.9 <= kept["y"] <= 1.0
     assert sel["refit"]["a"] == pytest.approx(1.1, rel=0.01)
     assert sel["scoring_seconds"] > 0 and sel["search_seconds"] > 0

@@ -214,8 +214,20 @@ def test_closed_loop_lands_in_the_window(setup, bias):
     res = closed_loop(_solve_on(setup), lm, _fake_measure(lambda s: bias * lm.predict(s), dense_spec), dense_spec,
                       0.6 * dense, None, rounds=4)
     assert 0.9 <= res.measured_ms / (0.6 * dense) <= 1.0 and res.met
-    assert len(res.rounds) <= 2
-    assert all(r["measured_ms"] == pytest.approx(bias * r["predicted_ms"]) for r in res.rounds)
+    assert res.rounds == 1  # the bracket of budgets holds a structure in the window even 15% off
+    assert all(r["measured_ms"] == pytest.approx(bias * r["predicted_ms"]) for r in res.measured)
+
+
+def test_a_round_measures_its_bracket_together_and_a_single_budget_needs_a_second_round(setup):
+    arch, lm, imp, sel, dense = setup
+    dense_spec = SlimSpec.dense(ModelConfig("t-wide"), arch)
+    calls = []
+    slow = _fake_measure(lambda s: 1.15 * lm.predict(s), dense_spec, calls=calls)  # 15% slower below dense
+    res = closed_loop(_solve_on(setup), lm, slow, dense_spec, 0.6 * dense, None, rounds=4, dense=(dense, dense))
+    assert res.rounds == 1 and res.met and calls[0][0] == len(res.measured) > 1  # one measurement, several specs
+    one = closed_loop(_solve_on(setup), lm, slow, dense_spec, 0.6 * dense, None, rounds=4, dense=(dense, dense),
+                      bracket=(1.0,))
+    assert one.rounds >= 2 and one.met and one.measured[0]["y"] > 1.0  # the full budget alone overshoots
 
 
 def test_percent_target_is_resolved_against_the_measured_dense_latency(setup):
@@ -225,7 +237,7 @@ def test_percent_target_is_resolved_against_the_measured_dense_latency(setup):
     res = closed_loop(_solve_on(setup), lm, _fake_measure(lambda s: 1.3 * lm.predict(s), dense_spec), dense_spec,
                       None, 0.6, rounds=4)
     assert res.target_ms == pytest.approx(0.6 * measured_dense) and res.dense_ms == pytest.approx(measured_dense)
-    assert 0.9 <= res.rounds[res.chosen_round - 1]["over_dense"] / 0.6 <= 1.0
+    assert 0.9 <= res.measured[res.chosen]["over_dense"] / 0.6 <= 1.0
 
 
 def test_refit_moves_the_prediction_toward_the_measurements(setup):
@@ -248,7 +260,7 @@ def test_a_wide_interval_near_the_target_is_measured_again(setup):
     calls = []
     wide = _fake_measure(lambda s: lm.predict(s), dense_spec, halfwidth=0.05, calls=calls)
     closed_loop(_solve_on(setup), lm, wide, dense_spec, 0.6 * dense, None, rounds=2)
-    assert (1, True) in calls  # the round was measured again with the long protocol
+    assert any(long for _, long in calls)  # the round was measured again with the long protocol
 
 
 def test_the_round_kept_is_the_nearest_below_with_its_interval_under(setup):

@@ -164,7 +164,8 @@ def select_run(run_dir: str | Path, target: Target, data=None, device: str | Non
         res = closed_loop(solve, lm, measurer, dense_spec, None if target.relative else target.value,
                           target.fraction, o.rounds, (dense_ms, deploy_ms))
         spec = res.spec
-        record.update(rounds=res.rounds, chosen_round=res.chosen_round, refit=res.refit, met=res.met,
+        record.update(measured=res.measured, rounds=res.rounds, chosen_measured=res.chosen,
+                      chosen_round=res.chosen_round, refit=res.refit, met=res.met,
                       measured_ms=res.measured_ms, measured_high_ms=res.measured_high_ms, target_ms=res.target_ms)
         final = scorer(spec)
         record.update(final_loss=final["loss"], final_agreement=final["agreement"])
