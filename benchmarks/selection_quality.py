@@ -255,7 +255,7 @@ def retrain_one(args, job) -> dict:
 def phase2(args, results: dict) -> None:
     from concurrent.futures import ProcessPoolExecutor
 
-    jobs = []  # seed by seed: a first complete table early, the spread after
+    jobs = []
     for seed in args.seeds:
         for f, rows in results["targets"].items():
             for name, r in rows.items():
@@ -264,6 +264,9 @@ def phase2(args, results: dict) -> None:
                     continue  # its column is top-1 right after pruning; or it could not reach the target
                 if r.get("retrained", {}).get(key) is None:
                     jobs.append((f, name, seed, r["spec"], r["weights"]))
+    # the first seed at every target (a complete table early), then the other seeds target by target, the
+    # smallest target first (where the methods differ most)
+    jobs.sort(key=lambda j: (j[2] != args.seeds[0], float(j[0]), args.seeds.index(j[2])))
     print(f"{len(jobs)} retraining jobs", flush=True)
     with ProcessPoolExecutor(max_workers=args.workers) as pool:
         for res in pool.map(retrain_one, [args] * len(jobs), jobs):

@@ -260,7 +260,28 @@ def test_a_wide_interval_near_the_target_is_measured_again(setup):
     calls = []
     wide = _fake_measure(lambda s: lm.predict(s), dense_spec, halfwidth=0.05, calls=calls)
     closed_loop(_solve_on(setup), lm, wide, dense_spec, 0.6 * dense, None, rounds=2)
-    assert any(long for _, long in calls)  # the round was measured again with the long protocol
+    tight_calls = []
+    tight = _fake_measure(lambda s: lm.predict(s), dense_spec, calls=tight_calls)
+    closed_loop(_solve_on(setup), lm, tight, dense_spec, 0.6 * dense, None, rounds=2)
+    # the wide round was measured again with the long protocol, besides the confirmation both runs make
+    assert sum(long for _, long in calls) > sum(long for _, long in tight_calls) == 1
+
+
+def test_a_structure_that_lands_is_kept_only_if_fresh_sessions_confirm_it(setup):
+    arch, lm, imp, sel, dense = setup
+    dense_spec = SlimSpec.dense(ModelConfig("t-wide"), arch)
+    target = 0.6 * dense
+
+    def m(ms):
+        return timing.Measurement(ms, 0.999 * ms, 1.001 * ms, 15, 150, [ms] * 15)
+
+    def flattering(specs, long=False):  # the sessions of a round run 7% fast; fresh, long ones tell the truth
+        f = 1.0 if long else 0.93
+        return m(f * lm.predict(dense_spec)), [m(f * lm.predict(s)) for s in specs]
+    res = closed_loop(_solve_on(setup), lm, flattering, dense_spec, target, None, rounds=6)
+    refused = [r for r in res.measured if r.get("confirmed") is False]
+    assert refused and all(r["y_high"] > 1.0 and r["first_measurement"]["y_high"] <= 1.0 for r in refused)
+    assert res.met and lm.predict(res.spec) <= target  # what is kept holds when measured again
 
 
 def test_the_round_kept_is_the_nearest_below_with_its_interval_under(setup):
