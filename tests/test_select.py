@@ -215,6 +215,9 @@ def test_closed_loop_lands_in_the_window(setup, bias):
                       0.6 * dense, None, rounds=4)
     assert 0.9 <= res.measured_ms / (0.6 * dense) <= 1.0 and res.met
     assert res.rounds == 1  # the bracket of budgets holds a structure in the window even 15% off
+    landed = [r["y"] for r in res.measured if 0.9 <= r["y"] and r["y_high"] <= 1.0]
+    kept = res.measured[res.chosen]
+    assert kept["confirmed"] and abs(kept["y"] - 0.95) == min(abs(y - 0.95) for y in landed)  # margin kept
     assert all(r["measured_ms"] == pytest.approx(bias * r["predicted_ms"]) for r in res.measured)
 
 

@@ -63,36 +63,31 @@ class SpecMeasurer:
     """Measures structures pruned from `model`, each call interleaved with the dense model (on the `reference`
     backend: fp32 when structures are measured at int8): the closed loop's and the benchmarks' measurement.
 
-    Every call loads fresh sessions of the dense model too (from one export): where a session's memory lands
-    moves a small model's latency by several percent, and a dense session kept for the whole loop would bias
-    every ratio the same way. The dense reference is the dense model itself, not the searched weights: weight
-    values can change latency on a CPU (masks searched to near zero leave denormal weights, which run slower)."""
+    Every call exports the dense model and loads fresh sessions of it, exactly as verify does: where a
+    session's memory lands moves a small model's latency by several percent, and it depends on what the process
+    did before loading (measured on a 2-core Xeon: dense sessions loaded from a file kept since the start of the
+    loop gave slim/dense ratios 4-7% under verify's, every time). The dense reference is the dense model itself,
+    not the searched weights: weight values can change latency on a CPU (masks searched to near zero leave
+    denormal weights, which run slower)."""
 
     def __init__(self, backend: Backend, model: nn.Module, arch: Arch, batch: int, dense: nn.Module | None = None,
                  reference: Backend | None = None):
         self.backend, self.model, self.arch, self.batch = backend, model.eval(), arch, batch
         self.reference = reference or backend
         self.dense_model = (dense if dense is not None else model).eval()
-        self._tmp = tempfile.TemporaryDirectory()
-        self.dense_onnx = None
-        if self.reference.name != "torch":
-            from ..export import export_onnx
-
-            self.dense_onnx = export_onnx(self.dense_model, Path(self._tmp.name) / "dense.onnx",
-                                          (arch.in_chans, arch.img_size, arch.img_size), batch)
 
     def __call__(self, specs: list, long: bool = False) -> tuple[timing.Measurement, list[timing.Measurement]]:
         from ..slim import build_slim
 
-        sessions = {"dense": deployed_session(self.reference, self.dense_model, self.arch, self.batch,
-                                              self.dense_onnx)}
-        try:
+        sessions = {}
+        try:  # the structures first, then the dense model: the order in which verify loads them
             sessions.update({str(i): deployed_session(self.backend, build_slim(s, self.model), self.arch, self.batch)
                              for i, s in enumerate(specs)})
+            sessions["dense"] = deployed_session(self.reference, self.dense_model, self.arch, self.batch)
             t = measure_sessions(sessions, self.arch, self.batch, timing.MODEL_LONG if long else timing.MODEL)
         finally:
             close_all(sessions)
         return t["dense"], [t[str(i)] for i in range(len(specs))]
 
     def close(self) -> None:
-        self._tmp.cleanup()
+        """Nothing is held between calls (kept for callers that close what they open)."""

@@ -12,8 +12,10 @@ the refitted model; the budget stays bracketed between the best structures measu
 A structure whose interval is wide near the target is measured again, longer, before it is judged. A structure
 that lands in the window is confirmed by a second, longer measurement with fresh sessions (as verify measures
 it: placement of a session's memory moves small models by several percent); it is kept only if both intervals
-are under the target. The structure kept is the one nearest the target from below whose 95% interval is under
-it; `met` is decided on that interval.
+are under the target. Of the structures that land, the one nearest AIM is confirmed, not the largest: two
+measurements of one model differ by up to ~5% on a shared CPU, and verify measures it again. The structure kept
+is the confirmed one, else the one nearest the target from below whose 95% interval is under it; `met` is
+decided on that interval.
 """
 
 from __future__ import annotations
@@ -120,13 +122,16 @@ def closed_loop(solve: Solve, lm: LatencyModel, measure: Measure, dense_spec: Sl
         landed = [i for i in range(len(rows) - len(measured), len(rows))
                   if rows[i]["y"] >= window[0] and rows[i]["y_high"] <= window[1]]
         if landed:
-            best = max(landed, key=lambda i: rows[i]["y"])
+            best = min(landed, key=lambda i: abs(rows[i]["y"] - aim))  # the margin for the next measurement
             if _confirm(measure, rows[best], specs[best], dense_ms, fraction, target, window, points):
                 break
         model = lm.corrected(*refit(points))
     met = [i for i, r in enumerate(rows) if r["y_high"] <= window[1]]
     below = [i for i, r in enumerate(rows) if r["y"] <= window[1]]
-    if met:
+    confirmed = [i for i in met if rows[i].get("confirmed")]
+    if confirmed:
+        chosen = confirmed[-1]
+    elif met:
         chosen = max(met, key=lambda i: rows[i]["y"])
     elif below:
         chosen = max(below, key=lambda i: rows[i]["y"])
