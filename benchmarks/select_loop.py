@@ -120,7 +120,8 @@ def run_targets(args, lm, solve, measure, be, model, dense_model, arch, dense_sp
                "measured_over_target": res.measured_ms / res.target_ms,
                "high_over_target": res.measured_high_ms / res.target_ms, "met": res.met,
                "rounds": res.rounds, "structures_measured": len(res.measured), "chosen_round": res.chosen_round,
-               "first_round_in_window": bool(in_window),
+               # landed in round one, and kept: confirmed by the second measurement
+               "first_round_in_window": bool(in_window) and res.chosen_round == 1 and res.met,
                # the structure solved at the full budget: how far the latency model alone is off
                "first_round_predicted_over_target": first[0]["predicted_ms"] / res.target_ms,
                "first_round_measured_over_target": first[0]["y"], "loop_over_dense": loop_ratio,
