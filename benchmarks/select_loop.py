@@ -99,7 +99,6 @@ def main() -> None:
         folded = LatencyModel(fold_rounds(args.fold, rounds), path=Path(args.fold))
         again = run_targets(args, folded, solve, measure, be, model, dense_model, arch, dense_spec, p)
         summary["after_fold"] = summarise(args, folded, family, warnings, dense_spec, again, label)
-    measure.close()
     name = Path(args.run).name if args.run else args.model
     out = Path(f"benchmarks/results/select_loop_{name}.json")
     out.write_text(json.dumps(summary, indent=2))

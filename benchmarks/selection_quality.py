@@ -194,7 +194,6 @@ def phase1(args) -> dict:
             r["spec"] = spec.to_dict()
         results["targets"][str(f)] = rows
         save(args, results)
-    measure.close()
     return results
 
 

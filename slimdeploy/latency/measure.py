@@ -88,6 +88,3 @@ class SpecMeasurer:
         finally:
             close_all(sessions)
         return t["dense"], [t[str(i)] for i in range(len(specs))]
-
-    def close(self) -> None:
-        """Nothing is held between calls (kept for callers that close what they open)."""

@@ -144,15 +144,11 @@ def closed_loop(solve: Solve, lm: LatencyModel, measure: Measure, dense_spec: Sl
                       dense_ms=dense_ms, refit={"a": a, "b": b, "points": [list(p) for p in points]})
 
 
-def _bracket(rows: list[dict], window: tuple[float, float]
-             ) -> tuple[tuple[float, float] | None, tuple[float, float] | None]:
-    """(predicted ms, y) of the best structure measured under the target and of the best over it."""
-    under = [r for r in rows if r["y_high"] <= window[1]]
-    over = [r for r in rows if r["y_high"] > window[1]]
-    best_under = max(under, key=lambda r: r["y"], default=None)
-    best_over = min(over, key=lambda r: r["y"], default=None)
-    return ((best_under["predicted_ms"], best_under["y"]) if best_under else None,
-            (best_over["predicted_ms"], best_over["y"]) if best_over else None)
+def _bracket(rows: list[dict], window: tuple[float, float]) -> tuple[float | None, float | None]:
+    """Predicted ms of the best structure measured under the target and of the best over it."""
+    under = max((r for r in rows if r["y_high"] <= window[1]), key=lambda r: r["y"], default=None)
+    over = min((r for r in rows if r["y_high"] > window[1]), key=lambda r: r["y"], default=None)
+    return (under["predicted_ms"] if under else None, over["predicted_ms"] if over else None)
 
 
 def _confirm(measure: Measure, row: dict, spec: SlimSpec, dense_ms: float, fraction: float | None, target: float,
@@ -175,15 +171,15 @@ def _confirm(measure: Measure, row: dict, spec: SlimSpec, dense_ms: float, fract
 
 
 def _round_specs(solve: Solve, model: LatencyModel, lm: LatencyModel, budgets: list[float],
-                 under: tuple[float, float] | None, over: tuple[float, float] | None, seen: list[SlimSpec]
+                 under: float | None, over: float | None, seen: list[SlimSpec]
                  ) -> list[tuple[SlimSpec, float]]:
     """The round's distinct structures, not measured before, with their budgets. The first budget's structure is
     replaced by the bisection of the bracket when the refit would leave it."""
     out: list[tuple[SlimSpec, float]] = []
     for i, budget in enumerate(budgets):
         spec = solve(model, budget)
-        if i == 0 and spec is not None and under and over and not under[0] < lm.predict(spec) < over[0]:
-            budget = 0.5 * (under[0] + over[0])
+        if i == 0 and spec is not None and under and over and not under < lm.predict(spec) < over:
+            budget = 0.5 * (under + over)
             spec = solve(lm, budget)  # the refit left the bracket: bisect it instead
         if spec is not None and spec not in seen and all(spec != s for s, _ in out):
             out.append((spec, budget))

@@ -169,8 +169,6 @@ def select_run(run_dir: str | Path, target: Target, data=None, device: str | Non
                       measured_ms=res.measured_ms, measured_high_ms=res.measured_high_ms, target_ms=res.target_ms)
         final = scorer(spec)
         record.update(final_loss=final["loss"], final_agreement=final["agreement"])
-    if measurer is not None and measure is None:
-        measurer.close()
     record.update(candidates=[{k: v for k, v in r.items() if not k.startswith("_")} for r in rows], chosen_index=best,
                   seconds=time.perf_counter() - start, search_seconds=_search_seconds(run_dir))
     return _write(r, inputs, spec, dense_spec, imp, target, lm, record, rows)
