@@ -39,10 +39,14 @@ CheckpointOpt = Annotated[Optional[Path], typer.Option("--checkpoint", help="wei
                                                        "state dict (loaded with weights_only=True)")]
 PretrainedOpt = Annotated[bool, typer.Option("--pretrained", help="timm hub weights (needs internet)")]
 NumClassesOpt = Annotated[Optional[int], typer.Option("--num-classes", min=1, help="classifier outputs")]
+TokenModeOpt = Annotated[str, typer.Option(
+    help="static: the same token positions for every image; attentive: per image, the tokens the class token "
+         "attends to most, at counts chosen against latency")]
 ImgSizeOpt = Annotated[Optional[int], typer.Option("--img-size", min=1, help="input resolution (pixels)")]
 InChansOpt = Annotated[Optional[int], typer.Option("--in-chans", min=1, help="input channels")]
-DataOpt = Annotated[str, typer.Option("--data", help="fashion-mnist, synthetic, or a folder with train/ "
-                                      "and val/ in ImageNet layout")]
+DataOpt = Annotated[str, typer.Option("--data", help="fashion-mnist, fashion-mnist-shifted (items anywhere on a "
+                                      "56x56 canvas: use --img-size 56), synthetic, or a folder with train/ and val/ "
+                                      "in ImageNet layout")]
 TrainLimitOpt = Annotated[Optional[int], typer.Option("--train-limit", help="use the first N training images")]
 ValLimitOpt = Annotated[Optional[int], typer.Option("--val-limit", help="use the first N evaluation images")]
 TorchDeviceOpt = Annotated[str, typer.Option("--torch-device", help="where to train: auto, cpu, cuda[:N]")]
@@ -187,6 +191,7 @@ def search(
     attn: Annotated[bool, typer.Option("--attn/--no-attn", help="search heads and head channels")] = True,
     mlp: Annotated[bool, typer.Option("--mlp/--no-mlp", help="search MLP units")] = True,
     shared_qkv: Annotated[bool, typer.Option("--shared-qkv", help="one mask for q, k and v (ViT-Slim)")] = False,
+    token_mode: TokenModeOpt = "static",
     distill: Annotated[bool, typer.Option("--distill", help="task loss: distillation from the unmasked model")] = False,
     seed: Annotated[int, typer.Option(help="random seed")] = 0,
     torch_device: TorchDeviceOpt = "auto",
@@ -197,7 +202,7 @@ def search(
     from .search import SearchConfig, search_run
     from .trainer import TrainConfig
 
-    scfg = SearchConfig(w_attn, w_mlp, w_tok, distill, dims=SearchDims(tokens, attn, mlp, shared_qkv))
+    scfg = SearchConfig(w_attn, w_mlp, w_tok, distill, dims=SearchDims(tokens, attn, mlp, shared_qkv, token_mode))
     tcfg = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, min_lr=lr, weight_decay=weight_decay,
                        warmup_epochs=0.0, seed=seed, clip_grad=None)
     r = Run(run)
@@ -528,6 +533,7 @@ def run(
     w_attn: Annotated[float, typer.Option(help="L1 factor of the attention masks")] = SEARCH["w_attn"],
     w_mlp: Annotated[float, typer.Option(help="L1 factor of the MLP masks")] = SEARCH["w_mlp"],
     w_tok: Annotated[float, typer.Option(help="L1 factor of the token masks")] = SEARCH["w_tok"],
+    token_mode: TokenModeOpt = "static",
     importance: Annotated[str, typer.Option(help="auto, taylor or magnitude")] = "auto",
     verify_latency: Annotated[bool, typer.Option("--verify-latency/--no-verify-latency",
                                                  help="closed loop on the profile's backend")] = True,
@@ -560,7 +566,8 @@ def run(
                       checkpoint=checkpoint, pretrained=pretrained, num_classes=num_classes, img_size=img_size,
                       in_chans=in_chans, data=data, train_limit=train_limit, val_limit=val_limit,
                       batch_size=batch_size, train_epochs=train_epochs, search_epochs=search_epochs,
-                      retrain_epochs=retrain_epochs, w_attn=w_attn, w_mlp=w_mlp, w_tok=w_tok, importance=importance,
+                      retrain_epochs=retrain_epochs, w_attn=w_attn, w_mlp=w_mlp, w_tok=w_tok, token_mode=token_mode,
+                      importance=importance,
                       verify_latency=verify_latency, recovery_steps=recovery_steps,
                       calibration_images=calibration_images, distill=distill, trt=trt,
                       precision="fp16" if fp16 else precision, backend=backend, max_drop=max_drop, seed=seed,

@@ -1,4 +1,10 @@
-"""Datasets: Fashion-MNIST (idx files), an ImageNet-layout folder, and synthetic data for smoke tests.
+"""Datasets: Fashion-MNIST (idx files), shifted Fashion-MNIST, an ImageNet-layout folder, and synthetic data
+for smoke tests.
+
+Shifted Fashion-MNIST (`fashion-mnist-shifted`) places each item on a 56x56 canvas at a position drawn once
+per image from a fixed seed (the same in every epoch and run, so the validation set never changes): objects
+anywhere in the frame, where a token rule of fixed positions throws content away. Train at --img-size 56 to
+see the canvas at full resolution.
 
 Images reach the model shaped and normalised by the model's timm data config.
 Fashion-MNIST stays in memory as uint8 and is converted per batch (fast on 2 cores).
@@ -115,6 +121,39 @@ def fashion_mnist(split: str) -> TensorImages:
     return TensorImages(images.unsqueeze(1), labels)
 
 
+SHIFTED_CANVAS = 56
+SHIFTED_SEEDS = {"train": 1, "val": 2}
+
+
+class ShiftedImages(Dataset):
+    """Each image of `base` on an empty canvas x canvas, at a position fixed per image by `seed`."""
+
+    def __init__(self, base: TensorImages, canvas: int, seed: int):
+        c, h, w = base.images.shape[1:]
+        if canvas < max(h, w):
+            raise SlimError(f"a canvas of {canvas} pixels is smaller than the images ({h}x{w})")
+        self.base, self.canvas, self.shape = base, canvas, (c, h, w)
+        g = torch.Generator().manual_seed(seed)
+        n = len(base)
+        self.offsets = torch.stack([torch.randint(0, canvas - h + 1, (n,), generator=g),
+                                    torch.randint(0, canvas - w + 1, (n,), generator=g)], 1)
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __getitem__(self, i):
+        img, label = self.base[i]
+        c, h, w = self.shape
+        out = torch.zeros((c, self.canvas, self.canvas), dtype=img.dtype)
+        dy, dx = (int(v) for v in self.offsets[i])
+        out[:, dy:dy + h, dx:dx + w] = img
+        return out, label
+
+
+def fashion_mnist_shifted(split: str) -> ShiftedImages:
+    return ShiftedImages(fashion_mnist(split), SHIFTED_CANVAS, SHIFTED_SEEDS[split])
+
+
 def synthetic(split: str, in_chans: int, img_size: int, num_classes: int, n: int) -> TensorImages:
     """A learnable toy problem (class template + noise). For smoke tests only."""
     g = torch.Generator().manual_seed(0)
@@ -169,9 +208,10 @@ def load_data(name: str, data_cfg: dict, num_classes: int, train_limit: int | No
     in_chans, h, w = data_cfg["input_size"]
     transform = BatchTransform(in_chans, h, tuple(data_cfg["mean"]), tuple(data_cfg["std"]))
     train_eval = None
-    if name == "fashion-mnist":
-        val, classes = fashion_mnist("val"), 10
-        train = fashion_mnist("train") if with_train else Subset(val, [])
+    if name in ("fashion-mnist", "fashion-mnist-shifted"):
+        load = fashion_mnist if name == "fashion-mnist" else fashion_mnist_shifted
+        val, classes = load("val"), 10
+        train = load("train") if with_train else Subset(val, [])
     elif name == "synthetic":
         n_train, n_val = train_limit or 512, val_limit or 256
         train = synthetic("train", in_chans, h, num_classes, n_train)
@@ -180,7 +220,8 @@ def load_data(name: str, data_cfg: dict, num_classes: int, train_limit: int | No
     else:
         root = Path(name).expanduser()
         if not root.is_dir():
-            raise SlimError(f"dataset not found: '{name}' is neither fashion-mnist, synthetic nor a folder")
+            raise SlimError(f"dataset not found: '{name}' is neither fashion-mnist, fashion-mnist-shifted, synthetic "
+                            "nor a folder")
         val = image_folder(root, "val", data_cfg, False)
         train = image_folder(root, "train", data_cfg, True) if with_train else Subset(val, [])
         train_eval = image_folder(root, "train", data_cfg, False) if with_train else train

@@ -8,6 +8,13 @@ MaskedViT holds the unmodified timm model and one learnable mask per searched di
                                  (class, distillation, register) are never masked
 All masks start at exactly 1, where the masked model computes the dense model's function.
 
+Token masks are per position (static mode) or per rank (attentive mode): in attentive mode tok[i, j] gates,
+in every image, the patch token with the j-th highest attention score from the last block with heads before
+block i (the class token's attention averaged over heads; without a class token, the mean attention a token
+receives). So the search learns how many tokens each block needs (a soft top-k whose L1 penalty is the same
+as static mode's), and a hard 0/1 rank mask is exactly the pruned model's TopK. Block 0 has no earlier
+attention to rank by: its gates stay 1.
+
 Token masks are designed so that a hard 0 is exactly removal (unlike ViT-Slim's zeroing of the
 normed input): a token's keys/values are weighted by its mask inside the softmax
 (logits + log m), and its residual updates are multiplied by m. At m = 0 the token contributes
@@ -27,6 +34,7 @@ from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
 from .models import arch_of
+from .slim import token_scores
 from .types import Arch, SlimSpec
 
 MASK_KINDS = ("qk", "v", "mlp", "tok")
@@ -41,6 +49,14 @@ class SearchDims:
     attn: bool = True
     mlp: bool = True
     shared_qkv: bool = False  # ViT-Slim's single mask on q, k and v
+    token_mode: str = "static"  # static (per position) | attentive (per rank, chosen per image)
+
+    def __post_init__(self):
+        from .errors import SlimError
+        from .types import TOKEN_MODES
+
+        if self.token_mode not in TOKEN_MODES:
+            raise SlimError(f"--token-mode must be one of {', '.join(TOKEN_MODES)}, not '{self.token_mode}'")
 
 
 def _ste_unit(z: torch.Tensor) -> torch.Tensor:
@@ -109,11 +125,26 @@ class MaskedViT(nn.Module):
         return self
 
     def l1(self) -> dict[str, torch.Tensor]:
-        """Sum of |mask| per kind (token masks after clamping to [0, 1])."""
+        """Sum of |mask| per kind (token masks after clamping to [0, 1]; block 0's rank gates, which are not
+        used, left out)."""
         out = {k: p.abs().sum() for k, p in self.mask_params().items() if k != "tok"}
         if self.tok is not None:
-            out["tok"] = _ste_unit(self.tok).abs().sum()
+            tok = self.tok[1:] if self.attentive else self.tok
+            out["tok"] = _ste_unit(tok).abs().sum()
         return out
+
+    @property
+    def attentive(self) -> bool:
+        return self.tok is not None and self.dims.token_mode == "attentive"
+
+    def _rank_gate(self, values: torch.Tensor, scores: torch.Tensor | None) -> torch.Tensor | None:
+        """(B, N) gates of attentive mode: prefix tokens 1, the patch of rank j gets values[P + j]."""
+        if scores is None:
+            return None
+        P = self.arch.num_prefix_tokens
+        rank = (-scores[:, P:]).argsort(1).argsort(1)
+        gate = values[P:][rank]
+        return torch.cat([gate.new_ones(gate.shape[0], P), gate], 1)
 
     # ---- forward -------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -124,18 +155,27 @@ class MaskedViT(nn.Module):
         x = vit.norm_pre(x)
         tok = self.token_values()
         vmask = self.v_mask()
+        how = "cls" if vit.num_prefix_tokens > 0 and vit.cls_token is not None else "mean"
+        scores, gate = None, None
         for i, blk in enumerate(vit.blocks):
-            x = self._block(blk, x, None if self.qk is None else self.qk[i], None if vmask is None else vmask[i],
-                            None if self.mlp is None else self.mlp[i], None if tok is None else tok[i])
+            if self.attentive:
+                gate = self._rank_gate(tok[i], scores) if i > 0 else None
+            elif tok is not None:
+                gate = tok[i][None]
+            x, s = self._block(blk, x, None if self.qk is None else self.qk[i], None if vmask is None else vmask[i],
+                               None if self.mlp is None else self.mlp[i], gate, how if self.attentive else None)
+            scores = scores if s is None else s
         x = vit.norm(x)
-        if vit.global_pool == "avg" and tok is not None:
+        if vit.global_pool == "avg" and gate is not None:
             # average over the tokens still present after the last block, as the pruned model does
-            w = tok[-1, vit.num_prefix_tokens:][None, :, None]
+            w = gate[:, vit.num_prefix_tokens:, None]
             pooled = (x[:, vit.num_prefix_tokens:] * w).sum(1) / w.sum(1).clamp_min(1e-12)
             return vit.head(vit.head_drop(vit.fc_norm(pooled)))
         return vit.forward_head(x)
 
-    def _block(self, blk, x, qk, v, mlp, tok):
+    def _block(self, blk, x, qk, v, mlp, tok, scores=None):
+        """One block under masks; tok: (1 or B, N) token gates or None. With scores (cls / mean), also the
+        token scores its attention gives (None when every head is masked: such a block ranks nothing)."""
         B, N, _ = x.shape
         a = blk.attn
         H, hd = a.num_heads, a.head_dim
@@ -165,18 +205,23 @@ class MaskedViT(nn.Module):
             # log m weights a token's key/value inside the softmax. At m = 0 exactly, log would be -inf, and its
             # backward inf * 0 = NaN; clamped at TINY_MASK the token's weight is e^-69 of a kept one's: removal to
             # fp32 precision, and a finite (zero) gradient through the attention
-            bias = torch.log(tok.clamp_min(TINY_MASK)).to(q.dtype)[None, None, None, :]
+            bias = torch.log(tok.clamp_min(TINY_MASK)).to(q.dtype)[:, None, None, :]
         o = F.scaled_dot_product_attention(q, k, val, attn_mask=bias, scale=a.scale,
                                            dropout_p=a.attn_drop.p if self.training else 0.0)
+        s = None
+        if scores is not None:
+            alive = (qk != 0).any(-1).to(q.dtype) if qk is not None else None
+            if alive is None or bool(alive.any()):
+                s = token_scores(q, k, a.scale, scores, bias, alive, None if tok is None else tok.expand(B, N))
         o = a.proj_drop(a.proj(o.transpose(1, 2).reshape(B, N, A)))
-        gate = None if tok is None else tok[None, :, None]
+        gate = None if tok is None else tok[:, :, None]
         upd = blk.drop_path1(blk.ls1(o))
         x = x + (upd if gate is None else upd * gate)
         m = blk.mlp
         h = m.norm(m.drop1(m.act(m.fc1(blk.norm2(x)))))  # norm is Identity (checked): the mask commutes
         w2 = m.fc2.weight if mlp is None else m.fc2.weight * mlp[None, :]
         upd = blk.drop_path2(blk.ls2(m.drop2(F.linear(h, w2, m.fc2.bias))))
-        return x + (upd if gate is None else upd * gate)
+        return x + (upd if gate is None else upd * gate), s
 
 
 def _channel_mask(a: Arch, heads: list[int], channels: list[list[int]]) -> torch.Tensor:

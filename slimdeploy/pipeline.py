@@ -44,6 +44,7 @@ class RunOptions:
     w_mlp: float = SEARCH["w_mlp"]
     w_tok: float = SEARCH["w_tok"]
     search_tokens: bool = True
+    token_mode: str = "static"  # static | attentive (search, and so selection, pruning and export)
     importance: str = "auto"
     verify_latency: bool = True
     rounds: int = SELECT["rounds"]
@@ -90,7 +91,8 @@ def run_pipeline(o: RunOptions) -> dict | None:
             train_run(o.out, cfg, data, TrainConfig(epochs=o.train_epochs, batch_size=o.batch_size, lr=o.train_lr,
                                                     label_smoothing=o.label_smoothing, seed=o.seed), o.torch_device)
         step("search")
-        search_run(o.out, data, SearchConfig(o.w_attn, o.w_mlp, o.w_tok, dims=SearchDims(tokens=o.search_tokens)),
+        dims = SearchDims(tokens=o.search_tokens, token_mode=o.token_mode)
+        search_run(o.out, data, SearchConfig(o.w_attn, o.w_mlp, o.w_tok, dims=dims),
                    TrainConfig(epochs=o.search_epochs, batch_size=o.batch_size, lr=o.search_lr, min_lr=o.search_lr,
                                weight_decay=SEARCH["weight_decay"], warmup_epochs=0.0, clip_grad=None, seed=o.seed),
                    o.torch_device)

@@ -76,6 +76,8 @@ class TaylorImportance(Hooks):
                 continue
             value = p.clamp(0, 1) if kind == "tok" else p
             l1_grad = self.scfg.factor(kind) * (torch.sign(value) if kind != "tok" else (value > 0).to(p.dtype))
+            if kind == "tok" and self.masked.attentive:
+                l1_grad[0] = 0.0  # block 0's rank gates are neither used nor penalised
             score = (value * (p.grad - l1_grad)).abs()
             self.sums[kind] = self.sums.get(kind, 0) + score
         self.steps += 1

@@ -5,6 +5,12 @@ differ from v width), proj with the kept input columns, fc1/fc2 with the kept hi
 token gather at its start when the spec drops tokens there, so the sequence really shrinks.
 Everything outside the blocks (patch embedding, tokens, position embedding, norm, head) is
 timm's, unchanged. Rebuilt from spec.json + safetensors with `load_slim`.
+
+In attentive token mode a block that drops tokens keeps, per image, the prefix tokens and the k patch
+tokens that the class token attended to most (averaged over heads) in the last block with heads before
+it; without a class token, the tokens that received the most attention on average. The count k is fixed,
+so the graph stays static: TopK with a constant k, then GatherElements. The blocks then run in
+RankedBlocks, which carries those scores from the block that computes them to the one that ranks by them.
 """
 
 from __future__ import annotations
@@ -55,7 +61,9 @@ class SlimAttention(nn.Module):
         self.proj_drop = nn.Dropout(proj_drop)
         self.fused_attn = use_fused_attn()
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, scores: str | None = None):
+        """The attention output; with scores="cls" or "mean", also the token scores (B, N) a later block ranks
+        by (see token_scores)."""
         B, N, _ = x.shape
         H, Q, V = self.num_heads, self.qk_dim, self.v_dim
         q, k, v = self.qkv(x).split([H * Q, H * Q, H * V], dim=-1)
@@ -69,7 +77,42 @@ class SlimAttention(nn.Module):
             attn = (q * self.scale) @ k.transpose(-2, -1)
             x = self.attn_drop(attn.softmax(dim=-1)) @ v
         x = x.transpose(1, 2).reshape(B, N, H * V)
-        return self.proj_drop(self.proj(x))
+        out = self.proj_drop(self.proj(x))
+        if scores is None:
+            return out
+        return out, token_scores(q, k, self.scale, scores)
+
+
+def token_scores(q: torch.Tensor, k: torch.Tensor, scale: float, how: str, bias: torch.Tensor | None = None,
+                 head_weight: torch.Tensor | None = None, query_weight: torch.Tensor | None = None) -> torch.Tensor:
+    """(B, N) attention each token receives, averaged over heads: from the class token's query ("cls": only
+    its row is computed, next to the fused attention), or from every query ("mean", models without a class
+    token). bias, head_weight and query_weight serve the search's masked model (absent tokens and heads)."""
+    if how == "cls":
+        q = q[:, :, :1]
+    p = ((q * scale) @ k.transpose(-2, -1) + (0 if bias is None else bias)).softmax(-1)  # (B, H, Nq, N)
+    if how == "cls":
+        p = p[:, :, 0]
+    elif query_weight is None:
+        p = p.mean(2)
+    else:
+        w = query_weight[:, None, :, None]
+        p = (p * w).sum(2) / w.sum(2).clamp_min(1e-12)
+    if head_weight is None:
+        return p.mean(1)
+    return (p * head_weight[None, :, None]).sum(1) / head_weight.sum().clamp_min(1e-12)
+
+
+def keep_top_tokens(x: torch.Tensor, scores: torch.Tensor, keep: int, prefix: int
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """x (B, N, C) reduced to the prefix tokens and the keep - prefix best-scored others, per image; the
+    scores of the kept tokens with it. Static shapes: TopK with a constant k, GatherElements."""
+    B, _, C = x.shape
+    if keep == prefix:  # no patch token left
+        return x[:, :prefix], scores[:, :prefix]
+    top = scores[:, prefix:].topk(keep - prefix, dim=1).indices + prefix
+    idx = top if prefix == 0 else torch.cat([torch.arange(prefix, device=x.device).expand(B, prefix), top], 1)
+    return x.gather(1, idx.unsqueeze(-1).expand(B, keep, C)), scores.gather(1, idx)
 
 
 class ConstantBranch(nn.Module):
@@ -86,11 +129,15 @@ class ConstantBranch(nn.Module):
 class SlimBlock(nn.Module):
     """timm's Block with pruned attention/MLP and an optional token gather at its start."""
 
-    def __init__(self, dense: Block, attn: nn.Module, mlp: nn.Module, keep: list[int] | None):
+    def __init__(self, dense: Block, attn: nn.Module, mlp: nn.Module, keep: list[int] | None,
+                 rank_keep: int | None = None, prefix: int = 0, scores: str | None = None):
         super().__init__()
-        # keep: positions (in the incoming sequence) of the tokens this block keeps
+        # keep: positions (in the incoming sequence) of the tokens this block keeps (static mode)
         self.register_buffer("keep", torch.tensor(keep, dtype=torch.long) if keep is not None else None,
                              persistent=False)
+        # attentive mode: how many tokens to keep by the incoming scores, and whether (cls / mean) this
+        # block's attention computes the scores a later block ranks by
+        self.rank_keep, self.prefix, self.scores = rank_keep, prefix, scores
         self.norm1, self.ls1, self.drop_path1 = dense.norm1, dense.ls1, dense.drop_path1
         self.norm2, self.ls2, self.drop_path2 = dense.norm2, dense.ls2, dense.drop_path2
         self.attn, self.mlp = attn, mlp
@@ -100,6 +147,28 @@ class SlimBlock(nn.Module):
             x = x.index_select(1, self.keep)
         x = x + self.drop_path1(self.ls1(self.attn(self.norm1(x))))
         x = x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
+        return x
+
+    def forward_ranked(self, x: torch.Tensor, scores: torch.Tensor | None):
+        """Attentive mode: (x, scores) in and out."""
+        if self.rank_keep is not None:
+            x, scores = keep_top_tokens(x, scores, self.rank_keep, self.prefix)
+        if self.scores is not None:
+            o, scores = self.attn(self.norm1(x), scores=self.scores)
+        else:
+            o = self.attn(self.norm1(x))
+        x = x + self.drop_path1(self.ls1(o))
+        x = x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
+        return x, scores
+
+
+class RankedBlocks(nn.Sequential):
+    """The blocks of an attentive-mode slim model: they pass the token scores along with the tokens."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        scores = None
+        for blk in self:
+            x, scores = blk.forward_ranked(x, scores)
         return x
 
 
@@ -179,6 +248,9 @@ def build_slim(spec: SlimSpec, dense: VisionTransformer | None = None) -> Vision
     spec.validate()
     copy_weights = dense is not None
     model = copy.deepcopy(dense) if dense is not None else create_model(spec.source)
+    if spec.token_mode == "attentive":
+        model.blocks = _ranked_blocks(spec, model, copy_weights)
+        return model.eval()
     prev = list(range(spec.arch.num_tokens))
     blocks = []
     for i, b in enumerate(spec.blocks):
@@ -186,6 +258,33 @@ def build_slim(spec: SlimSpec, dense: VisionTransformer | None = None) -> Vision
         prev = b.tokens
     model.blocks = nn.Sequential(*blocks)
     return model.eval()
+
+
+def scoring_blocks(spec: SlimSpec) -> set[int]:
+    """Attentive mode: the blocks whose attention ranks tokens for a later block (the last block with heads
+    before each block that drops tokens)."""
+    out, last_heads, prev = set(), None, spec.arch.num_tokens
+    for i, b in enumerate(spec.blocks):
+        if b.num_tokens < prev:
+            out.add(last_heads)
+        if b.num_heads:
+            last_heads = i
+        prev = b.num_tokens
+    return out
+
+
+def _ranked_blocks(spec: SlimSpec, model: VisionTransformer, copy_weights: bool) -> RankedBlocks:
+    a = spec.arch
+    how = "cls" if a.num_prefix_tokens > 0 and model.cls_token is not None else "mean"
+    scorers = scoring_blocks(spec)
+    blocks, prev = [], a.num_tokens
+    for i, b in enumerate(spec.blocks):
+        blk = slim_block(a, model.blocks[i], b, None, copy_weights)
+        blk.rank_keep = b.num_tokens if b.num_tokens < prev else None
+        blk.prefix, blk.scores = a.num_prefix_tokens, how if i in scorers else None
+        blocks.append(blk)
+        prev = b.num_tokens
+    return RankedBlocks(*blocks)
 
 
 def load_slim(spec: SlimSpec | str | Path, weights: str | Path | None) -> VisionTransformer:

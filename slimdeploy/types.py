@@ -14,7 +14,8 @@ from typing import Any
 from .errors import SlimError
 from .fileio import read_json, write_json
 
-SPEC_SCHEMA = 1
+SPEC_SCHEMA = 2  # 2: token_mode (schema 1 specs load as static)
+TOKEN_MODES = ("static", "attentive")
 PROFILE_SCHEMA = 2
 REPORT_SCHEMA = 2
 
@@ -156,13 +157,21 @@ class BlockSpec:
 
 @dataclass
 class SlimSpec:
-    """The structure of a slim model: per-block kept tokens, heads, head channels and MLP units."""
+    """The structure of a slim model: per-block kept tokens, heads, head channels and MLP units.
+
+    token_mode says which tokens a block keeps:
+      static     the positions in `tokens`, the same for every image;
+      attentive  the len(tokens) tokens (prefix tokens and the patches the class token attended to most in the
+                 last block with heads before it), chosen per image; `tokens` is then range(count): only the
+                 count is structure. The first block keeps every token (there is no earlier attention to rank by).
+    """
 
     source: ModelConfig
     arch: Arch
     blocks: list[BlockSpec]
     meta: dict[str, Any] = field(default_factory=dict)  # predicted latency, MACs, params, target, ...
     schema: int = SPEC_SCHEMA
+    token_mode: str = "static"
 
     @classmethod
     def dense(cls, source: ModelConfig, arch: Arch) -> SlimSpec:
@@ -185,6 +194,8 @@ class SlimSpec:
             raise SlimError(f"spec schema {self.schema} is not supported (expected {SPEC_SCHEMA})")
         if len(self.blocks) != a.depth:
             raise SlimError(f"spec has {len(self.blocks)} blocks but the model has {a.depth}")
+        if self.token_mode not in TOKEN_MODES:
+            raise SlimError(f"spec token_mode '{self.token_mode}' is not one of {', '.join(TOKEN_MODES)}")
         prev = set(range(a.num_tokens))
         prefix = set(range(a.num_prefix_tokens))
         for i, b in enumerate(self.blocks):
@@ -212,24 +223,50 @@ class SlimSpec:
                 for c in lists:
                     _check_index_list(c, a.head_dim, f"{where} {name} channels")
             _check_index_list(b.mlp, a.mlp_dim, f"{where} mlp units")
+        if self.token_mode == "attentive":
+            self._validate_attentive()
         return self
+
+    def _validate_attentive(self) -> None:
+        a = self.arch
+        ranked = False  # whether a block with heads came before: its attention ranks the tokens
+        prev = a.num_tokens
+        for i, b in enumerate(self.blocks):
+            n = b.num_tokens
+            if b.tokens != list(range(n)):
+                raise SlimError(f"spec block {i}: attentive tokens are a count (tokens = range(n)), not positions")
+            if n < prev and not ranked:
+                raise SlimError(f"spec block {i}: drops tokens in attentive mode, but no earlier block has heads "
+                                "whose attention ranks them (the first block keeps every token)")
+            ranked = ranked or b.num_heads > 0
+            prev = n
+
+    def token_counts(self) -> list[int]:
+        return [b.num_tokens for b in self.blocks]
 
     def to_dict(self) -> dict[str, Any]:
         return {"schema": self.schema, "source": self.source.to_dict(), "arch": self.arch.to_dict(),
-                "blocks": [asdict(b) for b in self.blocks], "meta": self.meta}
+                "token_mode": self.token_mode, "blocks": [asdict(b) for b in self.blocks], "meta": self.meta}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> SlimSpec:
         if not isinstance(d, dict) or "blocks" not in d or "arch" not in d or "source" not in d:
             raise SlimError("spec: expected an object with 'source', 'arch' and 'blocks'")
-        unknown = set(d) - {"schema", "source", "arch", "blocks", "meta"}
+        unknown = set(d) - {"schema", "source", "arch", "blocks", "meta", "token_mode"}
         if unknown:
             raise SlimError(f"spec: unknown keys {sorted(unknown)}")
         if not isinstance(d["blocks"], list) or not isinstance(d.get("meta", {}), dict):
             raise SlimError("spec: 'blocks' must be a list and 'meta' an object")
+        schema = d.get("schema", SPEC_SCHEMA)
+        if schema == 1:  # before token modes: every spec was static
+            if "token_mode" in d:
+                raise SlimError("spec: schema 1 has no 'token_mode' (a corrupted spec?)")
+            schema = SPEC_SCHEMA
+        if not isinstance(d.get("token_mode", "static"), str):
+            raise SlimError("spec: 'token_mode' must be a string")
         blocks = [_from_dict(BlockSpec, b, f"spec block {i}") for i, b in enumerate(d["blocks"])]
         return cls(source=ModelConfig.from_dict(d["source"]), arch=Arch.from_dict(d["arch"]), blocks=blocks,
-                   meta=d.get("meta", {}), schema=d.get("schema", SPEC_SCHEMA)).validate()
+                   meta=d.get("meta", {}), schema=schema, token_mode=d.get("token_mode", "static")).validate()
 
     def save(self, path: str | Path) -> None:
         write_json(path, self.to_dict())

@@ -2,6 +2,8 @@
 
 A block with n tokens, h heads of q (query/key) and v (value) channels and m MLP units runs:
   gather(n)            the token gather at its start, when it drops tokens
+  rank(n)              instead of gather(n) in attentive token mode: the class token's attention row (one query
+                       against the incoming keys, per head, averaged), TopK and the per-image gather
   rest(n)              per present branch: LayerNorm, layer scale, residual add
   qkv(n, h*(2q+v))     Linear(D -> h*(2q+v))
   core(n, h, q, v)     split, reshape, softmax(q k^T) v, merge heads
@@ -29,7 +31,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..slim import ConstantBranch, SlimAttention
+from ..slim import ConstantBranch, SlimAttention, keep_top_tokens, token_scores
 from ..types import Arch
 
 MAX_COPIES = 16
@@ -79,6 +81,23 @@ class Gather(nn.Module):
         return x.index_select(1, self.keep)
 
 
+class Rank(nn.Module):
+    """Attentive mode's extra work where a block drops tokens: the scores from the incoming tokens (their first
+    H * head_dim channels serve as queries and keys: the cost is the same as the ranking block's), TopK, and
+    the gather that keeps n of them per image."""
+
+    def __init__(self, arch: Arch, n_in: int, n: int):
+        super().__init__()
+        self.heads, self.hd, self.n, self.prefix = arch.num_heads, arch.head_dim, n, arch.num_prefix_tokens
+        self.how = "cls" if arch.num_prefix_tokens > 0 else "mean"
+
+    def forward(self, x):
+        B, N, _ = x.shape
+        k = x[..., : self.heads * self.hd].reshape(B, N, self.heads, self.hd).transpose(1, 2)
+        scores = token_scores(k, k, self.hd ** -0.5, self.how)
+        return keep_top_tokens(x, scores, self.n, self.prefix)[0]
+
+
 def core(arch: Arch, h: int, q: int, v: int) -> nn.Module:
     """SlimAttention without its two linear layers: exactly the slim model's attention core."""
     c = SlimAttention(arch.embed_dim, h, q, v, arch.head_dim ** -0.5, qk_norm=arch.qk_norm)
@@ -109,6 +128,8 @@ def build(kind: str, arch: Arch, block, dims: tuple) -> tuple[nn.Module, tuple[i
         return Const(D), (n, D)
     if kind == "gather":
         return Gather(dims[1], n), (dims[1], D)
+    if kind == "rank":
+        return Rank(arch, dims[1], n), (dims[1], D)
     if kind == "qkv":
         return nn.Linear(D, dims[1], bias=arch.qkv_bias), (n, D)
     if kind == "proj":

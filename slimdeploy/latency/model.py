@@ -1,7 +1,7 @@
 """LatencyModel: predict(spec) -> ms from a DeviceProfile's tables.
 
 A block with n tokens (n_prev before it), h heads of q and v channels and m MLP units costs the table lookups
-  [gather(n) if n < n_prev]
+  [gather(n) if n < n_prev; rank(n) instead in attentive token mode]
   + (rest(n) + qkv(n, h*(2q+v)) + core(n, h, q, v) + proj(n, h*v)   if h > 0, else const(n))
   + (rest(n) + mlp(n, m)                                            if m > 0, else const(n))
 and the model is stem_head + the blocks. Tables are read linearly in tokens (they hold the fixed cost of an
@@ -133,13 +133,19 @@ class LatencyModel:
     """predict(spec) -> ms on the profile's device, backend, precision and batch size."""
 
     def __init__(self, profile: DeviceProfile, correction: tuple[float, float] = (1.0, 0.0),
-                 path: Path | None = None):
+                 path: Path | None = None, token_mode: str = "static"):
         self.profile, self.path = profile, path  # path: the file it was read from
+        self.token_mode = token_mode  # of the sizes predict_sizes is given (a spec says its own)
         t = profile.tables
         missing = [k for k in (*TABLES, "stem_head") if k not in t]
         if missing:
             raise SlimError(f"profile '{profile.device}' lacks the tables {missing}: re-measure it")
         self.tables = {k: Table(t[k]) for k in TABLES}
+        if token_mode == "attentive":
+            if "rank" not in t:
+                raise SlimError(f"profile '{profile.device}' has no table of attentive token ranking (measured "
+                                "since this version): re-measure it with slimdeploy profile, or use --device local")
+            self.tables["gather"] = Table(t["rank"])  # a dropping block pays the ranking instead
         self.warm = {k: Table(v) for k, v in (t.get("warm") or {}).items()}
         self.stem = float(t["stem_head"]["ms"])
         self.head_dim = int(profile.model["head_dim"])
@@ -156,7 +162,13 @@ class LatencyModel:
 
     def corrected(self, a: float, b: float) -> LatencyModel:
         """The same tables with measured = a * prediction + b applied (a closed loop's refit)."""
-        return LatencyModel(self.profile, (a, b), self.path)
+        return LatencyModel(self.profile, (a, b), self.path, self.token_mode)
+
+    def for_tokens(self, token_mode: str) -> LatencyModel:
+        """The same model for sizes of another token mode."""
+        if token_mode == self.token_mode:
+            return self
+        return LatencyModel(self.profile, self.correction, self.path, token_mode)
 
     # ---- pieces --------------------------------------------------------------------------------
     def core(self, n: int, h: int, q: int, v: int) -> float:
@@ -227,13 +239,13 @@ class LatencyModel:
 
     def predict(self, spec: SlimSpec) -> float:
         """Predicted end-to-end latency of the slim model in ms."""
-        return self.predict_sizes(spec_sizes(spec))
+        return self.for_tokens(spec.token_mode).predict_sizes(spec_sizes(spec))
 
     def breakdown(self, spec: SlimSpec) -> list[dict]:
         """Uncalibrated (cold) ms per part, per block."""
-        out, prev = [], spec.arch.num_tokens
+        out, prev, lm = [], spec.arch.num_tokens, self.for_tokens(spec.token_mode)
         for n, h, q, v, m in spec_sizes(spec):
-            out.append(self.block_parts(prev, n, h, q, v, m))
+            out.append(lm.block_parts(prev, n, h, q, v, m))
             prev = n
         return out
 

@@ -46,7 +46,7 @@ from .model import (
     user_profiles_dir,
 )
 
-METHOD = 4  # bump when what a table entry means changes: partial profiles of another method are discarded
+METHOD = 5  # bump when what a table entry means changes: partial profiles of another method are discarded
 GPU_WORKING_SET = 64 << 20  # beyond a GPU's L2 (40-60 MB on A100/H100/H200)
 
 
@@ -169,6 +169,7 @@ def jobs_for(arch: Arch, step: int, token_points: int) -> tuple[list[tuple], dic
              "mlp": width_grid(arch.mlp_dim, step)}
     ns = grids["tokens"]
     jobs = ([("rest", n) for n in ns] + [("const", n) for n in ns] + [("gather", n) for n in ns]
+            + [("rank", n) for n in ns]
             + [("qkv", n, w) for n in ns for w in grids["qkv"]] + [("proj", n, w) for n in ns for w in grids["proj"]]
             + [("mlp", n, m) for n in ns for m in grids["mlp"]]
             + [("core_q", n, h, q) for n in ns for h in grids["heads"] for q in grids["hd"]]
@@ -182,8 +183,8 @@ def run_job(timer: PieceTimer, job: tuple, arch: Arch, model) -> None:
     blk = model.blocks[0]
     if kind == "stem_head":
         timer.whole(key, components.stem_head(model), (arch.in_chans, arch.img_size, arch.img_size))
-    elif kind == "gather":
-        timer.time(key, *components.build("gather", arch, blk, (dims[0], arch.num_tokens)))
+    elif kind in ("gather", "rank"):
+        timer.time(key, *components.build(kind, arch, blk, (dims[0], arch.num_tokens)))
     elif kind in ("core_q", "core_v"):
         n, h, w = dims
         q, v = (w, arch.head_dim) if kind == "core_q" else (arch.head_dim, w)
@@ -210,6 +211,7 @@ def assemble(cache: dict, grids: dict, with_warm: bool) -> dict:
         "rest": table("rest", ["tokens"], ["tokens"]),
         "const": table("const", ["tokens"], ["tokens"]),
         "gather": table("gather", ["tokens"], ["tokens"]),
+        "rank": table("rank", ["tokens"], ["tokens"]),
         "qkv": table("qkv", ["tokens", "out"], ["tokens", "qkv"]),
         "proj": table("proj", ["tokens", "in"], ["tokens", "proj"]),
         "mlp": table("mlp", ["tokens", "hidden"], ["tokens", "mlp"]),

@@ -30,8 +30,16 @@ class Importance:
     qk: np.ndarray | None  # (depth, heads, head_dim)
     v: np.ndarray | None  # (depth, heads, head_dim)
     mlp: np.ndarray | None  # (depth, mlp_dim)
-    tok: np.ndarray | None  # (depth, num_patches)
+    tok: np.ndarray | None  # (depth, num_patches): per position (static) or per rank (attentive)
     mode: str = "taylor"
+    token_mode: str = "static"
+
+    def __post_init__(self):
+        if self.token_mode == "attentive" and self.tok is not None:
+            # a block keeps the top-k ranks, never a gap: order each block's rank importances (highest rank
+            # first, strictly), so that every solver drops the last ranks first and keeps a count
+            s = -np.sort(-self.tok, axis=1)
+            self.tok = s + np.linspace(1e-12, 0.0, s.shape[1])[None, :] * max(1.0, float(np.abs(s).max()))
 
     @classmethod
     def from_masks(cls, masks: dict[str, torch.Tensor], factors: dict[str, float], mode: str = "auto"
@@ -61,6 +69,11 @@ class Importance:
         return replace(self, qk=scale(self.qk, attn), v=scale(self.v, attn), mlp=scale(self.mlp, mlp),
                        tok=scale(self.tok, tok))
 
+    @property
+    def first_token_block(self) -> int:
+        """The first block that may drop tokens (attentive mode ranks by an earlier block's attention)."""
+        return 1 if self.token_mode == "attentive" else 0
+
 
 def load_importance(run_dir: str | Path, mode: str = "auto") -> tuple[Importance, dict]:
     """The importance a run's search recorded, with the search's config."""
@@ -69,7 +82,8 @@ def load_importance(run_dir: str | Path, mode: str = "auto") -> tuple[Importance
     masks, cfg = load_masks(run_dir)
     factors = {"qk": cfg.get("w_attn", 2e-4), "v": cfg.get("w_attn", 2e-4), "mlp": cfg.get("w_mlp", 5e-5),
                "tok": cfg.get("w_tok", 1e-4)}
-    return Importance.from_masks(masks, factors, mode), cfg
+    imp = Importance.from_masks(masks, factors, mode)
+    return replace(imp, token_mode=(cfg.get("dims") or {}).get("token_mode", "static")), cfg
 
 
 def spec_importance(spec: SlimSpec, imp: Importance) -> float:

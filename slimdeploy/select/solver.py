@@ -170,6 +170,8 @@ class StructureBuilder:
         blocks = []
         for i, (_, h, q, v, m) in enumerate(state):
             tokens = list(range(self.P)) + [self.P + t for t in sorted(kept_tokens[i])]
+            if imp.token_mode == "attentive":  # the top ranks: a count
+                tokens = list(range(len(tokens)))
             heads, qk, vv = [], [], []
             if h > 0:
                 heads = sorted(np.argsort(-self.head_scores(i, q, v), kind="stable")[:h].tolist())
@@ -177,7 +179,7 @@ class StructureBuilder:
                 vv = [top(imp.v[i, hh] if imp.v is not None else None, v, a.head_dim) for hh in heads]
             mlp = top(imp.mlp[i] if imp.mlp is not None else None, m, a.mlp_dim)
             blocks.append(BlockSpec(tokens=tokens, heads=heads, qk=qk, v=vv, mlp=mlp))
-        return SlimSpec(source=self.source, arch=a, blocks=blocks).validate()
+        return SlimSpec(source=self.source, arch=a, blocks=blocks, token_mode=imp.token_mode).validate()
 
 
 @dataclass
@@ -290,7 +292,7 @@ class Selector:
         """Remove the least important tokens of block i (and from every later block)."""
         kept = kept_tokens[i]
         smaller = [t for t in self.c.tokens if t < len(kept)]
-        if not smaller:
+        if not smaller or i < self.imp.first_token_block:
             return None
         drop = set(self.b.drop_order(i, kept)[: len(kept) - smaller[-1]])
         new_state = [list(s) for s in state]

@@ -120,6 +120,9 @@ def select_run(run_dir: str | Path, target: Target, data=None, device: str | Non
     if r.current("select", inputs, OUTPUTS):
         return {"spec": r.spec(), **read_json(r / "select.json", "select record")}
     imp, search_cfg = load_importance(run_dir, o.importance)
+    if lm is not None:  # a block that drops tokens pays the attentive ranking or the static gather
+        lm = lm.for_tokens(imp.token_mode)
+        options_lms = [m.for_tokens(imp.token_mode) for m in options_lms]
     dense_spec = SlimSpec.dense(mcfg, arch)
     if target.kind == "fractions":
         spec = fraction_spec(arch, mcfg, imp, *target.keep)

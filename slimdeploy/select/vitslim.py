@@ -38,6 +38,8 @@ def fraction_spec(arch: Arch, source: ModelConfig, imp: Importance, keep_attn: f
     v_keep = keep_mask(imp.v, keep_attn) if imp.v is not None else None
     mlp_keep = keep_mask(imp.mlp, keep_mlp) if imp.mlp is not None else None
     tok_keep = keep_mask(np.minimum.accumulate(imp.tok, axis=0), keep_tokens) if imp.tok is not None else None
+    if tok_keep is not None:
+        tok_keep[: imp.first_token_block] = True
     blocks = []
     tokens = list(range(a.num_tokens))
     for i in range(a.depth):
@@ -55,8 +57,9 @@ def fraction_spec(arch: Arch, source: ModelConfig, imp: Importance, keep_attn: f
             qk = [top(imp.qk[i, h] if imp.qk is not None else None, q, a.head_dim) for h in heads]
             v = [top(imp.v[i, h] if imp.v is not None else None, w, a.head_dim) for h in heads]
         mlp = (np.nonzero(mlp_keep[i])[0].tolist() if mlp_keep is not None else list(range(a.mlp_dim)))
-        blocks.append(BlockSpec(tokens=list(tokens), heads=heads, qk=qk, v=v, mlp=mlp))
-    return SlimSpec(source=source, arch=a, blocks=blocks).validate()
+        kept = list(range(len(tokens))) if imp.token_mode == "attentive" else list(tokens)  # attentive: a count
+        blocks.append(BlockSpec(tokens=kept, heads=heads, qk=qk, v=v, mlp=mlp))
+    return SlimSpec(source=source, arch=a, blocks=blocks, token_mode=imp.token_mode).validate()
 
 
 def uniform_spec(builder: StructureBuilder, keep: float, multiple: int = 8) -> SlimSpec:

@@ -1,0 +1,262 @@
+"""Attentive token mode: tokens chosen per image at fixed counts, static shapes, equivalence with the masks."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+
+from slimdeploy.errors import SlimError
+from slimdeploy.export import export_onnx, onnx_sequence_lengths
+from slimdeploy.latency import timing
+from slimdeploy.masks import MaskedViT, SearchDims
+from slimdeploy.models import arch_of
+from slimdeploy.slim import build_slim, keep_top_tokens
+from slimdeploy.types import ModelConfig, SlimSpec
+
+from .conftest import fmnist_available, random_spec, tiny_model
+
+ATTENTIVE = SearchDims(token_mode="attentive")
+
+
+def attentive_spec(model, seed: int, force: str | None = None) -> SlimSpec:
+    """random_spec's structure with its token counts taken per image (attentive mode)."""
+    spec = random_spec(model, seed, force=force)
+    for b in spec.blocks:
+        b.tokens = list(range(b.num_tokens))
+    spec.token_mode = "attentive"
+    return spec.validate()
+
+
+def _rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).abs().max().detach() / b.abs().max().clamp_min(1e-6))
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+@pytest.mark.parametrize("force", [None, "no-heads", "no-mlp"])
+def test_hard_rank_masks_equal_the_pruned_model(variant, seed, force):
+    model = tiny_model(variant, seed)
+    spec = attentive_spec(model, seed, force)
+    assert any(n < spec.arch.num_tokens for n in spec.token_counts())
+    x = torch.randn(4, 3, 16, 16)
+    with torch.no_grad():
+        masked = MaskedViT(model, ATTENTIVE).set_hard(spec).eval()(x)
+        pruned = build_slim(spec, model)(x)
+    assert _rel_err(pruned, masked) <= 1e-4
+
+
+def test_full_counts_give_the_dense_model_exactly():
+    model = tiny_model("t-cls")
+    spec = SlimSpec.dense(ModelConfig("t-cls"), arch_of(model))
+    spec.token_mode = "attentive"
+    x = torch.randn(3, 3, 16, 16)
+    with torch.no_grad():
+        assert torch.equal(build_slim(spec.validate(), model)(x), model(x))
+        masked = MaskedViT(model, ATTENTIVE).eval()(x)  # masks at 1: the dense function
+        assert _rel_err(masked, model(x)) <= 1e-5
+
+
+def _class_attention(block, x: torch.Tensor) -> torch.Tensor:
+    """The class token's attention in a timm block, averaged over heads, computed from timm's modules."""
+    a = block.attn
+    B, N, C = x.shape
+    qkv = a.qkv(block.norm1(x)).reshape(B, N, 3, a.num_heads, C // a.num_heads).permute(2, 0, 3, 1, 4)
+    q, k = a.q_norm(qkv[0]), a.k_norm(qkv[1])
+    return ((q[:, :, :1] * a.scale) @ k.transpose(-2, -1)).softmax(-1)[:, :, 0].mean(1)
+
+
+def test_the_token_the_class_token_ignores_is_dropped():
+    model = tiny_model("t-cls", 3)
+    a = arch_of(model)
+    spec = SlimSpec.dense(ModelConfig("t-cls"), a)
+    spec.token_mode = "attentive"
+    for b in spec.blocks[1:]:
+        b.tokens = list(range(a.num_tokens - 1))  # block 1 drops one token per image
+    slim = build_slim(spec.validate(), model)
+    x = torch.randn(6, 3, 16, 16)
+    with torch.no_grad():
+        h = model.norm_pre(model.patch_drop(model._pos_embed(model.patch_embed(x))))
+        reference = _class_attention(model.blocks[0], h)  # from timm's own modules
+        after0, scores = slim.blocks[0].forward_ranked(h, None)
+        assert torch.allclose(scores, reference, atol=1e-6)
+        # mark each token by its position: which ones does block 1 keep?
+        marked = after0.clone()
+        marked[..., 0] = torch.arange(a.num_tokens, dtype=h.dtype)
+        out, _ = keep_top_tokens(marked, scores, slim.blocks[1].rank_keep, slim.blocks[1].prefix)
+    for i in range(len(x)):
+        rows = {int(v) for v in out[i, :, 0]}
+        ignored = int(reference[i, 1:].argmin()) + 1
+        assert rows == set(range(a.num_tokens)) - {ignored}
+
+
+def test_tokens_are_chosen_per_image():
+    model = tiny_model("t-cls", 1)
+    spec = SlimSpec.dense(ModelConfig("t-cls"), arch_of(model))
+    spec.token_mode = "attentive"
+    for b in spec.blocks[1:]:
+        b.tokens = list(range(5))
+    slim = build_slim(spec.validate(), model)
+    x = torch.randn(8, 3, 16, 16)
+    with torch.no_grad():
+        h = model.norm_pre(model._pos_embed(model.patch_embed(x)))
+        after0, scores = slim.blocks[0].forward_ranked(h, None)
+        marked = after0.clone()
+        marked[..., 0] = torch.arange(after0.shape[1], dtype=h.dtype)
+        out, _ = keep_top_tokens(marked, scores, slim.blocks[1].rank_keep, slim.blocks[1].prefix)
+    kept = {tuple(sorted(int(v) for v in out[i, :, 0])) for i in range(len(x))}
+    assert all(0 in k and len(k) == 5 for k in kept)  # the class token and four patches, in every image
+    assert len(kept) > 1  # different images keep different patches
+
+
+@pytest.mark.parametrize("variant", ["t-cls", "t-avg", "t-reg", "t-qknorm"])
+def test_export_is_static_with_the_chosen_counts_and_matches(tmp_path, variant):
+    model = tiny_model(variant)
+    spec = attentive_spec(model, 4)
+    slim = build_slim(spec, model)
+    path = export_onnx(slim, tmp_path / "m.onnx", (3, 16, 16))
+    graph = onnx.load(str(path)).graph
+    ops = {n.op_type for n in graph.node}
+    assert "TopK" in ops and ("GatherElements" in ops or "Gather" in ops)
+    assert not ops & {"NonZero", "Where", "ScatterElements", "ScatterND"}  # no data-dependent shapes
+    assert set(onnx_sequence_lengths(path)) == set(spec.token_counts())
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    for batch in (1, 8):
+        x = torch.randn(batch, 3, 16, 16)
+        with torch.no_grad():
+            ref = slim(x).numpy()
+        got = sess.run(None, {sess.get_inputs()[0].name: x.numpy()})[0]
+        assert np.abs(ref - got).max() <= 1e-4
+        assert (ref.argmax(1) == got.argmax(1)).all()
+
+
+def test_attentive_specs_are_counts_and_need_an_earlier_attention():
+    model = tiny_model("t-cls")
+    a = arch_of(model)
+    spec = SlimSpec.dense(ModelConfig("t-cls"), a)
+    spec.token_mode = "attentive"
+    def tokens_from(i, tokens):
+        for b in spec.blocks[i:]:
+            b.tokens = list(tokens)
+    tokens_from(1, [0, 2, 3])
+    with pytest.raises(SlimError, match="count"):
+        spec.validate()
+    tokens_from(0, range(4))
+    with pytest.raises(SlimError, match="earlier block has heads"):
+        spec.validate()
+    tokens_from(0, range(a.num_tokens))
+    spec.blocks[0].heads, spec.blocks[0].qk, spec.blocks[0].v = [], [], []
+    tokens_from(1, range(4))
+    with pytest.raises(SlimError, match="earlier block has heads"):
+        spec.validate()
+
+
+def test_spec_round_trip_and_schema_1_loads_as_static(tmp_path):
+    model = tiny_model("t-cls")
+    spec = attentive_spec(model, 2)
+    spec.save(tmp_path / "s.json")
+    back = SlimSpec.load(tmp_path / "s.json")
+    assert back.token_mode == "attentive" and back.token_counts() == spec.token_counts()
+    old = random_spec(model, 2).to_dict()
+    old.pop("token_mode")
+    old["schema"] = 1
+    loaded = SlimSpec.from_dict(old)
+    assert loaded.token_mode == "static" and loaded.schema == 2
+
+
+def test_search_gradient_reaches_the_rank_masks():
+    model = tiny_model("t-cls").train()
+    masked = MaskedViT(model, ATTENTIVE)
+    with torch.no_grad():
+        masked.tok[1:, 6:] = 0.5
+    out = masked(torch.randn(4, 3, 16, 16))
+    (out.square().mean() + sum(masked.l1().values())).backward()
+    g = masked.tok.grad
+    assert g[1:].abs().sum() > 0
+    # block 0 keeps every token: its gates are not used, and not penalised
+    assert torch.all(g[0] == 0)
+
+
+# ---- selection and latency ---------------------------------------------------------------------
+def _wide():
+    from slimdeploy.models import register_model
+
+    register_model("t-wide-att", dict(img_size=32, patch_size=4, in_chans=3, num_classes=5, embed_dim=64, depth=4,
+                                      num_heads=4, mlp_ratio=4.0))
+    return arch_of(tiny_model("t-wide-att"))
+
+
+def test_selection_in_attentive_mode_keeps_counts_and_pays_the_ranking():
+    from dataclasses import replace
+
+    from slimdeploy.latency.model import LatencyModel
+    from slimdeploy.select.candidates import Problem, candidates
+    from slimdeploy.select.solver import LatencyCost
+
+    from .synthetic import staircase_profile, synthetic_importance
+
+    arch = _wide()
+    lm = LatencyModel(staircase_profile(arch)).for_tokens("attentive")
+    imp = replace(synthetic_importance(arch), token_mode="attentive")
+    assert np.all(np.diff(imp.tok, axis=1) < 0)  # per rank: the last ranks go first
+    dense = lm.predict(SlimSpec.dense(ModelConfig("t-wide-att"), arch))
+    budget = 0.5 * dense
+    found = candidates(Problem(arch, ModelConfig("t-wide-att"), imp, LatencyCost(lm)), budget)
+    dropping = 0
+    for _, spec in found:
+        assert spec.token_mode == "attentive"
+        assert spec.blocks[0].num_tokens == arch.num_tokens  # nothing earlier to rank by
+        assert lm.predict(spec) <= budget + 1e-9
+        dropping += any(n < arch.num_tokens for n in spec.token_counts())
+        # a dropping block pays the ranking (TopK and gathers), not the static gather
+        static = LatencyModel(lm.profile)
+        gathers = sum(b.num_tokens < p for p, b in zip([arch.num_tokens] + spec.token_counts(), spec.blocks))
+        if gathers:
+            as_static = SlimSpec.from_dict({**spec.to_dict(), "token_mode": "static"})
+            assert lm.predict(spec) > static.predict(as_static)
+    assert dropping > 0
+
+
+def test_a_profile_without_the_ranking_table_refuses_attentive_mode():
+    from slimdeploy.latency.model import LatencyModel
+
+    from .synthetic import staircase_profile
+
+    arch = _wide()
+    prof = staircase_profile(arch)
+    del prof.tables["rank"]
+    LatencyModel(prof)  # static mode is fine
+    with pytest.raises(SlimError, match="re-measure it"):
+        LatencyModel(prof).for_tokens("attentive")
+
+
+def test_the_ranking_piece_exports_and_runs():
+    from slimdeploy.latency import components
+    from slimdeploy.latency.backends import get_backend
+
+    model = tiny_model("t-cls")
+    a = arch_of(model)
+    piece, shape = components.build("rank", a, model.blocks[0], (6, a.num_tokens))
+    x = torch.randn(1, *shape)
+    with get_backend("ort-cpu").load_module(piece.eval(), x) as session:
+        t = session.time(x.numpy(), timing.COMPONENT)
+    assert t.median_ms > 0
+    assert piece(x).shape == (1, 6, a.embed_dim)
+
+
+# ---- shifted Fashion-MNIST ------------------------------------------------------------------------
+@pytest.mark.skipif(not fmnist_available(), reason="Fashion-MNIST not installed (make setup)")
+def test_shifted_fashion_mnist_is_fixed_per_image_and_off_centre():
+    from slimdeploy.data import SHIFTED_CANVAS, fashion_mnist, fashion_mnist_shifted
+
+    plain, shifted, again = fashion_mnist("val"), fashion_mnist_shifted("val"), fashion_mnist_shifted("val")
+    offsets = set()
+    for i in range(200):
+        img, y = shifted[i]
+        assert img.shape == (1, SHIFTED_CANVAS, SHIFTED_CANVAS) and int(y) == int(plain[i][1])
+        assert torch.equal(img, again[i][0])  # the same position in every run
+        assert int(img.sum()) == int(plain[i][0].sum())  # the whole item, nothing cut
+        offsets.add(tuple(int(v) for v in shifted.offsets[i]))
+    assert len(offsets) > 100  # anywhere on the canvas, not one position
+    assert not torch.equal(fashion_mnist_shifted("train").offsets[:200], shifted.offsets[:200])
