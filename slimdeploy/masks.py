@@ -269,5 +269,5 @@ def fold_masks(masked: MaskedViT, spec: SlimSpec) -> VisionTransformer:
 
 def hard_twin(vit: VisionTransformer, spec: SlimSpec, dims: SearchDims | None = None) -> MaskedViT:
     """A MaskedViT over vit with the spec's 0/1 masks: the reference the pruned model must match."""
-    return MaskedViT(vit, dims or SearchDims()).set_hard(spec).eval()
+    return MaskedViT(vit, dims or SearchDims(token_mode=spec.token_mode)).set_hard(spec).eval()
 

@@ -333,7 +333,10 @@ def load_latency_model(device: str, model: nn.Module, source: ModelConfig, backe
     if device == "local":
         backend = backend or get_backend("ort-cpu", precision=precision or "fp32")
         path = local_profile_path(backend, arch, batch_size, profiles_dir)
-        if not path.is_file():
+        stale = path.is_file() and "rank" not in DeviceProfile.load(path).tables
+        if stale:  # kept until the new one is written
+            log(f"the cached profile {path} predates the attentive-token tables: measuring this machine again")
+        if stale or not path.is_file():
             log(f"profiling this machine for {source.name} on {backend.name} (once; cached in {path})")
             profile_device("local", backend, model, source, batch_size, path)
         lm = LatencyModel(DeviceProfile.load(path), path=path.resolve())

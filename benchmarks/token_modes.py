@@ -1,0 +1,254 @@
+"""Token modes at equal measured latency: static tokens, attentive tokens, channels only, and token merging.
+
+At each target (a fraction of the dense model's latency, measured on this machine in the same rounds), each method
+is brought to the target by measurement:
+  static      slimdeploy's selection (measured candidates, closed loop) on a static-token search
+  attentive   the same on an attentive-token search (--token-mode attentive) of the same dense model
+  channels    the same with no token pruning (channel families only, static search)
+  merging     ToMe-style merging (benchmarks/tome.py) on the dense model, the number of merged tokens stepped
+              on measurements
+then scored on the validation set right after pruning (phase 1, measures: keep the machine quiet) and after the
+pipeline's retraining recipe, 5 epochs of soft distillation from the dense model, per seed (phase 2).
+The attentive structures' predicted latency (the profile's model, relative to dense) is compared with the measured.
+
+Datasets: plain Fashion-MNIST (fmnist-vit at 28 px, 16 patches) and shifted Fashion-MNIST (each item anywhere on a
+56 x 56 canvas: fmnist-vit at --img-size 56, 64 patches), where fixed token positions throw content away.
+
+    .venv/bin/python benchmarks/token_modes.py prepare --data plain --static-run runs/teacher30      # searches
+    .venv/bin/python benchmarks/token_modes.py measure --data plain --static-run runs/teacher30      # phase 1
+    .venv/bin/python benchmarks/token_modes.py retrain --data plain --static-run runs/teacher30 --workers 2
+    (--data shifted trains its dense model first: --teacher-epochs)
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from selection_quality import TOLERANCE, top1  # noqa: E402
+from tome import max_merged, tome  # noqa: E402
+
+from slimdeploy.data import load_data  # noqa: E402
+from slimdeploy.errors import SlimError  # noqa: E402
+from slimdeploy.latency import timing  # noqa: E402
+from slimdeploy.latency.backends import get_backend  # noqa: E402
+from slimdeploy.latency.fingerprint import cpu_name  # noqa: E402
+from slimdeploy.latency.measure import SpecMeasurer, measure_models  # noqa: E402
+from slimdeploy.latency.profile import load_latency_model  # noqa: E402
+from slimdeploy.models import arch_of, data_config, load_dense  # noqa: E402
+from slimdeploy.prune import searched_model  # noqa: E402
+from slimdeploy.select.candidates import Problem  # noqa: E402
+from slimdeploy.select.importance import load_importance  # noqa: E402
+from slimdeploy.select.loop import closed_loop, dense_reference  # noqa: E402
+from slimdeploy.select.scoring import Scorer, calibration_set  # noqa: E402
+from slimdeploy.select.solver import LatencyCost  # noqa: E402
+from slimdeploy.select.stage import rank_candidates  # noqa: E402
+from slimdeploy.slim import build_slim  # noqa: E402
+from slimdeploy.types import SlimSpec  # noqa: E402
+
+DATA = {"plain": ("fashion-mnist", None), "shifted": ("fashion-mnist-shifted", 56)}
+
+
+def runs(args) -> dict[str, Path]:
+    static = Path(args.static_run or f"runs/tokens-{args.data}-static")
+    return {"static": static, "attentive": Path(args.attentive_run or f"runs/tokens-{args.data}-attentive")}
+
+
+def cli(*argv: str) -> None:
+    print("$ slimdeploy " + " ".join(argv), flush=True)
+    subprocess.run([sys.executable, "-m", "slimdeploy", *argv], check=True)
+
+
+def prepare(args) -> None:
+    """The dense model (shifted: trained here) and a static and an attentive search of it."""
+    data, img = DATA[args.data]
+    r = runs(args)
+    extra = ["--data", data] + (["--img-size", str(img)] if img else [])
+    if not (r["static"] / "base.safetensors").is_file():
+        cli("train", str(r["static"]), *extra, "--epochs", str(args.teacher_epochs))
+    if not (r["static"] / "search" / "masks.safetensors").is_file():
+        cli("search", str(r["static"]), "--data", data, "--epochs", str(args.search_epochs))
+    r["attentive"].mkdir(parents=True, exist_ok=True)
+    for name in ("model.json", "base.safetensors"):
+        if not (r["attentive"] / name).is_file():
+            shutil.copy(r["static"] / name, r["attentive"] / name)
+    cli("search", str(r["attentive"]), "--data", data, "--epochs", str(args.search_epochs),
+        "--token-mode", "attentive")
+
+
+def measure(args) -> dict:
+    r = runs(args)
+    teacher, cfg = load_dense(r["static"])
+    a = arch_of(teacher)
+    bundle = load_data(DATA[args.data][0], data_config(teacher), a.num_classes)
+    dense_spec = SlimSpec.dense(cfg, a)
+    lm, warnings = load_latency_model(args.device, teacher, cfg)
+    p = lm.profile
+    backend = get_backend(p.backend, threads=p.threads)
+    cal = calibration_set(bundle, teacher, 2048)
+    out = load(args) or {"data": args.data, "cpu": cpu_name(), "warnings": warnings, "targets": {}}
+    out.update(date=dt.datetime.now().isoformat(timespec="seconds"), teacher_top1=top1(teacher, bundle))
+    print(f"{args.data}: dense top-1 {out['teacher_top1']:.2f}%", flush=True)
+    sources = {}
+    for name, run, drop_tokens in (("static", r["static"], False), ("attentive", r["attentive"], False),
+                                   ("channels", r["static"], True)):
+        imp, _ = load_importance(run)
+        if drop_tokens:
+            imp = replace(imp, tok=None)
+        searched = searched_model(run, dense_spec)
+        sources[name] = (imp, searched, lm.for_tokens(imp.token_mode),
+                         SpecMeasurer(backend, searched, a, p.batch_size, teacher))
+    for f in args.targets:
+        rows = out["targets"].setdefault(str(f), {})
+        for name, (imp, searched, lm_m, measurer) in sources.items():
+            if name in rows:
+                continue
+            dense = dense_reference(measurer, dense_spec)
+            now = lm_m.corrected(dense[1] / lm_m.predict(dense_spec), 0.0)
+            scorer = Scorer(searched, teacher, bundle, cal, 0)
+            cands, best = rank_candidates(Problem(a, cfg, imp, LatencyCost(now)), 0.95 * f * dense[0], scorer, 3,
+                                          now)
+            fam = cands[best]["_family"]
+
+            def solve(m, b, fam=fam, imp=imp):
+                return Problem(a, cfg, imp, LatencyCost(m)).solve(fam, b)
+            res = closed_loop(solve, lm_m, measurer, dense_spec, None, f, rounds=8, dense=dense,
+                              window=(1 - TOLERANCE, 1.0), aim=1 - TOLERANCE / 2)
+            spec, ratio = res.spec, res.rounds[res.chosen_round - 1]["over_dense"]
+            predicted = lm_m.predict(spec) / lm_m.predict(dense_spec)
+            rows[name] = {"family": fam.name, "spec": spec.to_dict(), "ratio": ratio, "predicted_ratio": predicted,
+                          "prediction_error": predicted / ratio - 1, "tokens": spec.token_counts(),
+                          "top1_pruned": top1(build_slim(spec, searched), bundle)}
+            report(f, name, rows[name])
+            save(args, out)
+        if "merging" not in rows:
+            rows["merging"] = merging_to_target(teacher, a, backend, p.batch_size, f)
+            if rows["merging"].get("merged") is not None:
+                rows["merging"]["top1_pruned"] = top1(tome(teacher, rows["merging"]["merged"]), bundle)
+            report(f, "merging", rows["merging"])
+            save(args, out)
+    return out
+
+
+def merging_to_target(teacher, a, backend, batch: int, f: float) -> dict:
+    """The merged-token count whose measured latency is nearest the target from below (bisection, measured
+    against the dense model in the same rounds), or why none reaches it."""
+    lo, hi = 0, max_merged(a.num_tokens, a.depth, a.num_prefix_tokens)
+    seen: dict[int, float] = {}
+
+    def ratio(k: int) -> float:
+        if k not in seen:
+            t = measure_models(backend, {"dense": teacher, "merging": tome(teacher, k)}, a, batch, timing.MODEL)
+            seen[k] = timing.ratio(t["merging"], t["dense"]).median_ms
+            print(f"  merging {k} tokens: {seen[k]:.3f} x dense", flush=True)
+        return seen[k]
+
+    if ratio(hi) > f:
+        return {"merged": None, "ratio": seen[hi], "cannot_reach": f"merging all it can ({hi} tokens) measures "
+                f"{seen[hi]:.3f} x dense, above {f}", "measured": seen}
+    while hi - lo > 1:  # ratio(hi) <= f < ratio(lo)
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if ratio(mid) > f else (lo, mid)
+    return {"merged": hi, "ratio": seen[hi], "measured": {str(k): v for k, v in seen.items()},
+            "exports": "yes (one-hot matmul merge)"}
+
+
+def report(f, name, row) -> None:
+    if row.get("ratio") is None or row.get("top1_pruned") is None:
+        print(f"{f:.1f}x {name:10s} {row.get('cannot_reach', 'not reached')}", flush=True)
+        return
+    print(f"{f:.1f}x {name:10s} {row['ratio'] / f:.3f} of target, top-1 right after pruning "
+          f"{row['top1_pruned']:.2f}%", flush=True)
+
+
+def retrain_one(args, job) -> dict:
+    from slimdeploy.retrain import DistillConfig, retrain
+    from slimdeploy.trainer import TrainConfig
+
+    torch.set_num_threads(args.threads)
+    f, name, seed, row = job
+    r = runs(args)
+    teacher, cfg = load_dense(r["static"])
+    a = arch_of(teacher)
+    bundle = load_data(DATA[args.data][0], data_config(teacher), a.num_classes)
+    if name == "merging":
+        student = tome(teacher, row["merged"])
+    else:
+        run = r["attentive"] if name == "attentive" else r["static"]
+        student = build_slim(SlimSpec.from_dict(row["spec"]), searched_model(run, SlimSpec.dense(cfg, a)))
+    work = Path(args.work) / f"{args.data}-{f}-{name}-{seed}"
+    rec = retrain(student, teacher, bundle, TrainConfig(epochs=args.epochs, batch_size=128, lr=1e-3,
+                                                        warmup_epochs=0.2, seed=seed),
+                  DistillConfig("soft", 0.7, 2.0), work, resume=True, torch_device="cpu")
+    return {"target": f, "method": name, "seed": seed, "top1": rec["top1"]}
+
+
+def retrain_all(args) -> None:
+    from concurrent.futures import ProcessPoolExecutor
+
+    out = load(args)
+    if not out:
+        raise SlimError("run the measure phase first")
+    jobs = [(f, name, seed, row) for seed in args.seeds for f, rows in out["targets"].items()
+            for name, row in rows.items()
+            if row.get("top1_pruned") is not None and str(seed) not in row.get("retrained", {})]
+    jobs.sort(key=lambda j: (j[2] != args.seeds[0], float(j[0])))
+    print(f"{len(jobs)} retraining jobs", flush=True)
+    with ProcessPoolExecutor(max_workers=args.workers) as pool:
+        for res in pool.map(retrain_one, [args] * len(jobs), jobs):
+            row = out["targets"][res["target"]][res["method"]]
+            row.setdefault("retrained", {})[str(res["seed"])] = res["top1"]
+            vals = list(row["retrained"].values())
+            row["top1_retrained_mean"] = statistics.mean(vals)
+            row["top1_retrained_std"] = statistics.stdev(vals) if len(vals) > 1 else 0.0
+            print(f"{res['target']}x {res['method']} seed {res['seed']}: {res['top1']:.2f}%", flush=True)
+            save(args, out)
+
+
+def path(args) -> Path:
+    return Path(args.out or f"benchmarks/results/token_modes_{args.data}.json")
+
+
+def load(args) -> dict | None:
+    return json.loads(path(args).read_text()) if path(args).is_file() else None
+
+
+def save(args, out) -> None:
+    path(args).parent.mkdir(parents=True, exist_ok=True)
+    path(args).write_text(json.dumps(out, indent=2, default=str))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("phase", choices=["prepare", "measure", "retrain"])
+    ap.add_argument("--data", choices=sorted(DATA), default="plain")
+    ap.add_argument("--static-run", default=None, help="a trained dense model with a static search")
+    ap.add_argument("--attentive-run", default=None, help="where the attentive search goes")
+    ap.add_argument("--teacher-epochs", type=int, default=15)
+    ap.add_argument("--search-epochs", type=int, default=2)
+    ap.add_argument("--device", default="local")
+    ap.add_argument("--targets", type=float, nargs="+", default=[0.5, 0.3])
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--epochs", type=int, default=5)
+    ap.add_argument("--workers", type=int, default=1)
+    ap.add_argument("--threads", type=int, default=None, help="torch threads per worker (default: cores / workers)")
+    ap.add_argument("--work", default="runs/token_modes")
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
+    args.threads = args.threads or max(1, (os.cpu_count() or 1) // args.workers)
+    {"prepare": prepare, "measure": measure, "retrain": retrain_all}[args.phase](args)
+
+
+if __name__ == "__main__":
+    main()
