@@ -155,7 +155,7 @@ def phase1(args) -> dict:
             return Problem(a, cfg, imp, LatencyCost(m)).solve(family, b)
         res = closed_loop(solve, lm, measure, dense_spec, None, fraction, rounds=8, dense=dense,
                           window=(1 - TOLERANCE, 1.0), aim=1 - TOLERANCE / 2)
-        return res.spec, res.rounds[res.chosen_round - 1]["over_dense"]
+        return res.spec, res.measured[res.chosen]["over_dense"]
 
     for f in args.targets:
         if str(f) in results["targets"]:

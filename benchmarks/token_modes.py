@@ -17,6 +17,7 @@ Datasets: plain Fashion-MNIST (fmnist-vit at 28 px, 16 patches) and shifted Fash
     .venv/bin/python benchmarks/token_modes.py prepare --data plain --static-run runs/teacher30      # searches
     .venv/bin/python benchmarks/token_modes.py measure --data plain --static-run runs/teacher30      # phase 1
     .venv/bin/python benchmarks/token_modes.py retrain --data plain --static-run runs/teacher30 --workers 2
+    .venv/bin/python benchmarks/token_modes.py counts --data plain --static-run runs/teacher30   # tokens alone
     (--data shifted trains its dense model first: --teacher-epochs)
 """
 
@@ -125,7 +126,7 @@ def measure(args) -> dict:
                 return Problem(a, cfg, imp, LatencyCost(m)).solve(fam, b)
             res = closed_loop(solve, lm_m, measurer, dense_spec, None, f, rounds=8, dense=dense,
                               window=(1 - TOLERANCE, 1.0), aim=1 - TOLERANCE / 2)
-            spec, ratio = res.spec, res.rounds[res.chosen_round - 1]["over_dense"]
+            spec, ratio = res.spec, res.measured[res.chosen]["over_dense"]
             predicted = lm_m.predict(spec) / lm_m.predict(dense_spec)
             rows[name] = {"family": fam.name, "spec": spec.to_dict(), "ratio": ratio, "predicted_ratio": predicted,
                           "prediction_error": predicted / ratio - 1, "tokens": spec.token_counts(),
@@ -137,6 +138,31 @@ def measure(args) -> dict:
             if rows["merging"].get("merged") is not None:
                 rows["merging"]["top1_pruned"] = top1(tome(teacher, rows["merging"]["merged"]), bundle)
             report(f, "merging", rows["merging"])
+            save(args, out)
+    return out
+
+
+def equal_counts(args) -> dict:
+    """Tokens alone, at equal counts: ViT-Slim's token fraction rule (every other dimension kept) on each search,
+    scored right after pruning. Which tokens go, fixed positions or chosen per image, with nothing else changed."""
+    from slimdeploy.select.vitslim import fraction_spec
+
+    r = runs(args)
+    teacher, cfg = load_dense(r["static"])
+    a = arch_of(teacher)
+    bundle = load_data(DATA[args.data][0], data_config(teacher), a.num_classes)
+    dense_spec = SlimSpec.dense(cfg, a)
+    out = load(args) or {"data": args.data, "cpu": cpu_name(), "targets": {}}
+    rows = out.setdefault("equal_counts", {})
+    for mode in ("static", "attentive"):
+        imp, _ = load_importance(r[mode])
+        searched = searched_model(r[mode], dense_spec)
+        for keep in args.keep_tokens:
+            spec = fraction_spec(a, cfg, imp, 1.0, 1.0, keep)
+            row = rows.setdefault(str(keep), {})
+            row[mode] = {"tokens": spec.token_counts(), "top1_pruned": top1(build_slim(spec, searched), bundle)}
+            print(f"keep {keep:.2f} of the tokens, {mode:9s}: {row[mode]['tokens']} top-1 "
+                  f"{row[mode]['top1_pruned']:.2f}%", flush=True)
             save(args, out)
     return out
 
@@ -231,7 +257,7 @@ def save(args, out) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("phase", choices=["prepare", "measure", "retrain"])
+    ap.add_argument("phase", choices=["prepare", "measure", "retrain", "counts"])
     ap.add_argument("--data", choices=sorted(DATA), default="plain")
     ap.add_argument("--static-run", default=None, help="a trained dense model with a static search")
     ap.add_argument("--attentive-run", default=None, help="where the attentive search goes")
@@ -240,6 +266,7 @@ def main() -> None:
     ap.add_argument("--device", default="local")
     ap.add_argument("--targets", type=float, nargs="+", default=[0.5, 0.3])
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--keep-tokens", type=float, nargs="+", default=[0.75, 0.5, 0.3])
     ap.add_argument("--epochs", type=int, default=5)
     ap.add_argument("--workers", type=int, default=1)
     ap.add_argument("--threads", type=int, default=None, help="torch threads per worker (default: cores / workers)")
@@ -247,7 +274,7 @@ def main() -> None:
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     args.threads = args.threads or max(1, (os.cpu_count() or 1) // args.workers)
-    {"prepare": prepare, "measure": measure, "retrain": retrain_all}[args.phase](args)
+    {"prepare": prepare, "measure": measure, "retrain": retrain_all, "counts": equal_counts}[args.phase](args)
 
 
 if __name__ == "__main__":

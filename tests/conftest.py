@@ -88,3 +88,18 @@ def fmnist_available() -> bool:
         return True
     except SlimError:
         return False
+
+
+def assert_onnx_parity(slim, path, batches=(1, 5), shape=(3, 16, 16)) -> None:
+    """ONNX Runtime on the exported file matches PyTorch (max |diff| <= 1e-4, same top-1) at each batch size."""
+    import numpy as np
+    import onnxruntime as ort
+
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    for batch in batches:
+        x = torch.randn(batch, *shape)
+        with torch.no_grad():
+            ref = slim(x).numpy()
+        got = sess.run(None, {sess.get_inputs()[0].name: x.numpy()})[0]
+        assert np.abs(ref - got).max() <= 1e-4
+        assert (ref.argmax(1) == got.argmax(1)).all()

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 import pytest
 import torch
 
@@ -16,7 +15,7 @@ from slimdeploy.models import arch_of
 from slimdeploy.slim import build_slim, keep_top_tokens
 from slimdeploy.types import ModelConfig, SlimSpec
 
-from .conftest import fmnist_available, random_spec, tiny_model
+from .conftest import assert_onnx_parity, fmnist_available, random_spec, tiny_model
 
 ATTENTIVE = SearchDims(token_mode="attentive")
 
@@ -121,14 +120,7 @@ def test_export_is_static_with_the_chosen_counts_and_matches(tmp_path, variant):
     assert "TopK" in ops and ("GatherElements" in ops or "Gather" in ops)
     assert not ops & {"NonZero", "Where", "ScatterElements", "ScatterND"}  # no data-dependent shapes
     assert set(onnx_sequence_lengths(path)) == set(spec.token_counts())
-    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    for batch in (1, 8):
-        x = torch.randn(batch, 3, 16, 16)
-        with torch.no_grad():
-            ref = slim(x).numpy()
-        got = sess.run(None, {sess.get_inputs()[0].name: x.numpy()})[0]
-        assert np.abs(ref - got).max() <= 1e-4
-        assert (ref.argmax(1) == got.argmax(1)).all()
+    assert_onnx_parity(slim, path, batches=(1, 8))
 
 
 def test_attentive_specs_are_counts_and_need_an_earlier_attention():

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 import pytest
 import torch
 from onnx import numpy_helper
@@ -15,7 +14,7 @@ from slimdeploy.models import arch_of
 from slimdeploy.slim import build_slim
 from slimdeploy.trt import tensorrt_missing_reason
 
-from .conftest import random_spec, tiny_model
+from .conftest import assert_onnx_parity, random_spec, tiny_model
 
 
 @pytest.mark.parametrize("variant", ["t-cls", "t-distilled", "t-avg-reg", "t-layerscale", "t-qknorm"])
@@ -24,14 +23,7 @@ def test_exported_slim_model_matches_pytorch(tmp_path, variant):
     spec = random_spec(model, 11)
     slim = build_slim(spec, model)
     path = export_onnx(slim, tmp_path / "m.onnx", (3, 16, 16))
-    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    for batch in (1, 5):  # dynamic batch axis
-        x = torch.randn(batch, 3, 16, 16)
-        with torch.no_grad():
-            ref = slim(x).numpy()
-        got = sess.run(None, {sess.get_inputs()[0].name: x.numpy()})[0]
-        assert np.abs(ref - got).max() <= 1e-4
-        assert (ref.argmax(1) == got.argmax(1)).all()
+    assert_onnx_parity(slim, path, batches=(1, 5))  # dynamic batch axis
 
 
 def test_token_pruned_graph_has_shorter_sequences(tmp_path):

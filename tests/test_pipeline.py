@@ -47,14 +47,20 @@ def injected(lm, slowdown=1.1, dense_ms=None):
     return measure
 
 
+def tiny_options(root, out: str, **kw) -> RunOptions:
+    """A tiny run of t-demo on synthetic data in root/out, against a tiny profile written to root, its closed
+    loop measuring through `injected`; kw overrides."""
+    lm = tiny_profile(root)
+    base = dict(out=root / out, target=parse_target("75%"), device="tiny-cpu", profiles_dir=root, model="t-demo",
+                data="synthetic", batch_size=64, torch_device="cpu", measure=injected(lm))
+    return RunOptions(**{**base, **kw})
+
+
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     root = tmp_path_factory.mktemp("pipe")
-    lm = tiny_profile(root)
-    opts = RunOptions(out=root / "run", target=parse_target("75%"), device="tiny-cpu", profiles_dir=root,
-                      model="t-demo", data="synthetic", train_limit=512, val_limit=256, batch_size=64,
-                      train_epochs=3, search_epochs=1, retrain_epochs=1, rounds=3, calibration_images=256,
-                      recovery_steps=10, torch_device="cpu", measure=injected(lm))
+    opts = tiny_options(root, "run", train_limit=512, val_limit=256, train_epochs=3, search_epochs=1,
+                        retrain_epochs=1, rounds=3, calibration_images=256, recovery_steps=10)
     report = run_pipeline(opts)
     return root, opts, report
 
@@ -184,11 +190,8 @@ def test_attentive_token_mode_end_to_end(tmp_path):
     """--token-mode attentive through search, select (ViT-Slim's fractions keeping half the tokens), prune (checked
     against the hard-masked model of the rank masks), retrain, export and verify: the spec is a count per block,
     the exported graph ranks with TopK, and ONNX matches PyTorch."""
-    tiny_profile(tmp_path)
-    opts = RunOptions(out=tmp_path / "run", target=parse_target(keep=(None, None, 0.5)), device="tiny-cpu",
-                      profiles_dir=tmp_path, model="t-demo", data="synthetic", train_limit=512, val_limit=256,
-                      batch_size=64, train_epochs=2, search_epochs=1, retrain_epochs=1, token_mode="attentive",
-                      torch_device="cpu")
+    opts = tiny_options(tmp_path, "run", target=parse_target(keep=(None, None, 0.5)), train_limit=512,
+                        val_limit=256, train_epochs=2, search_epochs=1, retrain_epochs=1, token_mode="attentive")
     report = run_pipeline(opts)
     spec = SlimSpec.load(opts.out / "spec.json")
     counts = spec.token_counts()

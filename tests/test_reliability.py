@@ -14,13 +14,13 @@ import torch
 from slimdeploy.errors import SlimError
 from slimdeploy.masks import MaskedViT
 from slimdeploy.models import arch_of, create_model, data_config
-from slimdeploy.pipeline import RunOptions, run_pipeline
+from slimdeploy.pipeline import run_pipeline
 from slimdeploy.select.target import parse_target
 from slimdeploy.types import ModelConfig
 
 from .conftest import tiny_model
 from .test_cli import slimdeploy
-from .test_pipeline import injected, tiny_profile
+from .test_pipeline import tiny_options
 
 # ---- the search ----------------------------------------------------------------------------------
 
@@ -66,11 +66,8 @@ def test_data_follows_the_model_as_built():
 def base_run(tmp_path_factory):
     """An uninterrupted tiny run: the reference every crashed-and-resumed run must equal."""
     root = tmp_path_factory.mktemp("rel")
-    lm = tiny_profile(root)
-    opts = RunOptions(out=root / "ref", target=parse_target("75%"), device="tiny-cpu", profiles_dir=root,
-                      model="t-demo", data="synthetic", train_limit=256, val_limit=64, batch_size=64,
-                      train_epochs=2, search_epochs=2, retrain_epochs=2, rounds=2, calibration_images=64,
-                      recovery_steps=4, torch_device="cpu", measure=injected(lm), max_drop=None)
+    opts = tiny_options(root, "ref", train_limit=256, val_limit=64, train_epochs=2, search_epochs=2,
+                        retrain_epochs=2, rounds=2, calibration_images=64, recovery_steps=4, max_drop=None)
     report = run_pipeline(opts)
     return root, opts, report
 
