@@ -143,8 +143,9 @@ def measure(args) -> dict:
 
 
 def equal_counts(args) -> dict:
-    """Tokens alone, at equal counts: ViT-Slim's token fraction rule (every other dimension kept) on each search,
-    scored right after pruning. Which tokens go, fixed positions or chosen per image, with nothing else changed."""
+    """Tokens alone, at equal counts: the per-block counts of ViT-Slim's token fraction rule on the static search
+    (every other dimension kept), taken as fixed positions (static search) or per image (attentive search), scored
+    right after pruning: which tokens go, with nothing else changed."""
     from slimdeploy.select.vitslim import fraction_spec
 
     r = runs(args)
@@ -154,15 +155,25 @@ def equal_counts(args) -> dict:
     dense_spec = SlimSpec.dense(cfg, a)
     out = load(args) or {"data": args.data, "cpu": cpu_name(), "targets": {}}
     rows = out.setdefault("equal_counts", {})
+    static_imp, _ = load_importance(r["static"])
     for mode in ("static", "attentive"):
-        imp, _ = load_importance(r[mode])
         searched = searched_model(r[mode], dense_spec)
         for keep in args.keep_tokens:
-            spec = fraction_spec(a, cfg, imp, 1.0, 1.0, keep)
+            spec = fraction_spec(a, cfg, static_imp, 1.0, 1.0, keep)  # the static rule's counts, for both
+            if mode == "attentive":
+                spec = SlimSpec.from_dict({**spec.to_dict(), "token_mode": "attentive",
+                                           "blocks": [{**b, "tokens": list(range(len(b["tokens"])))}
+                                                      for b in spec.to_dict()["blocks"]]})
             row = rows.setdefault(str(keep), {})
             row[mode] = {"tokens": spec.token_counts(), "top1_pruned": top1(build_slim(spec, searched), bundle)}
+            # the rule alone, the weights shared: on the static search's weights and on the dense model
+            if mode == "attentive":
+                row[mode]["top1_static_search_weights"] = top1(build_slim(spec, searched_model(
+                    r["static"], dense_spec)), bundle)
+            row[mode]["top1_dense_weights"] = top1(build_slim(spec, teacher), bundle)
             print(f"keep {keep:.2f} of the tokens, {mode:9s}: {row[mode]['tokens']} top-1 "
-                  f"{row[mode]['top1_pruned']:.2f}%", flush=True)
+                  f"{row[mode]['top1_pruned']:.2f}% (on the dense weights {row[mode]['top1_dense_weights']:.2f}%)",
+                  flush=True)
             save(args, out)
     return out
 
