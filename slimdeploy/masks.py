@@ -34,7 +34,7 @@ from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
 from .models import arch_of
-from .slim import token_scores
+from .slim import score_kind, token_scores
 from .types import Arch, SlimSpec
 
 MASK_KINDS = ("qk", "v", "mlp", "tok")
@@ -155,7 +155,7 @@ class MaskedViT(nn.Module):
         x = vit.norm_pre(x)
         tok = self.token_values()
         vmask = self.v_mask()
-        how = "cls" if vit.num_prefix_tokens > 0 and vit.cls_token is not None else "mean"
+        how = score_kind(vit)
         scores, gate = None, None
         for i, blk in enumerate(vit.blocks):
             if self.attentive:

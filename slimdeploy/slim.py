@@ -103,6 +103,11 @@ def token_scores(q: torch.Tensor, k: torch.Tensor, scale: float, how: str, bias:
     return (p * head_weight[None, :, None]).sum(1) / head_weight.sum().clamp_min(1e-12)
 
 
+def score_kind(vit: VisionTransformer) -> str:
+    """How a model's tokens are ranked: by the class token's attention, or (no class token) the mean received."""
+    return "cls" if vit.num_prefix_tokens > 0 and vit.cls_token is not None else "mean"
+
+
 def keep_top_tokens(x: torch.Tensor, scores: torch.Tensor, keep: int, prefix: int
                     ) -> tuple[torch.Tensor, torch.Tensor]:
     """x (B, N, C) reduced to the prefix tokens and the keep - prefix best-scored others, per image; the
@@ -129,15 +134,15 @@ class ConstantBranch(nn.Module):
 class SlimBlock(nn.Module):
     """timm's Block with pruned attention/MLP and an optional token gather at its start."""
 
-    def __init__(self, dense: Block, attn: nn.Module, mlp: nn.Module, keep: list[int] | None,
-                 rank_keep: int | None = None, prefix: int = 0, scores: str | None = None):
+    def __init__(self, dense: Block, attn: nn.Module, mlp: nn.Module, keep: list[int] | None):
         super().__init__()
         # keep: positions (in the incoming sequence) of the tokens this block keeps (static mode)
         self.register_buffer("keep", torch.tensor(keep, dtype=torch.long) if keep is not None else None,
                              persistent=False)
-        # attentive mode: how many tokens to keep by the incoming scores, and whether (cls / mean) this
-        # block's attention computes the scores a later block ranks by
-        self.rank_keep, self.prefix, self.scores = rank_keep, prefix, scores
+        # attentive mode (set by build_slim): how many tokens to keep by the incoming scores, and whether
+        # (cls / mean) this block's attention computes the scores a later block ranks by
+        self.rank_keep: int | None = None
+        self.prefix, self.scores = 0, None
         self.norm1, self.ls1, self.drop_path1 = dense.norm1, dense.ls1, dense.drop_path1
         self.norm2, self.ls2, self.drop_path2 = dense.norm2, dense.ls2, dense.drop_path2
         self.attn, self.mlp = attn, mlp
@@ -275,7 +280,7 @@ def scoring_blocks(spec: SlimSpec) -> set[int]:
 
 def _ranked_blocks(spec: SlimSpec, model: VisionTransformer, copy_weights: bool) -> RankedBlocks:
     a = spec.arch
-    how = "cls" if a.num_prefix_tokens > 0 and model.cls_token is not None else "mean"
+    how = score_kind(model)
     scorers = scoring_blocks(spec)
     blocks, prev = [], a.num_tokens
     for i, b in enumerate(spec.blocks):
