@@ -12,6 +12,8 @@ judged below that drift. Absolute errors are reported beside. Baseline: a FLOPs-
 
     .venv/bin/python benchmarks/latency_fidelity.py --device local --model fmnist-vit --run runs/teacher30
     .venv/bin/python benchmarks/latency_fidelity.py --device local --model deit_small_patch16_224
+    --embed: half the random specs at a narrower embedding width, and the solver choosing it too (with --run, a
+    search made with --embed)
 """
 
 from __future__ import annotations
@@ -49,6 +51,7 @@ def main() -> None:
     ap.add_argument("--rates", type=int, default=3, help="synthetic importances per target (without --run)")
     ap.add_argument("--seed", type=int, default=1000)
     ap.add_argument("--profiles-dir", default=None)
+    ap.add_argument("--embed", action="store_true", help="embedding widths in the random specs and the solver's")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
 
@@ -65,7 +68,9 @@ def main() -> None:
 
     # the dense model's measured latency sets the targets
     dense_ms = measure_models(backend, {"dense": model}, arch, p.batch_size)["dense"].median_ms
-    cases = [("random", None, random_spec(arch, cfg, rng, p.model.get("step", 8))) for _ in range(args.n)]
+    widths = lm.embed_widths() if args.embed else None
+    cases = [("random", None, random_spec(arch, cfg, rng, p.model.get("step", 8), embed_widths=widths))
+             for _ in range(args.n)]
     if args.run:
         from slimdeploy.prune import searched_model
         from slimdeploy.select.importance import load_importance
@@ -74,7 +79,7 @@ def main() -> None:
         model = searched_model(args.run, dense_spec)
     else:
         nrng = np.random.default_rng(args.seed)
-        imps = [(f"synthetic{i}", synthetic_importance(arch, nrng)) for i in range(args.rates)]
+        imps = [(f"synthetic{i}", synthetic_importance(arch, nrng, embed=args.embed)) for i in range(args.rates)]
     for f in args.targets:
         for name, imp in imps:
             sel = Selector(arch, cfg, imp, LatencyCost(lm))
@@ -96,17 +101,21 @@ def main() -> None:
                          "dense_ms_chunk": t["dense"].median_ms, "predicted_ms": pred,
                          "predicted_over_dense": pred_ratio, "error": pred_ratio / ratio.median_ms - 1,
                          "abs_error": pred / m.median_ms - 1, "flops_error": macs_ratio / ratio.median_ms - 1,
-                         "widths": spec.summary()})
+                         "embed": spec.embed_dim, "widths": spec.summary()})
             r = rows[-1]
-            print(f"{kind:28s} measured {m.median_ms:8.3f} ms = {ratio.median_ms:.3f}x dense (+-"
+            print(f"{kind:28s} embed {spec.embed_dim:4d} measured {m.median_ms:8.3f} ms = {ratio.median_ms:.3f}x "
+                  f"dense (+-"
                   f"{100 * ratio.rel_halfwidth:.1f}%); predicted {pred_ratio:.3f}x ({100 * r['error']:+5.1f}%), "
                   f"{pred:.3f} ms ({100 * r['abs_error']:+5.1f}%)", flush=True)
     summary = {"model": args.model, "device": args.device, "cpu": cpu_name(), "backend": p.backend,
                "profile_hardware": p.hardware, "batch_size": p.batch_size, "dense_measured_ms": dense_ms,
                "dense_predicted_ms": lm.predict(dense_spec),
                "date": dt.datetime.now().isoformat(timespec="seconds")}
-    for kind in ("random", "solver"):
-        sel = [r for r in rows if r["kind"].startswith(kind)]
+    groups = {kind: [r for r in rows if r["kind"].startswith(kind)] for kind in ("random", "solver")}
+    if args.embed:  # the same statistics over the structures at a narrower embedding width alone
+        groups.update({f"{k}, embed narrowed": [r for r in v if r["embed"] < arch.embed_dim]
+                       for k, v in list(groups.items())})
+    for kind, sel in groups.items():
         if not sel:
             continue
         summary[kind] = {"n": len(sel)}
@@ -117,7 +126,7 @@ def main() -> None:
     summary["per_target_max_abs_error"] = {
         f"{f:.1f}": max(abs(r["error"]) for r in rows if r["target"] == f) for f in args.targets}
     summary["median_ratio_halfwidth"] = statistics.median(r["ratio_halfwidth"] for r in rows)
-    out = Path(args.out or f"benchmarks/results/latency_fidelity_{args.model}.json")
+    out = Path(args.out or f"benchmarks/results/latency_fidelity_{args.model}{'_embed' if args.embed else ''}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({**summary, "rows": rows}, indent=2))
     print(json.dumps(summary, indent=2))

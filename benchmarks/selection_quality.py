@@ -28,10 +28,10 @@ import copy
 import datetime as dt
 import json
 import os
-import statistics
 from pathlib import Path
 
 import torch
+from equal_latency import TOLERANCE, retrain_job, retrain_pool, top1
 
 from slimdeploy.data import load_data, make_loader
 from slimdeploy.errors import SlimError
@@ -48,15 +48,7 @@ from slimdeploy.select.scoring import Scorer, calibration_set
 from slimdeploy.select.solver import LatencyCost
 from slimdeploy.select.stage import rank_candidates
 from slimdeploy.slim import build_slim
-from slimdeploy.trainer import evaluate
 from slimdeploy.types import BlockSpec, SlimSpec
-
-TOLERANCE = 0.03  # equal latency: within 3% of the target, measured
-
-
-def top1(model, bundle) -> float:
-    return evaluate(model, make_loader(bundle.val, bundle.transform, 256, False), torch.device("cpu"))
-
 
 # ---- Torch-Pruning, as its users run it -------------------------------------------------------------
 
@@ -232,9 +224,6 @@ def tp_to_target(teacher, bundle, cfg, crit, f, lm, measure) -> dict:
 # ---- phase 2 -----------------------------------------------------------------------------------------
 
 def retrain_one(args, job) -> dict:
-    from slimdeploy.retrain import DistillConfig, retrain
-    from slimdeploy.trainer import TrainConfig
-
     torch.set_num_threads(args.threads)
     f, name, seed, spec_d, weights = job
     run = Path(args.run)
@@ -245,14 +234,10 @@ def retrain_one(args, job) -> dict:
     base = teacher if weights == "dense" else searched_model(run, SlimSpec.dense(cfg, a))
     student = build_slim(spec, base)
     out = Path(args.work) / f"{f}-{name.replace(' ', '_').replace('(', '').replace(')', '')}-{seed}"
-    rec = retrain(student, teacher, bundle, TrainConfig(epochs=args.epochs, batch_size=128, lr=1e-3,
-                                                        warmup_epochs=0.2, seed=seed),
-                  DistillConfig("soft", 0.7, 2.0), out, resume=True, torch_device="cpu")
-    return {"target": f, "method": name, "seed": seed, "top1": rec["top1"]}
+    return retrain_job(args, student, teacher, bundle, out, f, name, seed)
 
 
 def phase2(args, results: dict) -> None:
-    from concurrent.futures import ProcessPoolExecutor
 
     jobs = []
     for seed in args.seeds:
@@ -266,16 +251,8 @@ def phase2(args, results: dict) -> None:
     # the first seed at every target (a complete table early), then the other seeds target by target, the
     # smallest target first (where the methods differ most)
     jobs.sort(key=lambda j: (j[2] != args.seeds[0], float(j[0]), args.seeds.index(j[2])))
-    print(f"{len(jobs)} retraining jobs", flush=True)
-    with ProcessPoolExecutor(max_workers=args.workers) as pool:
-        for res in pool.map(retrain_one, [args] * len(jobs), jobs):
-            row = results["targets"][res["target"]][res["method"]]
-            row.setdefault("retrained", {})[f"{res['method']}|{res['seed']}"] = res["top1"]
-            vals = list(row["retrained"].values())
-            row["top1_retrained_mean"] = statistics.mean(vals)
-            row["top1_retrained_std"] = statistics.stdev(vals) if len(vals) > 1 else 0.0
-            print(f"{res['target']}x {res['method']} seed {res['seed']}: {res['top1']:.2f}%", flush=True)
-            save(args, results)
+    retrain_pool(args, retrain_one, jobs, lambda res: results["targets"][res["target"]][res["method"]],
+                 lambda: save(args, results), key_of=lambda res: f"{res['method']}|{res['seed']}")
 
 
 def save(args, results) -> None:

@@ -28,7 +28,6 @@ import datetime as dt
 import json
 import os
 import shutil
-import statistics
 import subprocess
 import sys
 from dataclasses import replace
@@ -37,7 +36,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from selection_quality import TOLERANCE, top1  # noqa: E402
+from equal_latency import retrain_job, retrain_pool, selection_to_target, top1  # noqa: E402
 from tome import max_merged, tome  # noqa: E402
 
 from slimdeploy.data import load_data  # noqa: E402
@@ -49,12 +48,8 @@ from slimdeploy.latency.measure import SpecMeasurer, measure_models  # noqa: E40
 from slimdeploy.latency.profile import load_latency_model  # noqa: E402
 from slimdeploy.models import arch_of, data_config, load_dense  # noqa: E402
 from slimdeploy.prune import searched_model  # noqa: E402
-from slimdeploy.select.candidates import Problem  # noqa: E402
 from slimdeploy.select.importance import load_importance  # noqa: E402
-from slimdeploy.select.loop import closed_loop, dense_reference  # noqa: E402
-from slimdeploy.select.scoring import Scorer, calibration_set  # noqa: E402
-from slimdeploy.select.solver import LatencyCost  # noqa: E402
-from slimdeploy.select.stage import rank_candidates  # noqa: E402
+from slimdeploy.select.scoring import calibration_set  # noqa: E402
 from slimdeploy.slim import build_slim  # noqa: E402
 from slimdeploy.types import SlimSpec  # noqa: E402
 
@@ -115,22 +110,9 @@ def measure(args) -> dict:
         for name, (imp, searched, lm_m, measurer) in sources.items():
             if name in rows:
                 continue
-            dense = dense_reference(measurer, dense_spec)
-            now = lm_m.corrected(dense[1] / lm_m.predict(dense_spec), 0.0)
-            scorer = Scorer(searched, teacher, bundle, cal, 0)
-            cands, best = rank_candidates(Problem(a, cfg, imp, LatencyCost(now)), 0.95 * f * dense[0], scorer, 3,
-                                          now)
-            fam = cands[best]["_family"]
-
-            def solve(m, b, fam=fam, imp=imp):
-                return Problem(a, cfg, imp, LatencyCost(m)).solve(fam, b)
-            res = closed_loop(solve, lm_m, measurer, dense_spec, None, f, rounds=8, dense=dense,
-                              window=(1 - TOLERANCE, 1.0), aim=1 - TOLERANCE / 2)
-            spec, ratio = res.spec, res.measured[res.chosen]["over_dense"]
-            predicted = lm_m.predict(spec) / lm_m.predict(dense_spec)
-            rows[name] = {"family": fam.name, "spec": spec.to_dict(), "ratio": ratio, "predicted_ratio": predicted,
-                          "prediction_error": predicted / ratio - 1, "tokens": spec.token_counts(),
-                          "top1_pruned": top1(build_slim(spec, searched), bundle)}
+            rows[name] = selection_to_target(a, cfg, imp, searched, teacher, bundle, cal, lm_m, measurer, dense_spec,
+                                             f)
+            rows[name]["tokens"] = SlimSpec.from_dict(rows[name]["spec"]).token_counts()
             report(f, name, rows[name])
             save(args, out)
         if "merging" not in rows:
@@ -210,9 +192,6 @@ def report(f, name, row) -> None:
 
 
 def retrain_one(args, job) -> dict:
-    from slimdeploy.retrain import DistillConfig, retrain
-    from slimdeploy.trainer import TrainConfig
-
     torch.set_num_threads(args.threads)
     f, name, seed, row = job
     r = runs(args)
@@ -224,15 +203,11 @@ def retrain_one(args, job) -> dict:
     else:
         run = r["attentive"] if name == "attentive" else r["static"]
         student = build_slim(SlimSpec.from_dict(row["spec"]), searched_model(run, SlimSpec.dense(cfg, a)))
-    work = Path(args.work) / f"{args.data}-{f}-{name}-{seed}"
-    rec = retrain(student, teacher, bundle, TrainConfig(epochs=args.epochs, batch_size=128, lr=1e-3,
-                                                        warmup_epochs=0.2, seed=seed),
-                  DistillConfig("soft", 0.7, 2.0), work, resume=True, torch_device="cpu")
-    return {"target": f, "method": name, "seed": seed, "top1": rec["top1"]}
+    return retrain_job(args, student, teacher, bundle, Path(args.work) / f"{args.data}-{f}-{name}-{seed}", f, name,
+                       seed)
 
 
 def retrain_all(args) -> None:
-    from concurrent.futures import ProcessPoolExecutor
 
     out = load(args)
     if not out:
@@ -241,16 +216,8 @@ def retrain_all(args) -> None:
             for name, row in rows.items()
             if row.get("top1_pruned") is not None and str(seed) not in row.get("retrained", {})]
     jobs.sort(key=lambda j: (j[2] != args.seeds[0], float(j[0])))
-    print(f"{len(jobs)} retraining jobs", flush=True)
-    with ProcessPoolExecutor(max_workers=args.workers) as pool:
-        for res in pool.map(retrain_one, [args] * len(jobs), jobs):
-            row = out["targets"][res["target"]][res["method"]]
-            row.setdefault("retrained", {})[str(res["seed"])] = res["top1"]
-            vals = list(row["retrained"].values())
-            row["top1_retrained_mean"] = statistics.mean(vals)
-            row["top1_retrained_std"] = statistics.stdev(vals) if len(vals) > 1 else 0.0
-            print(f"{res['target']}x {res['method']} seed {res['seed']}: {res['top1']:.2f}%", flush=True)
-            save(args, out)
+    retrain_pool(args, retrain_one, jobs, lambda res: out["targets"][res["target"]][res["method"]],
+                 lambda: save(args, out))
 
 
 def path(args) -> Path:

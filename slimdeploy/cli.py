@@ -42,6 +42,10 @@ NumClassesOpt = Annotated[Optional[int], typer.Option("--num-classes", min=1, he
 TokenModeOpt = Annotated[str, typer.Option(
     help="static: the same token positions for every image; attentive: per image, the tokens the class token "
          "attends to most, at counts chosen against latency")]
+EmbedOpt = Annotated[bool, typer.Option(
+    "--embed/--no-embed", help="also search the embedding width (the residual stream's channels, shared by every "
+                               "block); selection then chooses it with the rest")]
+WEmbedOpt = Annotated[float, typer.Option(help="L1 factor of the embedding mask")]
 ImgSizeOpt = Annotated[Optional[int], typer.Option("--img-size", min=1, help="input resolution (pixels)")]
 InChansOpt = Annotated[Optional[int], typer.Option("--in-chans", min=1, help="input channels")]
 DataOpt = Annotated[str, typer.Option("--data", help="fashion-mnist, fashion-mnist-shifted (items anywhere on a "
@@ -187,22 +191,26 @@ def search(
     w_attn: Annotated[float, typer.Option(help="L1 factor of the attention masks")] = SEARCH["w_attn"],
     w_mlp: Annotated[float, typer.Option(help="L1 factor of the MLP masks")] = SEARCH["w_mlp"],
     w_tok: Annotated[float, typer.Option(help="L1 factor of the token masks")] = SEARCH["w_tok"],
+    w_embed: WEmbedOpt = SEARCH["w_embed"],
     tokens: Annotated[bool, typer.Option("--tokens/--no-tokens", help="search tokens")] = True,
     attn: Annotated[bool, typer.Option("--attn/--no-attn", help="search heads and head channels")] = True,
     mlp: Annotated[bool, typer.Option("--mlp/--no-mlp", help="search MLP units")] = True,
     shared_qkv: Annotated[bool, typer.Option("--shared-qkv", help="one mask for q, k and v (ViT-Slim)")] = False,
     token_mode: TokenModeOpt = "static",
+    embed: EmbedOpt = False,
     distill: Annotated[bool, typer.Option("--distill", help="task loss: distillation from the unmasked model")] = False,
     seed: Annotated[int, typer.Option(help="random seed")] = 0,
     torch_device: TorchDeviceOpt = "auto",
 ):
-    """Single-shot mask search (ViT-Slim) over tokens, heads, head channels and MLP units. Resumes."""
+    """Single-shot mask search (ViT-Slim) over tokens, heads, head channels, MLP units and (--embed) the embedding
+    width. Resumes."""
     from .masks import SearchDims
     from .runs import Run
     from .search import SearchConfig, search_run
     from .trainer import TrainConfig
 
-    scfg = SearchConfig(w_attn, w_mlp, w_tok, distill, dims=SearchDims(tokens, attn, mlp, shared_qkv, token_mode))
+    scfg = SearchConfig(w_attn, w_mlp, w_tok, distill, dims=SearchDims(tokens, attn, mlp, shared_qkv, token_mode,
+                                                                        embed), w_embed=w_embed)
     tcfg = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, min_lr=lr, weight_decay=weight_decay,
                        warmup_epochs=0.0, seed=seed, clip_grad=None)
     r = Run(run)
@@ -308,6 +316,8 @@ def select(
                          ] = None,
     keep_mlp: Annotated[Optional[float], typer.Option(help="ViT-Slim rule: kept fraction of MLP units")] = None,
     keep_tokens: Annotated[Optional[float], typer.Option(help="ViT-Slim rule: kept fraction of tokens")] = None,
+    keep_embed: Annotated[Optional[float], typer.Option(help="kept fraction of the embedding width (with the ViT-Slim "
+                                                        "rule; needs a search with --embed)")] = None,
     device: DeviceOpt = None, profiles_dir: ProfilesDirOpt = None,
     data: DataOpt = "fashion-mnist", train_limit: TrainLimitOpt = None,
     importance: Annotated[str, typer.Option(help="auto, taylor or magnitude (order within each kind)")] = "auto",
@@ -328,7 +338,7 @@ def select(
     from .select.stage import SelectOptions, select_run
     from .select.target import parse_target
 
-    target = parse_target(target_latency, target_macs, target_params, (keep_attn, keep_mlp, keep_tokens))
+    target = parse_target(target_latency, target_macs, target_params, (keep_attn, keep_mlp, keep_tokens, keep_embed))
     with Run(run).lock():
         dense, _ = load_dense(run)
         bundle = _data(dense, data, train_limit, None) if target.kind != "fractions" else None
@@ -533,7 +543,9 @@ def run(
     w_attn: Annotated[float, typer.Option(help="L1 factor of the attention masks")] = SEARCH["w_attn"],
     w_mlp: Annotated[float, typer.Option(help="L1 factor of the MLP masks")] = SEARCH["w_mlp"],
     w_tok: Annotated[float, typer.Option(help="L1 factor of the token masks")] = SEARCH["w_tok"],
+    w_embed: WEmbedOpt = SEARCH["w_embed"],
     token_mode: TokenModeOpt = "static",
+    embed: EmbedOpt = False,
     importance: Annotated[str, typer.Option(help="auto, taylor or magnitude")] = "auto",
     verify_latency: Annotated[bool, typer.Option("--verify-latency/--no-verify-latency",
                                                  help="closed loop on the profile's backend")] = True,
@@ -567,7 +579,7 @@ def run(
                       in_chans=in_chans, data=data, train_limit=train_limit, val_limit=val_limit,
                       batch_size=batch_size, train_epochs=train_epochs, search_epochs=search_epochs,
                       retrain_epochs=retrain_epochs, w_attn=w_attn, w_mlp=w_mlp, w_tok=w_tok, token_mode=token_mode,
-                      importance=importance,
+                      w_embed=w_embed, search_embed=embed, importance=importance,
                       verify_latency=verify_latency, recovery_steps=recovery_steps,
                       calibration_images=calibration_images, distill=distill, trt=trt,
                       precision="fp16" if fp16 else precision, backend=backend, max_drop=max_drop, seed=seed,

@@ -33,10 +33,12 @@ def describe(model_name, checkpoint, num_classes, img_size, in_chans, run, laten
         spec = SlimSpec.dense(cfg, arch_of(model))
         kind, name = "dense", cfg.name
     a = spec.arch
-    d = {"name": name, "kind": kind, "embed_dim": a.embed_dim, "num_tokens": a.num_tokens,
+    e = spec.embed_dim
+    d = {"name": name, "kind": kind, "embed_dim": e, "num_tokens": a.num_tokens,
          "num_prefix_tokens": a.num_prefix_tokens, "num_classes": a.num_classes,
          "params": spec_params(spec), "macs": spec_macs(spec),
-         "blocks": [{**b.widths(), "macs": block_macs(a, b), "params": block_params(a, b)} for b in spec.blocks]}
+         "blocks": [{**b.widths(), "macs": block_macs(a, b, e), "params": block_params(a, b, e, kind == "slim")}
+                    for b in spec.blocks]}
     if latency:
         d["latency"] = measure_onnx_cpu_latency(model, a, batch_size, threads)
     return d

@@ -6,6 +6,7 @@ MaskedViT holds the unmodified timm model and one learnable mask per searched di
   mlp  (depth, mlp_dim)          multiplies the hidden units after the activation
   tok  (depth, num_patches)      one value in [0, 1] per patch token per block; prefix tokens
                                  (class, distillation, register) are never masked
+  embed (embed_dim,)             one value in [0, 1] per channel of the residual stream, shared by every block
 All masks start at exactly 1, where the masked model computes the dense model's function.
 
 Token masks are per position (static mode) or per rank (attentive mode): in attentive mode tok[i, j] gates,
@@ -19,6 +20,14 @@ Token masks are designed so that a hard 0 is exactly removal (unlike ViT-Slim's 
 normed input): a token's keys/values are weighted by its mask inside the softmax
 (logits + log m), and its residual updates are multiplied by m. At m = 0 the token contributes
 no key/value and receives no update, which is what dropping it from the sequence does.
+
+The embedding mask acts where the stream is read: every LayerNorm over the stream (each block's two, the final
+norm) computes its statistics weighted by the mask and multiplies its output by it. A channel at 0 is then
+read by nothing and leaves every norm's statistics, which is exactly the narrower stream of the pruned model
+(the channel still exists in the masked stream, but no result depends on it). Weighting the statistics, rather
+than dropping a channel from them only at exactly 0, makes removal continuous during the search, so the weights
+learn the statistics they will have; the price is that soft values of kept channels cannot be folded exactly
+(fold_masks folds the output scaling into the norms' affine; the statistics' weighting is lost).
 
 With qk_norm, a hard-pruned q/k channel is also left out of the LayerNorm statistics, as the
 physically pruned HeadwiseLayerNorm does. We wrap and call timm's modules; we never patch them.
@@ -37,7 +46,8 @@ from .models import arch_of
 from .slim import score_kind, token_scores
 from .types import Arch, SlimSpec
 
-MASK_KINDS = ("qk", "v", "mlp", "tok")
+MASK_KINDS = ("qk", "v", "mlp", "tok", "embed")
+UNIT_KINDS = ("tok", "embed")  # masks clamped to [0, 1] (straight-through), penalised after the clamp
 TINY_MASK = 1e-30
 
 
@@ -50,6 +60,7 @@ class SearchDims:
     mlp: bool = True
     shared_qkv: bool = False  # ViT-Slim's single mask on q, k and v
     token_mode: str = "static"  # static (per position) | attentive (per rank, chosen per image)
+    embed: bool = False  # the embedding width (the residual stream's channels, shared by every block)
 
     def __post_init__(self):
         from .errors import SlimError
@@ -74,6 +85,24 @@ def _masked_layernorm(x: torch.Tensor, ln: nn.LayerNorm, keep: torch.Tensor) -> 
     return y * ln.weight + ln.bias if ln.weight is not None else y
 
 
+def _stream_norm(norm: nn.Module, x: torch.Tensor, e: torch.Tensor | None) -> torch.Tensor:
+    """A LayerNorm reading the residual stream under the embedding mask e (channels, in [0, 1]): statistics
+    weighted by e, output multiplied by e. At e = 1 it is the LayerNorm; at a 0/1 mask, the LayerNorm of the
+    narrower stream with the 0 channels set to 0."""
+    if e is None or isinstance(norm, nn.Identity):
+        return norm(x)
+    w = e.to(x.dtype)
+    total = w.sum().clamp_min(1e-12)
+    mean = (x * w).sum(-1, keepdim=True) / total
+    var = (((x - mean) ** 2) * w).sum(-1, keepdim=True) / total
+    y = (x - mean) * torch.rsqrt(var + norm.eps)
+    if norm.weight is not None:
+        y = y * norm.weight
+    if norm.bias is not None:
+        y = y + norm.bias
+    return y * w
+
+
 class MaskedViT(nn.Module):
     """A timm VisionTransformer with search masks; `vit` keeps timm's own parameter names."""
 
@@ -90,6 +119,11 @@ class MaskedViT(nn.Module):
             self.qk = self.v = None
         self.mlp = nn.Parameter(torch.ones(a.depth, a.mlp_dim)) if self.dims.mlp else None
         self.tok = nn.Parameter(torch.ones(a.depth, a.num_patches)) if self.dims.tokens else None
+        if self.dims.embed:
+            from .slim import check_embed_prunable
+
+            check_embed_prunable(vit)
+        self.embed = nn.Parameter(torch.ones(a.embed_dim)) if self.dims.embed else None
 
     # ---- masks ---------------------------------------------------------------------------------
     def mask_params(self) -> dict[str, nn.Parameter]:
@@ -104,6 +138,10 @@ class MaskedViT(nn.Module):
             return None
         prefix = torch.ones(self.arch.depth, self.arch.num_prefix_tokens, device=self.tok.device, dtype=self.tok.dtype)
         return torch.cat([prefix, _ste_unit(self.tok)], dim=1)
+
+    def embed_values(self) -> torch.Tensor | None:
+        """(embed_dim,) embedding mask values in [0, 1]."""
+        return None if self.embed is None else _ste_unit(self.embed)
 
     @torch.no_grad()
     def set_hard(self, spec: SlimSpec) -> MaskedViT:
@@ -122,15 +160,20 @@ class MaskedViT(nn.Module):
                 t = torch.zeros(a.num_tokens)
                 t[b.tokens] = 1.0
                 self.tok[i].copy_(t[a.num_prefix_tokens:])
+        if self.embed is not None:
+            self.embed.zero_()
+            self.embed[spec.embed] = 1.0
         return self
 
     def l1(self) -> dict[str, torch.Tensor]:
         """Sum of |mask| per kind (token masks after clamping to [0, 1]; block 0's rank gates, which are not
         used, left out)."""
-        out = {k: p.abs().sum() for k, p in self.mask_params().items() if k != "tok"}
+        out = {k: p.abs().sum() for k, p in self.mask_params().items() if k not in UNIT_KINDS}
         if self.tok is not None:
             tok = self.tok[1:] if self.attentive else self.tok
             out["tok"] = _ste_unit(tok).abs().sum()
+        if self.embed is not None:
+            out["embed"] = self.embed_values().sum()
         return out
 
     @property
@@ -154,6 +197,7 @@ class MaskedViT(nn.Module):
         x = vit.patch_drop(x)
         x = vit.norm_pre(x)
         tok = self.token_values()
+        e = self.embed_values()
         vmask = self.v_mask()
         how = score_kind(vit)
         scores, gate = None, None
@@ -163,17 +207,25 @@ class MaskedViT(nn.Module):
             elif tok is not None:
                 gate = tok[i][None]
             x, s = self._block(blk, x, None if self.qk is None else self.qk[i], None if vmask is None else vmask[i],
-                               None if self.mlp is None else self.mlp[i], gate, how if self.attentive else None)
+                               None if self.mlp is None else self.mlp[i], gate, how if self.attentive else None, e)
             scores = scores if s is None else s
-        x = vit.norm(x)
-        if vit.global_pool == "avg" and gate is not None:
-            # average over the tokens still present after the last block, as the pruned model does
-            w = gate[:, vit.num_prefix_tokens:, None]
-            pooled = (x[:, vit.num_prefix_tokens:] * w).sum(1) / w.sum(1).clamp_min(1e-12)
-            return vit.head(vit.head_drop(vit.fc_norm(pooled)))
+        x = _stream_norm(vit.norm, x, e)
+        if e is not None and isinstance(vit.norm, nn.Identity) and isinstance(vit.fc_norm, nn.Identity):
+            x = x * e  # no final norm: the head reads the stream itself
+        avg = vit.global_pool == "avg"
+        if (avg and gate is not None) or (e is not None and not isinstance(vit.fc_norm, nn.Identity)):
+            P = vit.num_prefix_tokens
+            if not avg:
+                pooled = x[:, 0]
+            elif gate is None:
+                pooled = x[:, P:].mean(1)
+            else:  # average over the tokens still present after the last block, as the pruned model does
+                w = gate[:, P:, None]
+                pooled = (x[:, P:] * w).sum(1) / w.sum(1).clamp_min(1e-12)
+            return vit.head(vit.head_drop(_stream_norm(vit.fc_norm, pooled, e)))
         return vit.forward_head(x)
 
-    def _block(self, blk, x, qk, v, mlp, tok, scores=None):
+    def _block(self, blk, x, qk, v, mlp, tok, scores=None, e=None):
         """One block under masks; tok: (1 or B, N) token gates or None. With scores (cls / mean), also the
         token scores its attention gives (None when every head is masked: such a block ranks nothing)."""
         B, N, _ = x.shape
@@ -190,7 +242,8 @@ class MaskedViT(nn.Module):
             rows = torch.cat([qk.reshape(-1) if qk is not None and not qk_norm else ones, ones,
                               v.reshape(-1) if v is not None else ones])
             w, b = w * rows[:, None], (b * rows if b is not None else None)
-        q, k, val = F.linear(blk.norm1(x), w, b).reshape(B, N, 3, H, hd).permute(2, 0, 3, 1, 4).unbind(0)
+        qkv = F.linear(_stream_norm(blk.norm1, x, e), w, b)
+        q, k, val = qkv.reshape(B, N, 3, H, hd).permute(2, 0, 3, 1, 4).unbind(0)
         if qk_norm and qk is not None:
             if bool((qk == 0).any()):  # hard-pruned channels leave the norm's statistics
                 keep = (qk != 0).to(q.dtype)
@@ -218,7 +271,8 @@ class MaskedViT(nn.Module):
         upd = blk.drop_path1(blk.ls1(o))
         x = x + (upd if gate is None else upd * gate)
         m = blk.mlp
-        h = m.norm(m.drop1(m.act(m.fc1(blk.norm2(x)))))  # norm is Identity (checked): the mask commutes
+        # m.norm is Identity (checked): the mask commutes
+        h = m.norm(m.drop1(m.act(m.fc1(_stream_norm(blk.norm2, x, e)))))
         w2 = m.fc2.weight if mlp is None else m.fc2.weight * mlp[None, :]
         upd = blk.drop_path2(blk.ls2(m.drop2(F.linear(h, w2, m.fc2.bias))))
         return x + (upd if gate is None else upd * gate), s
@@ -264,10 +318,20 @@ def fold_masks(masked: MaskedViT, spec: SlimSpec) -> VisionTransformer:
                 attn.qkv.bias[2 * A:] *= vm
         if masked.mlp is not None:
             blk.mlp.fc2.weight *= masked.mlp[i].detach().cpu()[None, :]
+    if masked.embed is not None:
+        # the output scaling of every norm over the stream folds into its affine; the weighting of its
+        # statistics by soft values cannot (see the module's docstring)
+        e = masked.embed_values().detach().cpu()
+        for norm in [n for blk in vit.blocks for n in (blk.norm1, blk.norm2)] + [vit.norm, vit.fc_norm]:
+            if isinstance(norm, nn.LayerNorm) and norm.weight is not None:
+                norm.weight *= e
+                if norm.bias is not None:
+                    norm.bias *= e
     return vit
 
 
 def hard_twin(vit: VisionTransformer, spec: SlimSpec, dims: SearchDims | None = None) -> MaskedViT:
     """A MaskedViT over vit with the spec's 0/1 masks: the reference the pruned model must match."""
-    return MaskedViT(vit, dims or SearchDims(token_mode=spec.token_mode)).set_hard(spec).eval()
+    dims = dims or SearchDims(token_mode=spec.token_mode, embed=spec.embed_dim < spec.arch.embed_dim)
+    return MaskedViT(vit, dims).set_hard(spec).eval()
 

@@ -43,7 +43,9 @@ class RunOptions:
     w_attn: float = SEARCH["w_attn"]
     w_mlp: float = SEARCH["w_mlp"]
     w_tok: float = SEARCH["w_tok"]
+    w_embed: float = SEARCH["w_embed"]
     search_tokens: bool = True
+    search_embed: bool = False  # the embedding width (selection follows what the search searched)
     token_mode: str = "static"  # static | attentive (search, and so selection, pruning and export)
     importance: str = "auto"
     verify_latency: bool = True
@@ -91,8 +93,8 @@ def run_pipeline(o: RunOptions) -> dict | None:
             train_run(o.out, cfg, data, TrainConfig(epochs=o.train_epochs, batch_size=o.batch_size, lr=o.train_lr,
                                                     label_smoothing=o.label_smoothing, seed=o.seed), o.torch_device)
         step("search")
-        dims = SearchDims(tokens=o.search_tokens, token_mode=o.token_mode)
-        search_run(o.out, data, SearchConfig(o.w_attn, o.w_mlp, o.w_tok, dims=dims),
+        dims = SearchDims(tokens=o.search_tokens, token_mode=o.token_mode, embed=o.search_embed)
+        search_run(o.out, data, SearchConfig(o.w_attn, o.w_mlp, o.w_tok, dims=dims, w_embed=o.w_embed),
                    TrainConfig(epochs=o.search_epochs, batch_size=o.batch_size, lr=o.search_lr, min_lr=o.search_lr,
                                weight_decay=SEARCH["weight_decay"], warmup_epochs=0.0, clip_grad=None, seed=o.seed),
                    o.torch_device)

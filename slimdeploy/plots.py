@@ -34,11 +34,13 @@ def kept_by_global_threshold(values: torch.Tensor, keep: float) -> torch.Tensor:
 
 def plot_search_structure(masks: dict[str, torch.Tensor], arch: Arch, path: str | Path, keep: float = 0.5) -> None:
     """Per block, the fraction of each dimension kept at one global threshold per mask kind
-    (ViT-Slim's budget rule at `keep`), plus each block's mean mask value."""
+    (ViT-Slim's budget rule at `keep`), plus each block's mean mask value; with an embedding search, its channels'
+    mask values sorted (one stream for every block)."""
     kinds = [k for k in ("qk", "v", "mlp", "tok") if k in masks]
     names = {"qk": "attention q/k channels", "v": "attention v channels", "mlp": "MLP hidden units",
              "tok": "patch tokens (monotone)"}
-    fig, axes = plt.subplots(1, len(kinds), figsize=(3.6 * len(kinds), 3.2), squeeze=False)
+    panels = len(kinds) + ("embed" in masks)
+    fig, axes = plt.subplots(1, panels, figsize=(3.6 * panels, 3.2), squeeze=False)
     blocks = list(range(arch.depth))
     for ax, kind in zip(axes[0], kinds):
         m = masks[kind].float()
@@ -52,6 +54,13 @@ def plot_search_structure(masks: dict[str, torch.Tensor], arch: Arch, path: str 
         ax.set_xlabel("block")
         ax.set_ylim(0, max(1.05, float(mean.max()) * 1.05))
         ax.set_xticks(blocks)
+    if "embed" in masks:
+        ax = axes[0][-1]
+        ax.plot(masks["embed"].float().sort(descending=True).values.numpy(), color="#4878cf")
+        ax.set_title("embedding channels (all blocks)", fontsize=9)
+        ax.set_xlabel("channel, by mask value")
+        ax.set_ylabel("mask value")
+        ax.set_ylim(0, 1.05)
     axes[0][0].set_ylabel("fraction")
     axes[0][0].legend(fontsize=7, loc="lower left")
     fig.suptitle("searched structure", fontsize=10)

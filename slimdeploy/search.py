@@ -1,7 +1,8 @@
-"""Stage: single-shot mask search (ViT-Slim) over tokens, heads/head channels and MLP width.
+"""Stage: single-shot mask search (ViT-Slim) over tokens, heads/head channels, MLP width and embedding width.
 
 Weights and masks train together; loss = task loss + w_attn * |qk, v masks|_1 + w_mlp * |mlp|_1
-+ w_tok * |tok|_1, with the paper's factors as defaults (not divided by the number of processes).
++ w_tok * |tok|_1 (+ w_embed * |embed|_1 with --embed), with the paper's factors as defaults (not divided by
+the number of processes).
 Besides the mask values we record a first-order (Taylor) importance |m * dL_task/dm| averaged over
 the last search epoch: it is in units of loss, so it compares across mask kinds (see select.py).
 
@@ -25,7 +26,7 @@ from . import dist
 from .data import DataBundle
 from .errors import SlimError
 from .fileio import save_weights, write_json
-from .masks import MaskedViT, SearchDims
+from .masks import UNIT_KINDS, MaskedViT, SearchDims
 from .runs import Run
 from .trainer import Hooks, TrainConfig, fit
 from .types import Arch
@@ -41,17 +42,18 @@ class SearchConfig:
     distill: bool = False
     tau: float = 1.0
     dims: SearchDims = None  # type: ignore[assignment]
+    w_embed: float = 1e-4
 
     def __post_init__(self):
         if self.dims is None:
             self.dims = SearchDims()
-        if min(self.w_attn, self.w_mlp, self.w_tok) < 0:
-            raise SlimError("mask factors (--w-attn, --w-mlp, --w-tok) must be >= 0")
-        if not (self.dims.tokens or self.dims.attn or self.dims.mlp):
-            raise SlimError("nothing to search: enable at least one of tokens, attention, MLP")
+        if min(self.w_attn, self.w_mlp, self.w_tok, self.w_embed) < 0:
+            raise SlimError("mask factors (--w-attn, --w-mlp, --w-tok, --w-embed) must be >= 0")
+        if not (self.dims.tokens or self.dims.attn or self.dims.mlp or self.dims.embed):
+            raise SlimError("nothing to search: enable at least one of tokens, attention, MLP, embedding")
 
     def factor(self, kind: str) -> float:
-        return {"qk": self.w_attn, "v": self.w_attn, "mlp": self.w_mlp, "tok": self.w_tok}[kind]
+        return {"qk": self.w_attn, "v": self.w_attn, "mlp": self.w_mlp, "tok": self.w_tok, "embed": self.w_embed}[kind]
 
 
 def kd_loss(student: torch.Tensor, teacher: torch.Tensor, tau: float) -> torch.Tensor:
@@ -74,8 +76,9 @@ class TaylorImportance(Hooks):
         for kind, p in self.masked.mask_params().items():
             if p.grad is None:
                 continue
-            value = p.clamp(0, 1) if kind == "tok" else p
-            l1_grad = self.scfg.factor(kind) * (torch.sign(value) if kind != "tok" else (value > 0).to(p.dtype))
+            unit = kind in UNIT_KINDS
+            value = p.clamp(0, 1) if unit else p
+            l1_grad = self.scfg.factor(kind) * (torch.sign(value) if not unit else (value > 0).to(p.dtype))
             if kind == "tok" and self.masked.attentive:
                 l1_grad[0] = 0.0  # block 0's rank gates are neither used nor penalised
             score = (value * (p.grad - l1_grad)).abs()
@@ -130,7 +133,7 @@ def search(model: VisionTransformer, data: DataBundle, tcfg: TrainConfig, scfg: 
                   torch_device=torch_device)
     masks = export_masks(masked, hooks.last)
     if dist.setup().is_main:
-        meta = {"config": json.dumps({**asdict(scfg), "dims": asdict(scfg.dims)}),
+        meta = {"config": json.dumps(config_record(scfg)),
                 "arch": json.dumps(masked.arch.to_dict())}
         save_weights(masks, out / "masks.safetensors", metadata=meta)
         save_weights(masked.vit.state_dict(), out / "weights.safetensors")
@@ -142,11 +145,20 @@ def search(model: VisionTransformer, data: DataBundle, tcfg: TrainConfig, scfg: 
     return {"history": history, "masks": masks}
 
 
+def config_record(scfg: SearchConfig) -> dict:
+    """The search's config as recorded; without the embedding's keys when it is not searched, so that a search
+    made before the embedding could be searched stays current."""
+    d = {**asdict(scfg), "dims": asdict(scfg.dims)}
+    if not scfg.dims.embed:
+        del d["w_embed"], d["dims"]["embed"]
+    return d
+
+
 def search_run(run_dir: str | Path, data: DataBundle, scfg: SearchConfig, tcfg: TrainConfig,
                torch_device: str = "auto") -> dict | None:
     """The search stage on a run directory's base model: skipped when current, resumed when interrupted."""
     r = Run(run_dir)
-    inputs = r.inputs({"search": asdict(scfg), "train": asdict(tcfg), "data": data.key},
+    inputs = r.inputs({"search": config_record(scfg), "train": asdict(tcfg), "data": data.key},
                           [r / "base.safetensors"])
     if r.current("search", inputs, OUTPUTS):
         return None
@@ -160,10 +172,10 @@ def search_run(run_dir: str | Path, data: DataBundle, scfg: SearchConfig, tcfg: 
 
 @torch.no_grad()
 def export_masks(masked: MaskedViT, taylor: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Mask values (tokens clamped to [0, 1]) and Taylor scores, as a flat dict of CPU tensors."""
+    """Mask values (tokens and embedding clamped to [0, 1]) and Taylor scores, as a flat dict of CPU tensors."""
     out = {}
     for kind, p in masked.mask_params().items():
-        out[kind] = (p.clamp(0, 1) if kind == "tok" else p).detach().cpu().clone()
+        out[kind] = (p.clamp(0, 1) if kind in UNIT_KINDS else p).detach().cpu().clone()
         if kind in taylor:
             out[f"taylor.{kind}"] = taylor[kind].clone()
     if masked.dims.shared_qkv and "qk" in out:
@@ -175,7 +187,7 @@ def export_masks(masked: MaskedViT, taylor: dict[str, torch.Tensor]) -> dict[str
 
 def mask_shapes(a: Arch) -> dict[str, tuple[int, ...]]:
     return {"qk": (a.depth, a.num_heads, a.head_dim), "v": (a.depth, a.num_heads, a.head_dim),
-            "mlp": (a.depth, a.mlp_dim), "tok": (a.depth, a.num_patches)}
+            "mlp": (a.depth, a.mlp_dim), "tok": (a.depth, a.num_patches), "embed": (a.embed_dim,)}
 
 
 def load_masks(run_dir: str | Path, arch: Arch | None = None) -> tuple[dict[str, torch.Tensor], dict]:

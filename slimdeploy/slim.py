@@ -4,7 +4,9 @@ A SlimBlock has dense, smaller layers: qkv with only the kept heads and channels
 differ from v width), proj with the kept input columns, fc1/fc2 with the kept hidden units, and a
 token gather at its start when the spec drops tokens there, so the sequence really shrinks.
 Everything outside the blocks (patch embedding, tokens, position embedding, norm, head) is
-timm's, unchanged. Rebuilt from spec.json + safetensors with `load_slim`.
+timm's, unchanged, unless the spec narrows the embedding width (the residual stream): then every layer
+that writes to the stream keeps only the kept channels of its output, and every layer that reads it only
+those of its input (narrow_embed). Rebuilt from spec.json + safetensors with `load_slim`.
 
 In attentive token mode a block that drops tokens keeps, per image, the prefix tokens and the k patch
 tokens that the class token attended to most (averaged over heads) in the last block with heads before
@@ -24,6 +26,7 @@ from timm.layers import use_fused_attn
 from timm.models.vision_transformer import Block, VisionTransformer
 from torch import nn
 
+from .errors import SlimError
 from .models import create_model, load_checkpoint
 from .types import Arch, BlockSpec, SlimSpec
 
@@ -255,14 +258,91 @@ def build_slim(spec: SlimSpec, dense: VisionTransformer | None = None) -> Vision
     model = copy.deepcopy(dense) if dense is not None else create_model(spec.source)
     if spec.token_mode == "attentive":
         model.blocks = _ranked_blocks(spec, model, copy_weights)
-        return model.eval()
-    prev = list(range(spec.arch.num_tokens))
-    blocks = []
-    for i, b in enumerate(spec.blocks):
-        blocks.append(slim_block(spec.arch, model.blocks[i], b, _keep_positions(prev, b.tokens), copy_weights))
-        prev = b.tokens
-    model.blocks = nn.Sequential(*blocks)
+    else:
+        prev = list(range(spec.arch.num_tokens))
+        blocks = []
+        for i, b in enumerate(spec.blocks):
+            blocks.append(slim_block(spec.arch, model.blocks[i], b, _keep_positions(prev, b.tokens), copy_weights))
+            prev = b.tokens
+        model.blocks = nn.Sequential(*blocks)
+    if spec.embed_dim < spec.arch.embed_dim:
+        narrow_embed(model, spec.embed)
     return model.eval()
+
+
+@torch.no_grad()
+def narrow_embed(model: VisionTransformer, keep: list[int]) -> None:
+    """Keep only the residual-stream channels `keep`, in place: the writers (patch embedding, prefix tokens,
+    position embedding, each branch's output projection and constant) keep those output rows, the readers (every
+    LayerNorm over the stream, qkv, fc1, the heads) those inputs; layer scales follow their channels."""
+    idx = torch.tensor(keep, dtype=torch.long)
+    check_embed_prunable(model)
+    pe = model.patch_embed
+    pe.proj = _conv_out(pe.proj, idx)
+    for name in ("cls_token", "reg_token", "dist_token", "pos_embed"):
+        p = getattr(model, name, None)
+        if isinstance(p, nn.Parameter):
+            setattr(model, name, nn.Parameter(p.data[..., idx].clone()))
+    for blk in model.blocks:
+        blk.norm1, blk.norm2 = norm_slice(blk.norm1, idx), norm_slice(blk.norm2, idx)
+        for ls in (blk.ls1, blk.ls2):
+            if hasattr(ls, "gamma"):
+                ls.gamma = nn.Parameter(ls.gamma.data[idx].clone())
+        for branch, reader, writer in ((blk.attn, "qkv", "proj"), (blk.mlp, "fc1", "fc2")):
+            if isinstance(branch, ConstantBranch):
+                branch.bias = nn.Parameter(branch.bias.data[idx].clone())
+                continue
+            setattr(branch, reader, _linear_slice(getattr(branch, reader), cols=idx))
+            setattr(branch, writer, _linear_slice(getattr(branch, writer), rows=idx))
+    model.norm, model.fc_norm = norm_slice(model.norm, idx), norm_slice(model.fc_norm, idx)
+    for name in ("head", "head_dist"):
+        head = getattr(model, name, None)
+        if isinstance(head, nn.Linear):
+            setattr(model, name, _linear_slice(head, cols=idx))
+    model.embed_dim = model.num_features = len(keep)
+    if hasattr(model, "head_hidden_size"):
+        model.head_hidden_size = len(keep)
+
+
+def check_embed_prunable(model: VisionTransformer) -> None:
+    """Refuse a model whose stream is normalised where it is written (a norm inside the patch embedding, or a
+    pre-norm): removing channels there changes the other channels' values, so a channel is not removable alone."""
+    if not isinstance(model.patch_embed.norm, nn.Identity) or not isinstance(model.norm_pre, nn.Identity):
+        raise SlimError("this model normalises its embedding before the blocks (patch-embedding norm or pre-norm): "
+                        "its embedding width cannot be pruned channel by channel; search with --no-embed")
+
+
+def _linear_slice(lin: nn.Linear, rows: torch.Tensor | None = None, cols: torch.Tensor | None = None) -> nn.Linear:
+    w = lin.weight.data
+    w = w if rows is None else w[rows]
+    w = w if cols is None else w[:, cols]
+    out = nn.Linear(w.shape[1], w.shape[0], bias=lin.bias is not None)
+    out.weight.data.copy_(w)
+    if lin.bias is not None:
+        out.bias.data.copy_(lin.bias.data if rows is None else lin.bias.data[rows])
+    return out
+
+
+def _conv_out(conv: nn.Conv2d, idx: torch.Tensor) -> nn.Conv2d:
+    out = nn.Conv2d(conv.in_channels, len(idx), conv.kernel_size, conv.stride, conv.padding, bias=conv.bias is not None)
+    out.weight.data.copy_(conv.weight.data[idx])
+    if conv.bias is not None:
+        out.bias.data.copy_(conv.bias.data[idx])
+    return out
+
+
+def norm_slice(norm: nn.Module, idx: torch.Tensor) -> nn.Module:
+    if isinstance(norm, nn.Identity):
+        return norm
+    if not isinstance(norm, nn.LayerNorm):
+        raise SlimError(f"a {type(norm).__name__} over the embedding cannot be narrowed (LayerNorm only)")
+    out = nn.LayerNorm(len(idx), eps=norm.eps, elementwise_affine=norm.elementwise_affine,
+                       bias=norm.bias is not None)
+    if norm.elementwise_affine:
+        out.weight.data.copy_(norm.weight.data[idx])
+        if norm.bias is not None:
+            out.bias.data.copy_(norm.bias.data[idx])
+    return out
 
 
 def scoring_blocks(spec: SlimSpec) -> set[int]:

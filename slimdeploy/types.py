@@ -14,7 +14,7 @@ from typing import Any
 from .errors import SlimError
 from .fileio import read_json, write_json
 
-SPEC_SCHEMA = 2  # 2: token_mode (schema 1 specs load as static)
+SPEC_SCHEMA = 3  # 2: token_mode (schema 1 specs load as static); 3: embed (older specs keep every channel)
 TOKEN_MODES = ("static", "attentive")
 PROFILE_SCHEMA = 2
 REPORT_SCHEMA = 2
@@ -159,6 +159,10 @@ class BlockSpec:
 class SlimSpec:
     """The structure of a slim model: per-block kept tokens, heads, head channels and MLP units.
 
+    embed: the kept channels of the residual stream (the embedding width), shared by every block: the patch
+    embedding, position embedding, prefix tokens, every block's input and output projections, the norms and the
+    head keep these channels only. Every channel by default.
+
     token_mode says which tokens a block keeps:
       static     the positions in `tokens`, the same for every image;
       attentive  the len(tokens) tokens (prefix tokens and the patches the class token attended to most in the
@@ -172,6 +176,15 @@ class SlimSpec:
     meta: dict[str, Any] = field(default_factory=dict)  # predicted latency, MACs, params, target, ...
     schema: int = SPEC_SCHEMA
     token_mode: str = "static"
+    embed: list[int] | None = None
+
+    def __post_init__(self):
+        if self.embed is None:
+            self.embed = list(range(self.arch.embed_dim))
+
+    @property
+    def embed_dim(self) -> int:
+        return len(self.embed)
 
     @classmethod
     def dense(cls, source: ModelConfig, arch: Arch) -> SlimSpec:
@@ -196,6 +209,9 @@ class SlimSpec:
             raise SlimError(f"spec has {len(self.blocks)} blocks but the model has {a.depth}")
         if self.token_mode not in TOKEN_MODES:
             raise SlimError(f"spec token_mode '{self.token_mode}' is not one of {', '.join(TOKEN_MODES)}")
+        _check_index_list(self.embed, a.embed_dim, "spec embed channels")
+        if not self.embed:
+            raise SlimError("spec keeps no embedding channel")
         prev = set(range(a.num_tokens))
         prefix = set(range(a.num_prefix_tokens))
         for i, b in enumerate(self.blocks):
@@ -246,27 +262,32 @@ class SlimSpec:
 
     def to_dict(self) -> dict[str, Any]:
         return {"schema": self.schema, "source": self.source.to_dict(), "arch": self.arch.to_dict(),
-                "token_mode": self.token_mode, "blocks": [asdict(b) for b in self.blocks], "meta": self.meta}
+                "token_mode": self.token_mode, "embed": list(self.embed), "blocks": [asdict(b) for b in self.blocks],
+                "meta": self.meta}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> SlimSpec:
         if not isinstance(d, dict) or "blocks" not in d or "arch" not in d or "source" not in d:
             raise SlimError("spec: expected an object with 'source', 'arch' and 'blocks'")
-        unknown = set(d) - {"schema", "source", "arch", "blocks", "meta", "token_mode"}
+        unknown = set(d) - {"schema", "source", "arch", "blocks", "meta", "token_mode", "embed"}
         if unknown:
             raise SlimError(f"spec: unknown keys {sorted(unknown)}")
         if not isinstance(d["blocks"], list) or not isinstance(d.get("meta", {}), dict):
             raise SlimError("spec: 'blocks' must be a list and 'meta' an object")
         schema = d.get("schema", SPEC_SCHEMA)
-        if schema == 1:  # before token modes: every spec was static
-            if "token_mode" in d:
-                raise SlimError("spec: schema 1 has no 'token_mode' (a corrupted spec?)")
+        if schema in (1, 2):  # 1: before token modes (every spec static); 2: before embed (every channel kept)
+            for key in ("token_mode", "embed")[schema - 1:]:
+                if key in d:
+                    raise SlimError(f"spec: schema {schema} has no '{key}' (a corrupted spec?)")
             schema = SPEC_SCHEMA
         if not isinstance(d.get("token_mode", "static"), str):
             raise SlimError("spec: 'token_mode' must be a string")
+        if "embed" in d and not isinstance(d["embed"], list):
+            raise SlimError("spec: 'embed' must be a list of channel indices")
         blocks = [_from_dict(BlockSpec, b, f"spec block {i}") for i, b in enumerate(d["blocks"])]
         return cls(source=ModelConfig.from_dict(d["source"]), arch=Arch.from_dict(d["arch"]), blocks=blocks,
-                   meta=d.get("meta", {}), schema=schema, token_mode=d.get("token_mode", "static")).validate()
+                   meta=d.get("meta", {}), schema=schema, token_mode=d.get("token_mode", "static"),
+                   embed=d.get("embed")).validate()
 
     def save(self, path: str | Path) -> None:
         write_json(path, self.to_dict())
@@ -276,7 +297,8 @@ class SlimSpec:
         return cls.from_dict(read_json(path, "spec"))
 
     def summary(self) -> list[dict[str, int]]:
-        return [b.widths() for b in self.blocks]
+        """Per-block widths (each with the embedding width, which all blocks share)."""
+        return [{**b.widths(), "embed": self.embed_dim} for b in self.blocks]
 
 
 def _copy(v):

@@ -6,15 +6,18 @@ import math
 
 import numpy as np
 
+from slimdeploy.latency.components import embed_grid
 from slimdeploy.latency.model import model_signature
 from slimdeploy.latency.profile import token_grid, width_grid
 from slimdeploy.select.importance import Importance
 from slimdeploy.types import Arch, DeviceProfile
 
 
-def staircase_profile(arch: Arch, tile: int = 32, step: int = 8, batch: int = 1, fixed: float = 0.0) -> DeviceProfile:
+def staircase_profile(arch: Arch, tile: int = 32, step: int = 8, batch: int = 1, fixed: float = 0.0,
+                      embed: bool = True) -> DeviceProfile:
     """Latency = tokens x ceil(width / tile) per matmul (plus `fixed` per piece): flat within a tile, a jump at
-    each tile."""
+    each tile. Every piece on the stream costs in proportion to the embedding width (embedding tables on a coarse
+    grid, without `embed`: none, as in a profile measured before them)."""
     ns = token_grid(arch, 6)
     hd = width_grid(arch.head_dim, step)
     hs = list(range(1, arch.num_heads + 1))
@@ -41,9 +44,35 @@ def staircase_profile(arch: Arch, tile: int = 32, step: int = 8, batch: int = 1,
                           for n in ns]},
         "stem_head": {"ms": 0.05},
     }
+    if embed:
+        E = embed_grid(D, step)
+        nc = [ns[0], ns[len(ns) // 2], ns[-1]]
+
+        def coarse(g):
+            return sorted({g[0], g[len(g) // 2], g[-1]})
+        for name in ("rest", "const", "gather"):
+            full = tables[name]["ms"]
+            tables[f"embed.{name}"] = {"axes": ["tokens", "embed"], "grid": {"tokens": nc, "embed": E},
+                                       "ms": [[full[ns.index(n)] * e / D for e in E] for n in nc]}
+        for name, ax, coef in (("qkv", "out", 1e-4), ("proj", "in", 1e-4), ("mlp", "hidden", 2e-4)):
+            g = coarse(tables[name]["grid"][ax])
+            tables[f"embed.{name}"] = {"axes": ["tokens", ax, "embed"], "grid": {"tokens": nc, ax: g, "embed": E},
+                                       "ms": [[[fixed + coef * n * e / 32 * t(w) for e in E] for w in g] for n in nc]}
+        tables["embed.stem_head"] = {"axes": ["embed"], "grid": {"embed": E}, "ms": [0.05 * e / D for e in E]}
     return DeviceProfile(device="synthetic", hardware="none", backend="synthetic", backend_version="0",
                          precision="fp32", batch_size=batch, threads=None, model=model_signature(arch),
                          tables=tables, calibration={"beta": 0.01})
+
+
+def wide_arch(name: str = "t-wide") -> Arch:
+    """A wider tiny model (64 channels, 4 blocks, 4 heads, 256 MLP units, 64 patches), registered as `name`."""
+    from slimdeploy.models import arch_of, register_model
+
+    from .conftest import tiny_model
+
+    register_model(name, dict(img_size=32, patch_size=4, in_chans=3, num_classes=5, embed_dim=64, depth=4, num_heads=4,
+                              mlp_ratio=4.0))
+    return arch_of(tiny_model(name))
 
 
 def synthetic_importance(arch: Arch, seed: int = 0, tokens: bool = True) -> Importance:

@@ -13,7 +13,7 @@ from slimdeploy.latency import timing
 from slimdeploy.masks import MaskedViT, SearchDims
 from slimdeploy.models import arch_of
 from slimdeploy.slim import build_slim, keep_top_tokens
-from slimdeploy.types import ModelConfig, SlimSpec
+from slimdeploy.types import SPEC_SCHEMA, ModelConfig, SlimSpec
 
 from .conftest import assert_onnx_parity, fmnist_available, random_spec, tiny_model
 
@@ -152,9 +152,10 @@ def test_spec_round_trip_and_schema_1_loads_as_static(tmp_path):
     assert back.token_mode == "attentive" and back.token_counts() == spec.token_counts()
     old = random_spec(model, 2).to_dict()
     old.pop("token_mode")
+    old.pop("embed")
     old["schema"] = 1
     loaded = SlimSpec.from_dict(old)
-    assert loaded.token_mode == "static" and loaded.schema == 2
+    assert loaded.token_mode == "static" and loaded.schema == SPEC_SCHEMA
 
 
 def test_search_gradient_reaches_the_rank_masks():
@@ -172,11 +173,9 @@ def test_search_gradient_reaches_the_rank_masks():
 
 # ---- selection and latency ---------------------------------------------------------------------
 def _wide():
-    from slimdeploy.models import register_model
+    from .synthetic import wide_arch
 
-    register_model("t-wide-att", dict(img_size=32, patch_size=4, in_chans=3, num_classes=5, embed_dim=64, depth=4,
-                                      num_heads=4, mlp_ratio=4.0))
-    return arch_of(tiny_model("t-wide-att"))
+    return wide_arch("t-wide-att")
 
 
 def test_selection_in_attentive_mode_keeps_counts_and_pays_the_ranking():

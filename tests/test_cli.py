@@ -57,6 +57,8 @@ def test_bad_inputs(tmp_path):
         (["train", "--out", str(tmp_path / "r"), "--train-limit", "0"], "--train-limit"),
         (["select", str(tmp_path / "r"), "--target-latency", "fast"], "cannot read latency target"),
         (["select", str(tmp_path / "r"), "--target-macs", "12x"], "cannot read MACs target"),
+        (["select", str(tmp_path / "r"), "--keep-embed", "1.5"], "--keep-embed must be in (0, 1]"),
+        (["search", str(tmp_path / "r"), "--embed", "--w-embed", "-1"], "--w-embed) must be >= 0"),
         (["select", str(tmp_path / "r"), "--target-latency", "5ms"], "not found"),
         (["predict", str(tmp_path / "none.json"), "--device", "x"], "not found"),
         (["run", "--out", str(tmp_path / "r2"), "--target-latency", "soon"], "cannot read latency target"),

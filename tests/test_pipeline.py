@@ -201,3 +201,21 @@ def test_attentive_token_mode_end_to_end(tmp_path):
     ops = {n.op_type for n in onnx.load(str(opts.out / "model.onnx")).graph.node}
     assert "TopK" in ops
     assert report["parity"]["max_abs_diff"] <= 1e-4 and report["parity"]["top1_agreement"] == 1.0
+
+
+def test_embedding_width_end_to_end(tmp_path):
+    """--embed through search (the embedding mask), select (ViT-Slim's fractions keeping half the channels), prune
+    (checked against the hard-masked twin), retrain, export and verify: every layer on the stream is narrower,
+    and ONNX matches PyTorch."""
+    opts = tiny_options(tmp_path, "run", target=parse_target(keep=(None, 0.75, None, 0.5)), train_limit=512,
+                        val_limit=256, train_epochs=2, search_epochs=1, retrain_epochs=1, search_embed=True)
+    report = run_pipeline(opts)
+    spec = SlimSpec.load(opts.out / "spec.json")
+    assert spec.embed_dim == spec.arch.embed_dim // 2
+    masks = __import__("safetensors.torch").torch.load_file(str(opts.out / "search" / "masks.safetensors"))
+    assert masks["embed"].shape == (spec.arch.embed_dim,) and "taylor.embed" in masks
+    assert json.loads((opts.out / "prune.json").read_text())["passed"]
+    g = onnx.load(str(opts.out / "model.onnx")).graph
+    conv = next(t for t in g.initializer if t.name.endswith("patch_embed.proj.weight"))
+    assert conv.dims[0] == spec.embed_dim
+    assert report["parity"]["max_abs_diff"] <= 1e-4 and report["parity"]["top1_agreement"] == 1.0

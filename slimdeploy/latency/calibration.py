@@ -29,12 +29,17 @@ from .model import COUNTS, calibrated
 
 
 def random_spec(arch: Arch, source: ModelConfig, rng: random.Random, step: int = 8, min_keep: float = 0.15,
-                size: float | None = None, empty_branches: float = 0.1) -> SlimSpec:
+                size: float | None = None, empty_branches: float = 0.1, embed_widths: list[int] | None = None
+                ) -> SlimSpec:
     """A random slim structure of overall size `size` (default: random in [min_keep, 1]), with per block and
-    dimension kept fractions around it, tokens dropped at some blocks (monotone), and a branch (all heads or
-    the whole MLP) removed with probability `empty_branches`."""
+    dimension kept fractions around it, tokens dropped at some blocks (monotone), a branch (all heads or
+    the whole MLP) removed with probability `empty_branches`, and, given embed_widths, half the time one of them
+    near the size as the embedding width."""
     spec = SlimSpec.dense(source, arch)
     size = rng.uniform(min_keep, 1.0) if size is None else size
+    if embed_widths and rng.random() < 0.5:
+        near = [w for w in embed_widths if w >= arch.embed_dim * size * rng.uniform(0.7, 1.3)]
+        spec.embed = list(range(near[0] if near else arch.embed_dim))
     tokens = list(range(arch.num_tokens))
 
     def width(full: int) -> int:
@@ -60,17 +65,20 @@ def random_spec(arch: Arch, source: ModelConfig, rng: random.Random, step: int =
     return spec.validate()
 
 
-def synthetic_importance(arch: Arch, rng: np.random.Generator):
+def synthetic_importance(arch: Arch, rng: np.random.Generator, embed: bool = False):
     """Random importances shaped like a search's (deep blocks matter less), with a random exchange rate
-    between kinds: enough to send the solver everywhere it goes with real ones."""
+    between kinds: enough to send the solver everywhere it goes with real ones. embed: with the embedding width
+    searched (its channels as important as a block's MLP at a random rate)."""
     from ..select.importance import Importance
 
     depth = np.linspace(1.5, 0.5, arch.depth)[:, None]
-    w = np.exp(rng.uniform(np.log(0.1), np.log(10.0), 3))
+    w = np.exp(rng.uniform(np.log(0.1), np.log(10.0), 4))
+    emb = rng.exponential(1.0, arch.embed_dim) * w[3] * arch.depth * 0.25 if embed else None
     return Importance(qk=rng.exponential(1.0, (arch.depth, arch.num_heads, arch.head_dim)) * depth[:, :, None] * w[0],
                       v=rng.exponential(1.0, (arch.depth, arch.num_heads, arch.head_dim)) * depth[:, :, None] * w[0],
                       mlp=rng.exponential(1.0, (arch.depth, arch.mlp_dim)) * depth * w[1] * 0.25,
-                      tok=rng.exponential(1.0, (arch.depth, arch.num_patches)) * depth * w[2], mode="synthetic")
+                      tok=rng.exponential(1.0, (arch.depth, arch.num_patches)) * depth * w[2], mode="synthetic",
+                      embed=emb)
 
 
 def solver_specs(lm, arch: Arch, source: ModelConfig, count: int, seed: int = 0) -> list[SlimSpec]:
@@ -82,12 +90,13 @@ def solver_specs(lm, arch: Arch, source: ModelConfig, count: int, seed: int = 0)
 
     rng = np.random.default_rng(seed)
     dense = lm.predict(SlimSpec.dense(source, arch))
+    with_embed = "stem_head" in lm.embed_tables
     out = []
     for i in range(count * 3):
         if len(out) == count:
             break
         frac = 0.2 + 0.75 * ((i * 0.618) % 1.0)
-        imp = synthetic_importance(arch, rng)
+        imp = synthetic_importance(arch, rng, embed=with_embed and i % 2 == 1)
         fams = families(imp)
         spec = Problem(arch, source, imp, LatencyCost(lm)).solve(fams[int(rng.integers(len(fams)))], frac * dense)
         if spec is not None:

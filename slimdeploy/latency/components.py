@@ -12,6 +12,10 @@ A block with n tokens, h heads of q (query/key) and v (value) channels and m MLP
   const(n)             a branch pruned to nothing: the residual add of its constant bias
   stem_head            patch embedding, prefix tokens, position embedding, final norm, head
 
+Each piece that touches the residual stream (all but core) is also timed at narrower embedding widths, on a coarse
+grid (embed_grid): the latency model scales a piece by its cost at that width over its cost at the full width,
+both measured on that grid.
+
 Where a layer's weights come from depends on the whole model: a model whose weights exceed the L2 cache streams
 every layer's weights from further out at each call, and at a few tokens that costs more than the arithmetic (a
 lone Linear(128, 384) at 2 tokens took 3 us from a warm cache and 10 us cold, on a Xeon with 2 MB of L2). So a
@@ -112,18 +116,41 @@ def mlp(block, m: int) -> nn.Module:
     return out
 
 
-def stem_head(model) -> nn.Module:
+def stem_head(model, embed: int | None = None) -> nn.Module:
+    from ..slim import narrow_embed
+
     m = copy.deepcopy(model)
     m.blocks = nn.Sequential()
+    if embed is not None and embed < m.embed_dim:
+        narrow_embed(m, list(range(embed)))
     return m
 
 
-def build(kind: str, arch: Arch, block, dims: tuple) -> tuple[nn.Module, tuple[int, ...]]:
-    """The module of one piece and its input shape (without the batch axis)."""
-    D = arch.embed_dim
+def embed_grid(dim: int, step: int) -> list[int]:
+    """Embedding widths the profile measures: eighths of the full width from a quarter up (multiples of step)."""
+    out = {max(step, int(round(dim * f / 8 / step)) * step) for f in range(2, 8)}
+    return sorted(w for w in out if w < dim) + [dim]
+
+
+def narrow_scale(ls: nn.Module, e: int) -> nn.Module:
+    """A layer scale over the first e channels (Identity stays)."""
+    out = copy.deepcopy(ls)
+    if hasattr(out, "gamma"):
+        out.gamma = nn.Parameter(out.gamma.data[:e].clone())
+    return out
+
+
+def build(kind: str, arch: Arch, block, dims: tuple, embed: int | None = None) -> tuple[nn.Module, tuple[int, ...]]:
+    """The module of one piece and its input shape (without the batch axis), at embedding width `embed` (default:
+    the model's)."""
+    D = embed or arch.embed_dim
     n = dims[0] if dims else None
     if kind == "rest":
-        return Rest(block.norm1, block.ls1), (n, D)
+        if D == arch.embed_dim:
+            return Rest(block.norm1, block.ls1), (n, D)
+        from ..slim import norm_slice
+
+        return Rest(norm_slice(block.norm1, torch.arange(D)), narrow_scale(block.ls1, D)), (n, D)
     if kind == "const":
         return Const(D), (n, D)
     if kind == "gather":
@@ -135,7 +162,11 @@ def build(kind: str, arch: Arch, block, dims: tuple) -> tuple[nn.Module, tuple[i
     if kind == "proj":
         return nn.Linear(dims[1], D), (n, dims[1])
     if kind == "mlp":
-        return mlp(block, dims[1]), (n, D)
+        out = mlp(block, dims[1])
+        if D != arch.embed_dim:
+            out.fc1 = nn.Linear(D, dims[1], bias=out.fc1.bias is not None)
+            out.fc2 = nn.Linear(dims[1], D, bias=out.fc2.bias is not None)
+        return out, (n, D)
     if kind == "core":
         _, h, q, v = dims
         return core(arch, h, q, v), (n, h * (2 * q + v))

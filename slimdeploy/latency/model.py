@@ -8,6 +8,10 @@ and the model is stem_head + the blocks. Tables are read linearly in tokens (the
 operator at few tokens: nothing scales to zero) and as a staircase in widths (a width between two measured ones
 costs what the next measured one costs: engines pad to tiles). The attention core is factorised over its two
 widths: core(n, h, q, v) = core_q(n, h, q) + core_v(n, h, v) - core_q(n, h, head_dim).
+At an embedding width e below the full D, every piece but the attention core (which never touches the stream) is
+scaled by its embedding table's ratio cost(e) / cost(D), read at the same tokens and width on a coarse grid (linear
+in tokens, a staircase in widths and in e): factorised, so the profile measures a few hundred more pieces, not
+every table again at every e.
 
 The sum maps to end-to-end latency by a calibration fitted on whole models measured during profiling:
   ms = scale * sum + per_attn * (blocks with heads) + per_mlp * (blocks with MLP) + per_gather * (gathers) + beta
@@ -141,6 +145,7 @@ class LatencyModel:
         if missing:
             raise SlimError(f"profile '{profile.device}' lacks the tables {missing}: re-measure it")
         self.tables = {k: Table(t[k]) for k in TABLES}
+        self.embed_tables = {k.removeprefix("embed."): Table(v) for k, v in t.items() if k.startswith("embed.")}
         if token_mode == "attentive":
             if "rank" not in t:
                 raise SlimError(f"profile '{profile.device}' has no table of attentive token ranking (measured "
@@ -148,6 +153,7 @@ class LatencyModel:
             self.tables["gather"] = Table(t["rank"])  # a dropping block pays the ranking instead
         self.warm = {k: Table(v) for k, v in (t.get("warm") or {}).items()}
         self.stem = float(t["stem_head"]["ms"])
+        self._ratios: dict[tuple, float] = {}
         self.head_dim = int(profile.model["head_dim"])
         self.embed_dim = int(profile.model["embed_dim"])
         self.bytes_per_param = BYTES_PER_PARAM.get(profile.precision, 4)
@@ -170,59 +176,91 @@ class LatencyModel:
             return self
         return LatencyModel(self.profile, self.correction, self.path, token_mode)
 
+    # ---- embedding width -------------------------------------------------------------------------
+    def embed_widths(self) -> list[int]:
+        """The embedding widths the profile measured (SlimError when it has none)."""
+        if "stem_head" not in self.embed_tables:
+            raise SlimError(f"profile '{self.profile.device}' has no embedding-width tables (measured since this "
+                            "version): re-measure it with slimdeploy profile, or use --device local")
+        return self.embed_tables["stem_head"].widths(0)
+
+    def embed_ratio(self, piece: str, e: int, n: float = 0, *widths: int) -> float:
+        """cost(e) / cost(D) of a piece at these tokens and widths (1 at the full width)."""
+        if e >= self.embed_dim:
+            return 1.0
+        key = (piece, e, n, widths)
+        if key not in self._ratios:
+            self.embed_widths()  # the clear error when the tables are missing
+            t = self.embed_tables[piece]
+            if piece == "stem_head":
+                full, at = t.ms[-1], t.ms[t._stair(0, e)]
+            else:
+                full, at = t(n, *widths, self.embed_dim), t(n, *widths, e)
+            self._ratios[key] = float(at / full) if full > 0 else 1.0
+        return self._ratios[key]
+
     # ---- pieces --------------------------------------------------------------------------------
     def core(self, n: int, h: int, q: int, v: int) -> float:
         cq, cv = self.tables["core_q"], self.tables["core_v"]
         return max(0.0, cq(n, h, q) + cv(n, h, v) - cq(n, h, self.head_dim))
 
-    def block_parts(self, n_prev: int, n: int, h: int, q: int, v: int, m: int, warm: bool = False
-                    ) -> dict[str, float]:
-        """Table lookups (uncalibrated ms) of one block's parts, from the cold (or warm) tables."""
+    def block_parts(self, n_prev: int, n: int, h: int, q: int, v: int, m: int, warm: bool = False,
+                    e: int | None = None) -> dict[str, float]:
+        """Table lookups (uncalibrated ms) of one block's parts, from the cold (or warm) tables, at embedding
+        width e (default: the full width)."""
         t = self.tables
         w = self.warm if warm and self.warm else t
-        parts = {"gather": t["gather"](n) if n < n_prev else 0.0}
+        e = e or self.embed_dim
+
+        def r(piece, *widths):
+            return self.embed_ratio(piece, e, n, *widths)
+        parts = {"gather": t["gather"](n) * r("gather") if n < n_prev else 0.0}
         if h > 0:
-            parts.update(attn_rest=t["rest"](n), qkv=w["qkv"](n, h * (2 * q + v)), core=self.core(n, h, q, v),
-                         proj=w["proj"](n, h * v))
+            out = h * (2 * q + v)
+            parts.update(attn_rest=t["rest"](n) * r("rest"), qkv=w["qkv"](n, out) * r("qkv", out),
+                         core=self.core(n, h, q, v), proj=w["proj"](n, h * v) * r("proj", h * v))
         else:
-            parts["attn_const"] = t["const"](n)
+            parts["attn_const"] = t["const"](n) * r("const")
         if m > 0:
-            parts.update(mlp_rest=t["rest"](n), mlp=w["mlp"](n, m))
+            parts.update(mlp_rest=t["rest"](n) * r("rest"), mlp=w["mlp"](n, m) * r("mlp", m))
         else:
-            parts["mlp_const"] = t["const"](n)
+            parts["mlp_const"] = t["const"](n) * r("const")
         return parts
 
-    def block_raw(self, n_prev: int, n: int, h: int, q: int, v: int, m: int) -> tuple[float, float, float]:
+    def block_raw(self, n_prev: int, n: int, h: int, q: int, v: int, m: int, e: int | None = None
+                  ) -> tuple[float, float, float]:
         """(pieces without weights, weighted pieces cold, weighted pieces warm) of one block, uncalibrated ms."""
-        key = (n < n_prev, n, h, q, v, m)
+        key = (n < n_prev, n, h, q, v, m, e)
         if key not in self._raw:
-            cold = self.block_parts(n_prev, n, h, q, v, m)
-            warm = self.block_parts(n_prev, n, h, q, v, m, warm=True)
+            cold = self.block_parts(n_prev, n, h, q, v, m, e=e)
+            warm = self.block_parts(n_prev, n, h, q, v, m, warm=True, e=e)
             weighted = [k for k in ("qkv", "proj", "mlp") if k in cold]
             shared = sum(v for k, v in cold.items() if k not in weighted)
             self._raw[key] = (shared, sum(cold[k] for k in weighted), sum(warm[k] for k in weighted))
         return self._raw[key]
 
-    def block_bytes(self, h: int, q: int, v: int, m: int) -> float:
+    def block_bytes(self, h: int, q: int, v: int, m: int, e: int | None = None) -> float:
         """Bytes of a block's linear weights: what a call streams through the caches."""
-        return self.bytes_per_param * self.embed_dim * (h * (2 * q + v) + h * v + 2 * m)
+        return self.bytes_per_param * (e or self.embed_dim) * (h * (2 * q + v) + h * v + 2 * m)
 
     # ---- whole models --------------------------------------------------------------------------
-    def features(self, sizes: list[tuple[int, int, int, int, int]], num_tokens: int) -> dict[str, float]:
+    def features(self, sizes: list[tuple[int, int, int, int, int]], num_tokens: int, embed: int | None = None
+                 ) -> dict[str, float]:
         """The calibration's regressors for per-block sizes (n, h, q, v, m): the table sums split into what a
         block costs at its fewest tokens (fixed: operator and weight-streaming costs) and what its tokens add,
         each for the pieces without weights (shared) and the weighted pieces cold and warm; the weight bytes;
-        and the structural counts."""
+        and the structural counts; at embedding width `embed` (default: the full width)."""
+        e = embed if embed and embed < self.embed_dim else None
         out = dict.fromkeys(FEATURES, 0.0)
-        out["fixed_shared"] = self.stem
+        out["fixed_shared"] = self.stem * (self.embed_ratio("stem_head", e) if e else 1.0)
         prev, few = num_tokens, int(self.profile.model["num_prefix_tokens"]) + 1
         for n, h, q, v, m in sizes:
-            full = self.block_raw(prev, n, h, q, v, m)
-            fixed = self.block_raw(prev, min(n, few), h, q, v, m)
+            full = self.block_raw(prev, n, h, q, v, m, e)
+            fixed = self.block_raw(prev, min(n, few), h, q, v, m, e)
             for i, part in enumerate(("shared", "cold", "warm")):
                 out[f"fixed_{part}"] += fixed[i]
                 out[f"tok_{part}"] += full[i] - fixed[i]
-            out["bytes"] += self.block_bytes(h, q, v, m)
+            out["bytes"] += self.block_bytes(h, q, v, m, e)
             out["attn"] += h > 0
             out["mlp"] += m > 0
             out["gather"] += n < prev
@@ -233,19 +271,20 @@ class LatencyModel:
         a, b = self.correction
         return a * calibrated(f, self.cal, bool(self.warm)) + b
 
-    def predict_sizes(self, sizes: list[tuple[int, int, int, int, int]]) -> float:
-        """Predicted ms of a model with these per-block sizes (n incl. prefix, heads, q, v, MLP units)."""
-        return self.from_features(self.features(sizes, int(self.profile.model["num_tokens"])))
+    def predict_sizes(self, sizes: list[tuple[int, int, int, int, int]], embed: int | None = None) -> float:
+        """Predicted ms of a model with these per-block sizes (n incl. prefix, heads, q, v, MLP units) at this
+        embedding width (default: the full width)."""
+        return self.from_features(self.features(sizes, int(self.profile.model["num_tokens"]), embed))
 
     def predict(self, spec: SlimSpec) -> float:
         """Predicted end-to-end latency of the slim model in ms."""
-        return self.for_tokens(spec.token_mode).predict_sizes(spec_sizes(spec))
+        return self.for_tokens(spec.token_mode).predict_sizes(spec_sizes(spec), spec.embed_dim)
 
     def breakdown(self, spec: SlimSpec) -> list[dict]:
         """Uncalibrated (cold) ms per part, per block."""
         out, prev, lm = [], spec.arch.num_tokens, self.for_tokens(spec.token_mode)
         for n, h, q, v, m in spec_sizes(spec):
-            out.append(lm.block_parts(prev, n, h, q, v, m))
+            out.append(lm.block_parts(prev, n, h, q, v, m, e=spec.embed_dim))
             prev = n
         return out
 

@@ -2,7 +2,9 @@
 
 Factorised, never every block combination: each piece of components.py on a grid of token counts (geometric, so
 the few-token region where the solver goes is dense, plus an even spread) and widths on multiples of `step`, the
-attention core over (tokens, heads, q) and (tokens, heads, v). Each table is made monotone (isotonic fit), which
+attention core over (tokens, heads, q) and (tokens, heads, v); each piece that touches the residual stream again at
+narrower embedding widths, on a coarse sub-grid of tokens and widths (its ratio to the full width is what the model
+reads). Each table is made monotone (isotonic fit), which
 removes timing noise without hiding steps. Then whole models (calibration.py) are measured to fit the
 calibration. Pieces are timed in a shuffled order, so that a slow phase of a shared machine is noise spread
 over every table (which the monotone fits smooth) rather than a bias of one table. Partial results are saved as
@@ -46,7 +48,7 @@ from .model import (
     user_profiles_dir,
 )
 
-METHOD = 5  # bump when what a table entry means changes: partial profiles of another method are discarded
+METHOD = 6  # bump when what a table entry means changes: partial profiles of another method are discarded
 GPU_WORKING_SET = 64 << 20  # beyond a GPU's L2 (40-60 MB on A100/H100/H200)
 
 
@@ -161,19 +163,33 @@ class PieceTimer:
             self.unsaved = 0
 
 
+def _coarse(values: list[int]) -> list[int]:
+    """First, middle and last: the sub-grid the embedding tables are measured on."""
+    return sorted({values[0], values[len(values) // 2], values[-1]})
+
+
+EMBED_PIECES = {"rest": [], "const": [], "gather": [], "qkv": ["out"], "proj": ["in"], "mlp": ["hidden"]}
+
+
 def jobs_for(arch: Arch, step: int, token_points: int) -> tuple[list[tuple], dict]:
     """Every piece to time, and the grids of the tables."""
     H, hd = arch.num_heads, arch.head_dim
     grids = {"tokens": token_grid(arch, token_points), "heads": list(range(1, H + 1)), "hd": width_grid(hd, step),
              "qkv": width_grid(3 * H * hd, step), "proj": width_grid(H * hd, step),
-             "mlp": width_grid(arch.mlp_dim, step)}
-    ns = grids["tokens"]
+             "mlp": width_grid(arch.mlp_dim, step), "embed": components.embed_grid(arch.embed_dim, step)}
+    for k in ("tokens", "qkv", "proj", "mlp"):
+        grids[f"{k}_coarse"] = _coarse(grids[k])
+    ns, nc, E = grids["tokens"], grids["tokens_coarse"], grids["embed"]
+    embed_jobs = ([(f"embed.{k}", n, e) for k in ("rest", "const", "gather") for n in nc for e in E]
+                  + [(f"embed.{k}", n, w, e) for k in ("qkv", "proj", "mlp") for n in nc
+                     for w in grids[f"{k}_coarse"] for e in E] + [("embed.stem_head", e) for e in E])
     jobs = ([("rest", n) for n in ns] + [("const", n) for n in ns] + [("gather", n) for n in ns]
             + [("rank", n) for n in ns]
             + [("qkv", n, w) for n in ns for w in grids["qkv"]] + [("proj", n, w) for n in ns for w in grids["proj"]]
             + [("mlp", n, m) for n in ns for m in grids["mlp"]]
             + [("core_q", n, h, q) for n in ns for h in grids["heads"] for q in grids["hd"]]
-            + [("core_v", n, h, v) for n in ns for h in grids["heads"] for v in grids["hd"]] + [("stem_head",)])
+            + [("core_v", n, h, v) for n in ns for h in grids["heads"] for v in grids["hd"]] + [("stem_head",)]
+            + embed_jobs)
     return jobs, grids
 
 
@@ -181,7 +197,14 @@ def run_job(timer: PieceTimer, job: tuple, arch: Arch, model) -> None:
     kind, *dims = job
     key = "/".join(map(str, job))
     blk = model.blocks[0]
-    if kind == "stem_head":
+    if kind.startswith("embed."):
+        kind, e = kind.removeprefix("embed."), dims[-1]
+        if kind == "stem_head":
+            timer.whole(key, components.stem_head(model, e), (arch.in_chans, arch.img_size, arch.img_size))
+        else:
+            timer.time(key, *components.build(kind, arch, blk, (dims[0], arch.num_tokens) if kind == "gather"
+                                              else tuple(dims[:-1]), embed=e))
+    elif kind == "stem_head":
         timer.whole(key, components.stem_head(model), (arch.in_chans, arch.img_size, arch.img_size))
     elif kind in ("gather", "rank"):
         timer.time(key, *components.build(kind, arch, blk, (dims[0], arch.num_tokens)))
@@ -204,6 +227,13 @@ def assemble(cache: dict, grids: dict, with_warm: bool) -> dict:
         return {"axes": axes, "grid": {ax: grids[k] for ax, k in zip(axes, keys)},
                 "ms": np.round(monotone(raw), 6).tolist(), "raw_ms": np.round(raw, 6).tolist()}
 
+    embed = {f"embed.{k}": table(f"embed.{k}", ["tokens", *axes, "embed"],
+                                 ["tokens_coarse", *[f"{k}_coarse" for _ in axes], "embed"])
+             for k, axes in EMBED_PIECES.items()}
+    stem = [cache[f"embed.stem_head/{e}"][0] for e in grids["embed"]]
+    embed["embed.stem_head"] = {"axes": ["embed"], "grid": {"embed": grids["embed"]},
+                                "ms": np.round(monotone(np.array(stem)), 6).tolist(),
+                                "raw_ms": np.round(stem, 6).tolist()}
     warm = {"qkv": table("qkv", ["tokens", "out"], ["tokens", "qkv"], 1),
             "proj": table("proj", ["tokens", "in"], ["tokens", "proj"], 1),
             "mlp": table("mlp", ["tokens", "hidden"], ["tokens", "mlp"], 1)}
@@ -218,6 +248,7 @@ def assemble(cache: dict, grids: dict, with_warm: bool) -> dict:
         "core_q": table("core_q", ["tokens", "heads", "qk"], ["tokens", "heads", "hd"]),
         "core_v": table("core_v", ["tokens", "heads", "v"], ["tokens", "heads", "hd"]),
         "stem_head": {"ms": round(cache["stem_head"][0], 6)},
+        **embed,
     }
 
 
@@ -267,7 +298,8 @@ def profile_device(device: str, backend: Backend, model: nn.Module, source: Mode
         raw = LatencyModel(_profile(device, backend, batch_size, arch, tables, {}, "", 0.0))
         rng = random.Random(seed)
         specs = [SlimSpec.dense(source, arch)]
-        specs += [random_spec(arch, source, rng, step, size=0.1 + 0.9 * i / max(1, n_random - 1))
+        specs += [random_spec(arch, source, rng, step, size=0.1 + 0.9 * i / max(1, n_random - 1),
+                              embed_widths=grids["embed"])
                   for i in range(n_random)]
         specs += solver_specs(raw, arch, source, calibration_models - len(specs), seed)
         # in chunks, each with the dense model: a shared machine's speed drifts by ~6% over minutes, so each
@@ -286,7 +318,7 @@ def profile_device(device: str, backend: Backend, model: nn.Module, source: Mode
             progress.update(task, advance=len(chunk), info=f"{backend.name} whole models")
         progress.update(task, advance=1)
         dense_ref = float(np.median([cache[f"calibration/{i}"][2] for i in range(1, len(specs))]))
-        points = [{"features": raw.features(spec_sizes(s), arch.num_tokens),
+        points = [{"features": raw.features(spec_sizes(s), arch.num_tokens, s.embed_dim),
                    "measured_ms": (cache[f"calibration/{i}"][0] if i else 1.0) * dense_ref,
                    "halfwidth": cache[f"calibration/{i}"][1] if i else 0.0, "widths": s.summary()}
                   for i, s in enumerate(specs)]
@@ -333,9 +365,10 @@ def load_latency_model(device: str, model: nn.Module, source: ModelConfig, backe
     if device == "local":
         backend = backend or get_backend("ort-cpu", precision=precision or "fp32")
         path = local_profile_path(backend, arch, batch_size, profiles_dir)
-        stale = path.is_file() and "rank" not in DeviceProfile.load(path).tables
+        stale = path.is_file() and not {"rank", "embed.qkv"} <= set(DeviceProfile.load(path).tables)
         if stale:  # kept until the new one is written
-            log(f"the cached profile {path} predates the attentive-token tables: measuring this machine again")
+            log(f"the cached profile {path} predates the attentive-token or embedding tables: measuring this "
+                "machine again")
         if stale or not path.is_file():
             log(f"profiling this machine for {source.name} on {backend.name} (once; cached in {path})")
             profile_device("local", backend, model, source, batch_size, path)
@@ -380,7 +413,7 @@ def fold_rounds(profile_path: str | Path, rounds: list[dict]) -> DeviceProfile:
         raise SlimError(f"profile {path} has no calibration points to fold into")
     dense_ref = points[0]["measured_ms"]  # the dense model; every point is its ratio to dense times this
     for row in rounds:
-        points.append({"features": lm.features([tuple(s) for s in row["sizes"]], n_tokens),
+        points.append({"features": lm.features([tuple(s) for s in row["sizes"]], n_tokens, row.get("embed")),
                        "measured_ms": row["over_dense"] * dense_ref, "halfwidth": row.get("y_halfwidth"),
                        "widths": row["sizes"], "from": row.get("from", "closed loop")})
     prof.calibration = fit_calibration(points)

@@ -8,6 +8,8 @@ rule that turns a budget into a structure, and the families span the exchange ra
   fractions    ViT-Slim's per-kind kept fractions along a direction (how fast each kind is dropped), the size
                solved to the budget; the equal-fractions direction is ViT-Slim's own rule and is always there
   uniform      the same widths in every block, all tokens, solved to the budget
+When the search searched the embedding width, it is one more kind: the greedy and channel families carry its
+weight (x1, the same as the MLP's; the channel families also x0.25 and x4), and three fraction directions drop it.
 Which family wins is measured (scoring.py); the closed loop then re-solves that family at refined budgets.
 Within a kind, which head, channel, unit or token goes first always comes from the search.
 """
@@ -28,6 +30,9 @@ CHANNEL_WEIGHTS = [(0.25, 1.0), (1.0, 1.0), (4.0, 1.0)]
 # fraction directions: how fast (attention, MLP, tokens) are dropped, relative to each other
 FRACTION_DIRECTIONS = [(1.0, 1.0, 1.0), (1.0, 1.0, 0.0), (0.5, 1.0, 0.0), (0.25, 1.0, 0.0), (0.5, 1.0, 0.25),
                        (0.25, 1.0, 0.5), (1.0, 0.5, 0.5), (0.0, 1.0, 0.0)]
+# with the embedding searched: its weight in the greedy/channel families, and fraction directions that drop it
+EMBED_WEIGHTS = (0.25, 1.0, 4.0)
+EMBED_DIRECTIONS = [(1.0, 1.0, 0.0, 1.0), (0.5, 1.0, 0.0, 0.5), (0.25, 1.0, 0.0, 0.25)]
 MIN_KEEP = 0.01
 
 
@@ -36,17 +41,20 @@ class Family:
     """A rule that turns a budget into a structure."""
 
     kind: str  # greedy | channels | fractions | uniform
-    params: tuple = ()
+    params: tuple = ()  # greedy: attn, mlp, tokens[, embed] weights; channels: attn, mlp[, embed]; fractions: rates
+    # of attn, mlp, tokens[, embed] (no embed entry: the embedding is kept whole)
 
     @property
     def name(self) -> str:
+        p = self.params
         if self.kind in ("greedy", "channels"):
-            return f"{self.kind} (attn x{self.params[0]:g}, mlp x{self.params[1]:g}" + (
-                f", tokens x{self.params[2]:g})" if self.kind == "greedy" else ")")
+            tok = 3 if self.kind == "greedy" else 2
+            return (f"{self.kind} (attn x{p[0]:g}, mlp x{p[1]:g}" + (f", tokens x{p[2]:g}" if tok == 3 else "")
+                    + (f", embed x{p[tok]:g}" if len(p) > tok else "") + ")")
         if self.kind == "fractions":
-            a, m, t = self.params
-            rule = "ViT-Slim's equal fractions" if self.params == (1.0, 1.0, 1.0) else "ViT-Slim fractions"
-            return f"{rule} (drop rates attn {a:g}, mlp {m:g}, tokens {t:g})"
+            rule = "ViT-Slim's equal fractions" if p == (1.0, 1.0, 1.0) else "ViT-Slim fractions"
+            return (f"{rule} (drop rates attn {p[0]:g}, mlp {p[1]:g}, tokens {p[2]:g}"
+                    + (f", embed {p[3]:g}" if len(p) > 3 else "") + ")")
         return "uniform widths"
 
 
@@ -67,18 +75,22 @@ class Problem:
         imp = self.imp
         try:
             if family.kind in ("greedy", "channels"):
-                a, m = family.params[:2]
-                w = imp.weighted(attn=a, mlp=m, tok=family.params[2] if family.kind == "greedy" else 1.0)
+                p = family.params
+                tok = 3 if family.kind == "greedy" else 2
+                w = imp.weighted(attn=p[0], mlp=p[1], tok=p[2] if tok == 3 else 1.0,
+                                 embed=p[tok] if len(p) > tok else 1.0)
                 if family.kind == "channels":
                     w.tok = None  # tokens are not a dimension here: all kept
+                if len(p) == tok:
+                    w.embed = None  # the embedding is kept whole
                 return Selector(self.arch, self.source, w, self.cost).select(budget).spec
             if family.kind == "fractions":
-                da, dm, dt = family.params
+                da, dm, dt, de = (*family.params, 0.0)[:4]
 
                 def make(u: float) -> SlimSpec:
                     def keep(d):
                         return max(MIN_KEEP, 1.0 - (1.0 - u) * d)
-                    return fraction_spec(self.arch, self.source, imp, keep(da), keep(dm), keep(dt))
+                    return fraction_spec(self.arch, self.source, imp, keep(da), keep(dm), keep(dt), keep(de))
                 found = solve_scalar(make, self.cost, budget)
                 return None if found is None else found[1]
             if family.kind == "uniform":
@@ -91,14 +103,19 @@ class Problem:
 
 
 def families(imp: Importance) -> list[Family]:
-    """Every family that applies to what the search searched (no token families without token masks); ViT-Slim's
-    own rule first, so that it is always among the candidates."""
+    """Every family that applies to what the search searched (no token families without token masks, no embedding
+    families without the embedding mask); ViT-Slim's own rule first, so that it is always among the candidates."""
+    emb = imp.embed is not None
     out: list[Family] = [Family("fractions", (1.0, 1.0, 1.0))]
     if imp.tok is not None:
-        out += [Family("greedy", w) for w in GREEDY_WEIGHTS]
+        out += [Family("greedy", (*w, 1.0) if emb else w) for w in GREEDY_WEIGHTS]
     out += [Family("channels", w) for w in CHANNEL_WEIGHTS]
+    if emb:
+        out += [Family("channels", (*w, e)) for w in CHANNEL_WEIGHTS for e in EMBED_WEIGHTS]
     dirs = FRACTION_DIRECTIONS if imp.tok is not None else [d for d in FRACTION_DIRECTIONS if d[2] == 0.0]
     out += [Family("fractions", d) for d in dirs if d != (1.0, 1.0, 1.0)]
+    if emb:
+        out += [Family("fractions", d) for d in EMBED_DIRECTIONS]
     out.append(Family("uniform"))
     return out
 
@@ -111,7 +128,7 @@ def candidates(problem: Problem, budget: float) -> list[tuple[Family, SlimSpec]]
         spec = problem.solve(fam, budget)
         if spec is None:
             continue
-        key = repr([(b.tokens, b.heads, b.qk, b.v, b.mlp) for b in spec.blocks])
+        key = repr([spec.embed] + [(b.tokens, b.heads, b.qk, b.v, b.mlp) for b in spec.blocks])
         if key in seen:
             continue
         seen.add(key)

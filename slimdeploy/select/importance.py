@@ -20,7 +20,7 @@ import torch
 from ..errors import SlimError
 from ..types import SlimSpec
 
-KINDS = ("qk", "v", "mlp", "tok")
+KINDS = ("qk", "v", "mlp", "tok", "embed")
 
 
 @dataclass
@@ -33,6 +33,7 @@ class Importance:
     tok: np.ndarray | None  # (depth, num_patches): per position (static) or per rank (attentive)
     mode: str = "taylor"
     token_mode: str = "static"
+    embed: np.ndarray | None = None  # (embed_dim,): the residual stream's channels, shared by every block
 
     def __post_init__(self):
         if self.token_mode == "attentive" and self.tok is not None:
@@ -62,12 +63,12 @@ class Importance:
                 raise SlimError(f"the search's {kind} importance holds NaN or inf: re-run the search")
         return cls(mode=mode, **out)
 
-    def weighted(self, attn: float = 1.0, mlp: float = 1.0, tok: float = 1.0) -> Importance:
+    def weighted(self, attn: float = 1.0, mlp: float = 1.0, tok: float = 1.0, embed: float = 1.0) -> Importance:
         """The same importances with each kind scaled (an exchange rate between kinds to try)."""
         def scale(x, w):
             return None if x is None else x * w
         return replace(self, qk=scale(self.qk, attn), v=scale(self.v, attn), mlp=scale(self.mlp, mlp),
-                       tok=scale(self.tok, tok))
+                       tok=scale(self.tok, tok), embed=scale(self.embed, embed))
 
     @property
     def first_token_block(self) -> int:
@@ -81,7 +82,7 @@ def load_importance(run_dir: str | Path, mode: str = "auto") -> tuple[Importance
 
     masks, cfg = load_masks(run_dir)
     factors = {"qk": cfg.get("w_attn", 2e-4), "v": cfg.get("w_attn", 2e-4), "mlp": cfg.get("w_mlp", 5e-5),
-               "tok": cfg.get("w_tok", 1e-4)}
+               "tok": cfg.get("w_tok", 1e-4), "embed": cfg.get("w_embed", 1e-4)}
     imp = Importance.from_masks(masks, factors, mode)
     return replace(imp, token_mode=(cfg.get("dims") or {}).get("token_mode", "static")), cfg
 
@@ -98,4 +99,6 @@ def spec_importance(spec: SlimSpec, imp: Importance) -> float:
         tot += float(imp.mlp[i, b.mlp].sum()) if imp.mlp is not None else 0.0
         if imp.tok is not None:
             tot += float(imp.tok[i, [t - P for t in b.tokens if t >= P]].sum())
+    if imp.embed is not None:
+        tot += float(imp.embed[spec.embed].sum())
     return tot

@@ -112,7 +112,8 @@ def closed_loop(solve: Solve, lm: LatencyModel, measure: Measure, dense_spec: Sl
         for (spec, budget), row in zip(batch, measured):
             pred = lm.predict(spec)
             row.update(round=r + 1, budget_ms=budget, predicted_ms=pred, predicted_refit_ms=model.predict(spec),
-                       sizes=[[b.num_tokens, b.num_heads, b.qk_dim, b.v_dim, b.mlp_dim] for b in spec.blocks])
+                       sizes=[[b.num_tokens, b.num_heads, b.qk_dim, b.v_dim, b.mlp_dim] for b in spec.blocks],
+                       embed=spec.embed_dim)
             rows.append(row)
             specs.append(spec)
             log(f"select: round {r + 1}: predicted {row['predicted_refit_ms']:.3f} ms, measured "

@@ -2,7 +2,8 @@
 
 Global across blocks and dimensions: start from the dense model and repeatedly take the cheapest move in
 importance lost per unit of cost saved (a width of one block down to the next width that is strictly cheaper, a
-head fewer, fewer tokens from a block on), until the cost meets the budget. Then climb back: take any widening
+head fewer, fewer tokens from a block on, the embedding width of every block down a step), until the cost meets
+the budget. Then climb back: take any widening
 that still fits, best importance per unit first. A widening that costs nothing is always taken, so every width
 ends at the widest point of its step of the latency staircase.
 
@@ -17,7 +18,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..analysis import block_macs, block_params, stem_head_macs
+from ..analysis import block_macs, params_at, stem_head_macs
 from ..errors import SlimError
 from ..latency.model import LatencyModel
 from ..types import Arch, BlockSpec, ModelConfig, SlimSpec
@@ -33,8 +34,12 @@ class Cost:
 
     unit = ""
 
-    def total(self, state: State, num_tokens: int) -> float:
+    def total(self, state: State, num_tokens: int, embed: int) -> float:
+        """The cost of per-block sizes at embedding width `embed`."""
         raise NotImplementedError
+
+    def of_spec(self, spec: SlimSpec) -> float:
+        return self.total(spec_state(spec), spec.arch.num_tokens, spec.embed_dim)
 
 
 class LatencyCost(Cost):
@@ -43,41 +48,33 @@ class LatencyCost(Cost):
     def __init__(self, lm: LatencyModel):
         self.lm = lm
 
-    def total(self, state, num_tokens):
-        return self.lm.predict_sizes([tuple(s) for s in state])
+    def total(self, state, num_tokens, embed):
+        return self.lm.predict_sizes([tuple(s) for s in state], embed)
 
 
-class _AdditiveCost(Cost):
-    constant = 0.0
-
-    def block(self, n, h, q, v, m) -> float:
-        raise NotImplementedError
-
-    def total(self, state, num_tokens):
-        return self.constant + sum(self.block(*s) for s in state)
-
-
-class MacsCost(_AdditiveCost):
+class MacsCost(Cost):
     unit = "MACs"
 
     def __init__(self, arch: Arch):
         self.arch = arch
-        self.constant = float(stem_head_macs(arch))
 
-    def block(self, n, h, q, v, m):
-        return float(block_macs(self.arch, shape_block(n, h, q, v, m)))
+    def total(self, state, num_tokens, embed):
+        return float(stem_head_macs(self.arch, embed) + sum(block_macs(self.arch, shape_block(*s), embed)
+                                                             for s in state))
 
 
-class ParamsCost(_AdditiveCost):
+class ParamsCost(Cost):
     unit = "params"
 
     def __init__(self, arch: Arch):
         self.arch = arch
-        dense = shape_block(arch.num_tokens, arch.num_heads, arch.head_dim, arch.head_dim, arch.mlp_dim)
-        self.constant = float(arch.params - arch.depth * block_params(arch, dense))
 
-    def block(self, n, h, q, v, m):
-        return float(block_params(self.arch, shape_block(n, h, q, v, m)))
+    def total(self, state, num_tokens, embed):
+        return float(params_at(self.arch, embed, [shape_block(*s) for s in state]))
+
+
+def spec_state(spec: SlimSpec) -> State:
+    return [[b.num_tokens, b.num_heads, b.qk_dim, b.v_dim, b.mlp_dim] for b in spec.blocks]
 
 
 def shape_block(n, h, q, v, m) -> BlockSpec:
@@ -95,16 +92,20 @@ class Widths:
     v: list[int]
     mlp: list[int]
     tokens: list[int]  # patch-token counts
+    embed: list[int]  # embedding widths
 
 
 def widths_for(arch: Arch, cost: Cost, imp: Importance, token_step: int | None = None) -> Widths:
     """Profile grid widths (plus the full width) for latency; multiples of 8 for MACs/params."""
+    D = arch.embed_dim
     if isinstance(cost, LatencyCost):
         hd = sorted(set(cost.lm.tables["core_q"].widths(2)) | {arch.head_dim})  # (tokens, heads, qk)
         mlp = sorted(set(cost.lm.tables["mlp"].widths(1)) | {arch.mlp_dim})
+        embed = cost.lm.embed_widths() if imp.embed is not None else [D]
     else:
         hd = sorted(set(range(8, arch.head_dim + 1, 8)) | {arch.head_dim})
         mlp = sorted(set(range(8, arch.mlp_dim + 1, 8)) | {arch.mlp_dim})
+        embed = sorted(set(range(8, D + 1, 8)) | {D}) if imp.embed is not None else [D]
     hd = [w for w in hd if w <= arch.head_dim]
     mlp = [0] + [w for w in mlp if w <= arch.mlp_dim]
     step = token_step or max(1, round(arch.num_patches / 32))
@@ -115,6 +116,7 @@ def widths_for(arch: Arch, cost: Cost, imp: Importance, token_step: int | None =
         v=hd if imp.v is not None else [arch.head_dim],
         mlp=mlp if imp.mlp is not None else [arch.mlp_dim],
         tokens=tokens if imp.tok is not None else [arch.num_patches],
+        embed=embed,
     )
 
 
@@ -133,6 +135,7 @@ class StructureBuilder:
         self.P_qk = _prefix_sums(imp.qk) if imp.qk is not None else None
         self.P_v = _prefix_sums(imp.v) if imp.v is not None else None
         self.P_mlp = _prefix_sums(imp.mlp) if imp.mlp is not None else None
+        self.P_embed = _prefix_sums(imp.embed) if imp.embed is not None else None
         # future importance of keeping token t from block i on: which tokens leave first
         self.R = np.flip(np.cumsum(np.flip(imp.tok, 0), 0), 0) if imp.tok is not None else None
 
@@ -150,6 +153,9 @@ class StructureBuilder:
     def mlp_imp(self, i: int, m: int) -> float:
         return float(self.P_mlp[i][m]) if self.P_mlp is not None else 0.0
 
+    def embed_imp(self, e: int) -> float:
+        return float(self.P_embed[e]) if self.P_embed is not None else 0.0
+
     def drop_order(self, i: int, kept: list[int]) -> list[int]:
         """Kept patch tokens of block i, least important (from block i on) first."""
         return sorted(kept, key=lambda t: self.R[i, t]) if self.R is not None else list(kept)
@@ -165,7 +171,7 @@ class StructureBuilder:
             out.append(list(kept))
         return out
 
-    def spec(self, state: State, kept_tokens: list[list[int]]) -> SlimSpec:
+    def spec(self, state: State, kept_tokens: list[list[int]], embed: int | None = None) -> SlimSpec:
         a, imp = self.arch, self.imp
         blocks = []
         for i, (_, h, q, v, m) in enumerate(state):
@@ -179,7 +185,8 @@ class StructureBuilder:
                 vv = [top(imp.v[i, hh] if imp.v is not None else None, v, a.head_dim) for hh in heads]
             mlp = top(imp.mlp[i] if imp.mlp is not None else None, m, a.mlp_dim)
             blocks.append(BlockSpec(tokens=tokens, heads=heads, qk=qk, v=vv, mlp=mlp))
-        return SlimSpec(source=self.source, arch=a, blocks=blocks, token_mode=imp.token_mode).validate()
+        kept = top(imp.embed, embed or a.embed_dim, a.embed_dim)
+        return SlimSpec(source=self.source, arch=a, blocks=blocks, token_mode=imp.token_mode, embed=kept).validate()
 
 
 @dataclass
@@ -191,16 +198,17 @@ class Selection:
 
 
 class Selector:
-    """Greedy descent + ascent over per-block (tokens, heads, q, v, mlp) against a Cost."""
+    """Greedy descent + ascent over per-block (tokens, heads, q, v, mlp) and the embedding width against a Cost."""
 
     def __init__(self, arch: Arch, source: ModelConfig, imp: Importance, cost: Cost, widths: Widths | None = None):
         self.arch, self.imp, self.cost = arch, imp, cost
         self.c = widths or widths_for(arch, cost, imp)
         self.b = StructureBuilder(arch, source, imp)
         self.P = arch.num_prefix_tokens
+        self.embed = arch.embed_dim  # the current embedding width, shared by every block
 
-    def total(self, state: State) -> float:
-        return self.cost.total(state, self.arch.num_tokens)
+    def total(self, state: State, embed: int | None = None) -> float:
+        return self.cost.total(state, self.arch.num_tokens, embed or self.embed)
 
     def dense_state(self) -> State:
         a = self.arch
@@ -209,12 +217,13 @@ class Selector:
     def minimum_cost(self) -> float:
         c = self.c
         state = [[self.P + c.tokens[0], c.heads[0], c.qk[0], c.v[0], c.mlp[0]] for _ in range(self.arch.depth)]
-        return self.total(state)
+        return self.total(state, c.embed[0])
 
     def select(self, budget: float) -> Selection:
         """The structure that keeps the most importance with cost <= budget (SlimError if impossible)."""
         a = self.arch
         state = self.dense_state()
+        self.embed = a.embed_dim
         kept_tokens = [list(range(a.num_patches)) for _ in range(a.depth)]
         cost = self.total(state)
         floor = self.minimum_cost()
@@ -235,11 +244,11 @@ class Selector:
                 break
             cost = self._apply(move, state, kept_tokens)
             moves += 1
-        return Selection(spec=self.b.spec(state, kept_tokens), cost=cost,
+        return Selection(spec=self.b.spec(state, kept_tokens, self.embed), cost=cost,
                          importance=self.kept_importance(state, kept_tokens), moves=moves)
 
     def kept_importance(self, state: State, kept_tokens) -> float:
-        tot = 0.0
+        tot = self.b.embed_imp(self.embed)
         for i, (_, h, q, v, m) in enumerate(state):
             tot += self.b.attn_imp(i, h, q, v) + self.b.mlp_imp(i, m)
             if self.imp.tok is not None:
@@ -250,9 +259,27 @@ class Selector:
     def _block_imp(self, i, s) -> float:
         return self.b.attn_imp(i, s[1], s[2], s[3]) + self.b.mlp_imp(i, s[4])
 
+    def _embed_move(self, state, base_cost: float, down: bool):
+        """The embedding width one step down (to the next strictly cheaper) or up: (cost change, importance
+        change, payload), or None."""
+        for w in ([w for w in reversed(self.c.embed) if w < self.embed] if down
+                  else [w for w in self.c.embed if w > self.embed]):
+            nc = self.total(state, w)
+            if down and nc >= base_cost - 1e-12:
+                continue
+            d_imp = self.b.embed_imp(self.embed) - self.b.embed_imp(w)
+            return (base_cost - nc, d_imp, ("embed", w)) if down else (nc - base_cost, -d_imp, ("embed", w))
+        return None
+
     def _best_move(self, state, kept_tokens, down: bool, slack: float | None):
         best, best_ratio = None, None
         base_cost = self.total(state)
+        if len(self.c.embed) > 1:
+            mv = self._embed_move(state, base_cost, down)
+            if mv is not None and (down or mv[0] <= slack + 1e-12):
+                d_cost, d_imp, payload = mv
+                best = (None, "embed", payload)
+                best_ratio = d_imp / max(d_cost, 1e-15) if down else -d_imp / max(d_cost, 1e-15)
         for i in range(len(state)):
             for dim in range(5):
                 if dim == 0:
@@ -308,7 +335,9 @@ class Selector:
 
     def _apply(self, move, state, kept_tokens) -> float:
         i, dim, payload = move
-        if dim == 0:
+        if dim == "embed":
+            self.embed = payload[1]
+        elif dim == 0:
             drop = set(payload[1])
             for j in range(i, len(state)):
                 kept_tokens[j] = [t for t in kept_tokens[j] if t not in drop]

@@ -43,11 +43,6 @@ class SelectOptions:
     precision: str | None = None  # refuse a profile of another precision (default: the profile's)
 
 
-def _cost_of(spec: SlimSpec, cost: Cost) -> float:
-    state = [[b.num_tokens, b.num_heads, b.qk_dim, b.v_dim, b.mlp_dim] for b in spec.blocks]
-    return cost.total(state, spec.arch.num_tokens)
-
-
 def rank_candidates(problem: Problem, budget: float, scorer: Scorer, recovery_top: int, lm: LatencyModel | None
                     ) -> tuple[list[dict], int]:
     """Every candidate scored right after pruning; with recovery steps, the best `recovery_top` of them (and
@@ -56,7 +51,7 @@ def rank_candidates(problem: Problem, budget: float, scorer: Scorer, recovery_to
     for fam, spec in candidates(problem, budget):
         s = scorer(spec)
         rows.append({"family": fam.name, "kind": fam.kind, "params": list(fam.params),
-                     "cost": _cost_of(spec, problem.cost),
+                     "cost": problem.cost.of_spec(spec),
                      "predicted_ms": lm.predict(spec) if lm is not None else None, "macs": spec_macs(spec),
                      "params_count": spec_params(spec), "kept_importance": spec_importance(spec, problem.imp),
                      "loss": s["loss"], "ce": s["ce"], "agreement": s["agreement"], "widths": spec.summary(),
@@ -143,7 +138,7 @@ def select_run(run_dir: str | Path, target: Target, data=None, device: str | Non
                   "latency": lambda: LatencyCost(lm_now)}[target.kind]()
     budget = _budget(target, dense_spec, lm, dense_ms)
     record.update(budget=budget, dense_measured_ms=dense_ms)
-    if budget >= _cost_of(dense_spec, cost):
+    if budget >= cost.of_spec(dense_spec):
         log(f"select: the target ({budget:.4g} {cost.unit}) is at or above the dense model's: keeping it")
         record.update(note="target at or above the dense model: dense model kept", chosen="dense")
         return _write(r, inputs, dense_spec, dense_spec, imp, target, lm, record, None)

@@ -4,7 +4,7 @@
 --target-latency 60%                       60% of the dense model's latency measured on the device, in the same
                                            protocol and interleaved with the candidates (resolved by the stage)
 --target-macs 2.3G, --target-params 12M    counts
---keep-attn/--keep-mlp/--keep-tokens       ViT-Slim's per-kind kept fractions
+--keep-attn/--keep-mlp/--keep-tokens       ViT-Slim's per-kind kept fractions (and --keep-embed, the embedding's)
 """
 
 from __future__ import annotations
@@ -51,7 +51,7 @@ class Target:
     kind: str
     value: float | None = None
     fraction: float | None = None
-    keep: tuple[float, float, float] | None = None  # ViT-Slim's (attn, mlp, tokens) kept fractions
+    keep: tuple[float, ...] | None = None  # ViT-Slim's (attn, mlp, tokens, embed) kept fractions
     text: str = ""
 
     @property
@@ -65,17 +65,17 @@ class Target:
     def from_dict(cls, d: dict) -> Target:
         d = dict(d)
         if d.get("keep") is not None:
-            d["keep"] = tuple(d["keep"])
+            d["keep"] = (*d["keep"], 1.0)[:4]  # recorded before the embedding: kept whole
         return cls(**d)
 
 
 def parse_target(latency: str | None = None, macs: str | None = None, params: str | None = None,
-                 keep: tuple[float | None, float | None, float | None] = (None, None, None)) -> Target:
-    """Exactly one target from the command line's options."""
+                 keep: tuple[float | None, ...] = (None, None, None, None)) -> Target:
+    """Exactly one target from the command line's options (keep: attn, mlp, tokens[, embed] fractions)."""
     given = [x is not None for x in (latency, macs, params)] + [any(k is not None for k in keep)]
     if sum(given) != 1:
         raise SlimError("give exactly one target: --target-latency, --target-macs, --target-params or "
-                        "--keep-attn/--keep-mlp/--keep-tokens")
+                        "--keep-attn/--keep-mlp/--keep-tokens/--keep-embed")
     if latency is not None:
         kind, v = parse_latency(latency)
         if kind == "fraction":
@@ -85,8 +85,9 @@ def parse_target(latency: str | None = None, macs: str | None = None, params: st
         return Target("macs", parse_count(macs, "MACs target"), text=macs)
     if params is not None:
         return Target("params", parse_count(params, "parameter target"), text=params)
-    ka, km, kt = (1.0 if k is None else float(k) for k in keep)
-    for f in (ka, km, kt):
+    ka, km, kt, ke = (1.0 if k is None else float(k) for k in (*keep, None)[:4])
+    for f in (ka, km, kt, ke):
         if not 0 < f <= 1:
-            raise SlimError("--keep-attn/--keep-mlp/--keep-tokens must be in (0, 1]")
-    return Target("fractions", keep=(ka, km, kt), text=f"attn {ka}, mlp {km}, tokens {kt}")
+            raise SlimError("--keep-attn/--keep-mlp/--keep-tokens/--keep-embed must be in (0, 1]")
+    return Target("fractions", keep=(ka, km, kt, ke), text=f"attn {ka}, mlp {km}, tokens {kt}"
+                  + (f", embed {ke}" if ke < 1 else ""))

@@ -16,16 +16,19 @@ from .solver import State as _State
 
 
 def fraction_spec(arch: Arch, source: ModelConfig, imp: Importance, keep_attn: float = 1.0, keep_mlp: float = 1.0,
-                  keep_tokens: float = 1.0) -> SlimSpec:
+                  keep_tokens: float = 1.0, keep_embed: float = 1.0) -> SlimSpec:
     """ViT-Slim's budget: per mask kind, one global threshold keeps the top fraction of elements.
 
     Made valid for a dense slim model: per block, kept heads = heads with a kept q/k and v channel,
     and every kept head keeps the block's mean number of kept channels (its top ones).
     Tokens: monotone over depth (cumulative minimum of importance), then the global threshold.
+    Embedding (not part of ViT-Slim's search): the top fraction of channels.
     """
-    for f in (keep_attn, keep_mlp, keep_tokens):
+    for f in (keep_attn, keep_mlp, keep_tokens, keep_embed):
         if not 0 < f <= 1:
-            raise SlimError("--keep-attn/--keep-mlp/--keep-tokens must be in (0, 1]")
+            raise SlimError("--keep-attn/--keep-mlp/--keep-tokens/--keep-embed must be in (0, 1]")
+    if keep_embed < 1 and imp.embed is None:
+        raise SlimError("--keep-embed needs a search of the embedding width: run the search with --embed")
     a = arch
     P = a.num_prefix_tokens
 
@@ -59,7 +62,8 @@ def fraction_spec(arch: Arch, source: ModelConfig, imp: Importance, keep_attn: f
         mlp = (np.nonzero(mlp_keep[i])[0].tolist() if mlp_keep is not None else list(range(a.mlp_dim)))
         kept = list(range(len(tokens))) if imp.token_mode == "attentive" else list(tokens)  # attentive: a count
         blocks.append(BlockSpec(tokens=kept, heads=heads, qk=qk, v=v, mlp=mlp))
-    return SlimSpec(source=source, arch=a, blocks=blocks, token_mode=imp.token_mode).validate()
+    embed = top(imp.embed, max(1, int(round(keep_embed * a.embed_dim))), a.embed_dim)
+    return SlimSpec(source=source, arch=a, blocks=blocks, token_mode=imp.token_mode, embed=embed).validate()
 
 
 def uniform_spec(builder: StructureBuilder, keep: float, multiple: int = 8) -> SlimSpec:
@@ -80,10 +84,7 @@ def solve_scalar(make: Callable[[float], SlimSpec], cost: Cost, budget: float, i
                  ) -> tuple[float, SlimSpec] | None:
     """The largest s in (0, 1] with cost(make(s)) <= budget, by bisection (cost is taken to grow with s);
     None when even the smallest s does not fit."""
-    def cost_of(spec: SlimSpec) -> float:
-        state = [[b.num_tokens, b.num_heads, b.qk_dim, b.v_dim, b.mlp_dim] for b in spec.blocks]
-        return cost.total(state, spec.arch.num_tokens)
-
+    cost_of = cost.of_spec
     full = make(1.0)
     if cost_of(full) <= budget:
         return 1.0, full
