@@ -271,3 +271,20 @@ def test_a_model_without_final_norm_reads_only_kept_channels():
     x = torch.randn(2, 3, 16, 16)
     with torch.no_grad():
         assert _rel_err(build_slim(spec, model)(x), hard_twin(model, spec)(x)) <= 1e-4
+
+
+def test_searching_the_embedding_only_adds_candidates():
+    """Every family of a search without the embedding is still there with it (keeping the embedding whole), so
+    that searching one more kind can never take away the structure that would have won."""
+    from slimdeploy.select.candidates import families
+
+    from .synthetic import synthetic_importance
+
+    a = wide_arch()
+    without = families(synthetic_importance(a))
+    imp = synthetic_importance(a)
+    imp.embed = np.ones(a.embed_dim)
+    with_embed = families(imp)
+    assert with_embed[:len(without)] == without
+    assert all(len(f.params) == {"greedy": 4, "channels": 3, "fractions": 4}[f.kind]
+               for f in with_embed[len(without):])

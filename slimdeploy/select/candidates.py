@@ -8,8 +8,9 @@ rule that turns a budget into a structure, and the families span the exchange ra
   fractions    ViT-Slim's per-kind kept fractions along a direction (how fast each kind is dropped), the size
                solved to the budget; the equal-fractions direction is ViT-Slim's own rule and is always there
   uniform      the same widths in every block, all tokens, solved to the budget
-When the search searched the embedding width, it is one more kind: the greedy and channel families carry its
-weight (x1, the same as the MLP's; the channel families also x0.25 and x4), and three fraction directions drop it.
+When the search searched the embedding width, it is one more kind, added to the families above (which keep it
+whole, so that searching it never takes a candidate away): the greedy families again with its weight x1 (the MLP's),
+the channel families with x0.25, x1 and x4, and three fraction directions that drop it.
 Which family wins is measured (scoring.py); the closed loop then re-solves that family at refined budgets.
 Within a kind, which head, channel, unit or token goes first always comes from the search.
 """
@@ -105,18 +106,18 @@ class Problem:
 def families(imp: Importance) -> list[Family]:
     """Every family that applies to what the search searched (no token families without token masks, no embedding
     families without the embedding mask); ViT-Slim's own rule first, so that it is always among the candidates."""
-    emb = imp.embed is not None
     out: list[Family] = [Family("fractions", (1.0, 1.0, 1.0))]
     if imp.tok is not None:
-        out += [Family("greedy", (*w, 1.0) if emb else w) for w in GREEDY_WEIGHTS]
+        out += [Family("greedy", w) for w in GREEDY_WEIGHTS]
     out += [Family("channels", w) for w in CHANNEL_WEIGHTS]
-    if emb:
-        out += [Family("channels", (*w, e)) for w in CHANNEL_WEIGHTS for e in EMBED_WEIGHTS]
     dirs = FRACTION_DIRECTIONS if imp.tok is not None else [d for d in FRACTION_DIRECTIONS if d[2] == 0.0]
     out += [Family("fractions", d) for d in dirs if d != (1.0, 1.0, 1.0)]
-    if emb:
-        out += [Family("fractions", d) for d in EMBED_DIRECTIONS]
     out.append(Family("uniform"))
+    if imp.embed is not None:
+        if imp.tok is not None:
+            out += [Family("greedy", (*w, 1.0)) for w in GREEDY_WEIGHTS]
+        out += [Family("channels", (*w, e)) for w in CHANNEL_WEIGHTS for e in EMBED_WEIGHTS]
+        out += [Family("fractions", d) for d in EMBED_DIRECTIONS]
     return out
 
 
