@@ -43,7 +43,7 @@ from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
 from .models import arch_of
-from .slim import score_kind, token_scores
+from .slim import check_embed_prunable, score_kind, token_scores
 from .types import Arch, SlimSpec
 
 MASK_KINDS = ("qk", "v", "mlp", "tok", "embed")
@@ -120,8 +120,6 @@ class MaskedViT(nn.Module):
         self.mlp = nn.Parameter(torch.ones(a.depth, a.mlp_dim)) if self.dims.mlp else None
         self.tok = nn.Parameter(torch.ones(a.depth, a.num_patches)) if self.dims.tokens else None
         if self.dims.embed:
-            from .slim import check_embed_prunable
-
             check_embed_prunable(vit)
         self.embed = nn.Parameter(torch.ones(a.embed_dim)) if self.dims.embed else None
 

@@ -27,7 +27,7 @@ import numpy as np
 
 from ..errors import SlimError
 from ..latency import timing
-from ..latency.model import LatencyModel
+from ..latency.model import LatencyModel, spec_sizes
 from ..progress import log
 from ..types import SlimSpec
 
@@ -112,7 +112,7 @@ def closed_loop(solve: Solve, lm: LatencyModel, measure: Measure, dense_spec: Sl
         for (spec, budget), row in zip(batch, measured):
             pred = lm.predict(spec)
             row.update(round=r + 1, budget_ms=budget, predicted_ms=pred, predicted_refit_ms=model.predict(spec),
-                       sizes=[[b.num_tokens, b.num_heads, b.qk_dim, b.v_dim, b.mlp_dim] for b in spec.blocks],
+                       sizes=[list(s) for s in spec_sizes(spec)],
                        embed=spec.embed_dim)
             rows.append(row)
             specs.append(spec)

@@ -20,7 +20,7 @@ import numpy as np
 
 from ..analysis import block_macs, params_at, stem_head_macs
 from ..errors import SlimError
-from ..latency.model import LatencyModel
+from ..latency.model import LatencyModel, spec_sizes
 from ..types import Arch, BlockSpec, ModelConfig, SlimSpec
 from .importance import Importance
 
@@ -39,7 +39,7 @@ class Cost:
         raise NotImplementedError
 
     def of_spec(self, spec: SlimSpec) -> float:
-        return self.total(spec_state(spec), spec.arch.num_tokens, spec.embed_dim)
+        return self.total(spec_sizes(spec), spec.arch.num_tokens, spec.embed_dim)
 
 
 class LatencyCost(Cost):
@@ -71,10 +71,6 @@ class ParamsCost(Cost):
 
     def total(self, state, num_tokens, embed):
         return float(params_at(self.arch, embed, [shape_block(*s) for s in state]))
-
-
-def spec_state(spec: SlimSpec) -> State:
-    return [[b.num_tokens, b.num_heads, b.qk_dim, b.v_dim, b.mlp_dim] for b in spec.blocks]
 
 
 def shape_block(n, h, q, v, m) -> BlockSpec:
