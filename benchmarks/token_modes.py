@@ -72,7 +72,7 @@ def prepare(args) -> None:
     r = runs(args)
     extra = ["--data", data] + (["--img-size", str(img)] if img else [])
     if not (r["static"] / "base.safetensors").is_file():
-        cli("train", str(r["static"]), *extra, "--epochs", str(args.teacher_epochs))
+        cli("train", "--out", str(r["static"]), *extra, "--epochs", str(args.teacher_epochs))
     if not (r["static"] / "search" / "masks.safetensors").is_file():
         cli("search", str(r["static"]), "--data", data, "--epochs", str(args.search_epochs))
     r["attentive"].mkdir(parents=True, exist_ok=True)
