@@ -4,6 +4,7 @@ At each target (a fraction of the dense model's latency, measured on this machin
 is brought to the target by measurement:
   static      slimdeploy's selection (measured candidates, closed loop) on a static-token search
   attentive   the same on an attentive-token search (--token-mode attentive) of the same dense model
+  fused       the same search in fused mode: the dropped tokens fused into one (EViT), counts chosen on its table
   channels    the same with no token pruning (channel families only, static search)
   merging     ToMe-style merging (benchmarks/tome.py) on the dense model, the number of merged tokens stepped
               on measurements
@@ -54,6 +55,7 @@ from slimdeploy.slim import build_slim  # noqa: E402
 from slimdeploy.types import SlimSpec  # noqa: E402
 
 DATA = {"plain": ("fashion-mnist", None), "shifted": ("fashion-mnist-shifted", 56)}
+METHODS = ("static", "attentive", "fused", "channels", "merging")
 
 
 def runs(args) -> dict[str, Path]:
@@ -97,11 +99,15 @@ def measure(args) -> dict:
     out.update(date=dt.datetime.now().isoformat(timespec="seconds"), teacher_top1=top1(teacher, bundle))
     print(f"{args.data}: dense top-1 {out['teacher_top1']:.2f}%", flush=True)
     sources = {}
-    for name, run, drop_tokens in (("static", r["static"], False), ("attentive", r["attentive"], False),
-                                   ("channels", r["static"], True)):
+    for name, run in (("static", r["static"]), ("attentive", r["attentive"]), ("fused", r["attentive"]),
+                      ("channels", r["static"])):
+        if name not in args.methods:
+            continue
         imp, _ = load_importance(run)
-        if drop_tokens:
+        if name == "channels":
             imp = replace(imp, tok=None)
+        if name == "fused":  # the attentive search's counts, the dropped tokens fused (it searches the same way)
+            imp = replace(imp, token_mode="fused")
         searched = searched_model(run, dense_spec)
         sources[name] = (imp, searched, lm.for_tokens(imp.token_mode),
                          SpecMeasurer(backend, searched, a, p.batch_size, teacher))
@@ -115,7 +121,7 @@ def measure(args) -> dict:
             rows[name]["tokens"] = SlimSpec.from_dict(rows[name]["spec"]).token_counts()
             report(f, name, rows[name])
             save(args, out)
-        if "merging" not in rows:
+        if "merging" not in rows and "merging" in args.methods:
             rows["merging"] = merging_to_target(teacher, a, backend, p.batch_size, f)
             if rows["merging"].get("merged") is not None:
                 rows["merging"]["top1_pruned"] = top1(tome(teacher, rows["merging"]["merged"]), bundle)
@@ -201,7 +207,7 @@ def retrain_one(args, job) -> dict:
     if name == "merging":
         student = tome(teacher, row["merged"])
     else:
-        run = r["attentive"] if name == "attentive" else r["static"]
+        run = r["attentive"] if name in ("attentive", "fused") else r["static"]
         student = build_slim(SlimSpec.from_dict(row["spec"]), searched_model(run, SlimSpec.dense(cfg, a)))
     return retrain_job(args, student, teacher, bundle, Path(args.work) / f"{args.data}-{f}-{name}-{seed}", f, name,
                        seed)
@@ -243,6 +249,7 @@ def main() -> None:
     ap.add_argument("--search-epochs", type=int, default=2)
     ap.add_argument("--device", default="local")
     ap.add_argument("--targets", type=float, nargs="+", default=[0.5, 0.3])
+    ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--keep-tokens", type=float, nargs="+", default=[0.75, 0.5, 0.3])
     ap.add_argument("--epochs", type=int, default=5)

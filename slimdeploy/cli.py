@@ -41,7 +41,8 @@ PretrainedOpt = Annotated[bool, typer.Option("--pretrained", help="timm hub weig
 NumClassesOpt = Annotated[Optional[int], typer.Option("--num-classes", min=1, help="classifier outputs")]
 TokenModeOpt = Annotated[str, typer.Option(
     help="static: the same token positions for every image; attentive: per image, the tokens the class token "
-         "attends to most, at counts chosen against latency")]
+         "attends to most, at counts chosen against latency; fused: attentive, with the dropped tokens fused into "
+         "one (EViT)")]
 EmbedOpt = Annotated[bool, typer.Option(
     "--embed/--no-embed", help="also search the embedding width (the residual stream's channels, shared by every "
                                "block); selection then chooses it with the rest")]

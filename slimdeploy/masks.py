@@ -15,6 +15,10 @@ block i (the class token's attention averaged over heads; without a class token,
 receives). So the search learns how many tokens each block needs (a soft top-k whose L1 penalty is the same
 as static mode's), and a hard 0/1 rank mask is exactly the pruned model's TopK. Block 0 has no earlier
 attention to rank by: its gates stay 1.
+Fused mode searches exactly as attentive mode does: the counts are learned without the fused token, which pruning
+adds in the last place of each count (the dropped tokens' attention-weighted mean) and retraining then learns to
+use. A relaxation with a soft fused token would carry one extra token per dropping block through the masked
+model. The fused token takes the last of a count's places, so the counts cost what they cost in attentive mode.
 
 Token masks are designed so that a hard 0 is exactly removal (unlike ViT-Slim's zeroing of the
 normed input): a token's keys/values are weighted by its mask inside the softmax
@@ -44,7 +48,7 @@ from torch import nn
 
 from .models import arch_of
 from .slim import check_embed_prunable, score_kind, token_scores
-from .types import Arch, SlimSpec
+from .types import RANKED_TOKEN_MODES, Arch, SlimSpec
 
 MASK_KINDS = ("qk", "v", "mlp", "tok", "embed")
 UNIT_KINDS = ("tok", "embed")  # masks clamped to [0, 1] (straight-through), penalised after the clamp
@@ -176,7 +180,7 @@ class MaskedViT(nn.Module):
 
     @property
     def attentive(self) -> bool:
-        return self.tok is not None and self.dims.token_mode == "attentive"
+        return self.tok is not None and self.dims.token_mode in RANKED_TOKEN_MODES
 
     def _rank_gate(self, values: torch.Tensor, scores: torch.Tensor | None) -> torch.Tensor | None:
         """(B, N) gates of attentive mode: prefix tokens 1, the patch of rank j gets values[P + j]."""

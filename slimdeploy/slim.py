@@ -13,6 +13,8 @@ tokens that the class token attended to most (averaged over heads) in the last b
 it; without a class token, the tokens that received the most attention on average. The count k is fixed,
 so the graph stays static: TopK with a constant k, then GatherElements. The blocks then run in
 RankedBlocks, which carries those scores from the block that computes them to the one that ranks by them.
+Fused token mode is attentive mode where the patches a block drops are fused into one token in the last of its
+places (EViT): what the dropped tokens carried stays in the sequence, at one token's cost.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from torch import nn
 
 from .errors import SlimError
 from .models import create_model, load_checkpoint
-from .types import Arch, BlockSpec, SlimSpec
+from .types import RANKED_TOKEN_MODES, Arch, BlockSpec, SlimSpec
 
 
 class HeadwiseLayerNorm(nn.Module):
@@ -111,16 +113,30 @@ def score_kind(vit: VisionTransformer) -> str:
     return "cls" if vit.num_prefix_tokens > 0 and vit.cls_token is not None else "mean"
 
 
-def keep_top_tokens(x: torch.Tensor, scores: torch.Tensor, keep: int, prefix: int
+def keep_top_tokens(x: torch.Tensor, scores: torch.Tensor, keep: int, prefix: int, fuse: bool = False
                     ) -> tuple[torch.Tensor, torch.Tensor]:
     """x (B, N, C) reduced to the prefix tokens and the keep - prefix best-scored others, per image; the
-    scores of the kept tokens with it. Static shapes: TopK with a constant k, GatherElements."""
-    B, _, C = x.shape
-    if keep == prefix:  # no patch token left
+    scores of the kept tokens with it. Static shapes: TopK with a constant k, GatherElements.
+
+    fuse (EViT): the last of the keep places holds the tokens dropped, fused into one: their mean weighted by
+    their scores, with the sum of their scores as its own (the attention it stands for, if it is ranked again).
+    TopK then sorts every patch (k = N - prefix, still constant) and the dropped ones are a fixed slice of it."""
+    B, N, C = x.shape
+    if not fuse and keep == prefix:  # no patch token left
         return x[:, :prefix], scores[:, :prefix]
-    top = scores[:, prefix:].topk(keep - prefix, dim=1).indices + prefix
-    idx = top if prefix == 0 else torch.cat([torch.arange(prefix, device=x.device).expand(B, prefix), top], 1)
-    return x.gather(1, idx.unsqueeze(-1).expand(B, keep, C)), scores.gather(1, idx)
+    top = keep - prefix - int(fuse)
+    order = scores[:, prefix:].topk(N - prefix if fuse else top, dim=1).indices + prefix
+    idx = order[:, :top]
+    if prefix:
+        idx = torch.cat([torch.arange(prefix, device=x.device).expand(B, prefix), idx], 1)
+    out, out_scores = x.gather(1, idx.unsqueeze(-1).expand(B, idx.shape[1], C)), scores.gather(1, idx)
+    if not fuse:
+        return out, out_scores
+    gone = order[:, top:]
+    s = scores.gather(1, gone)  # (B, dropped)
+    w = s / s.sum(1, keepdim=True).clamp_min(1e-12)
+    fused = (x.gather(1, gone.unsqueeze(-1).expand(B, gone.shape[1], C)) * w.unsqueeze(-1)).sum(1, keepdim=True)
+    return torch.cat([out, fused], 1), torch.cat([out_scores, s.sum(1, keepdim=True)], 1)
 
 
 class ConstantBranch(nn.Module):
@@ -145,7 +161,7 @@ class SlimBlock(nn.Module):
         # attentive mode (set by build_slim): how many tokens to keep by the incoming scores, and whether
         # (cls / mean) this block's attention computes the scores a later block ranks by
         self.rank_keep: int | None = None
-        self.prefix, self.scores = 0, None
+        self.prefix, self.scores, self.fuse = 0, None, False
         self.norm1, self.ls1, self.drop_path1 = dense.norm1, dense.ls1, dense.drop_path1
         self.norm2, self.ls2, self.drop_path2 = dense.norm2, dense.ls2, dense.drop_path2
         self.attn, self.mlp = attn, mlp
@@ -160,7 +176,7 @@ class SlimBlock(nn.Module):
     def forward_ranked(self, x: torch.Tensor, scores: torch.Tensor | None):
         """Attentive mode: (x, scores) in and out."""
         if self.rank_keep is not None:
-            x, scores = keep_top_tokens(x, scores, self.rank_keep, self.prefix)
+            x, scores = keep_top_tokens(x, scores, self.rank_keep, self.prefix, self.fuse)
         if self.scores is not None:
             o, scores = self.attn(self.norm1(x), scores=self.scores)
         else:
@@ -256,7 +272,7 @@ def build_slim(spec: SlimSpec, dense: VisionTransformer | None = None) -> Vision
     spec.validate()
     copy_weights = dense is not None
     model = copy.deepcopy(dense) if dense is not None else create_model(spec.source)
-    if spec.token_mode == "attentive":
+    if spec.token_mode in RANKED_TOKEN_MODES:
         model.blocks = _ranked_blocks(spec, model, copy_weights)
     else:
         prev = list(range(spec.arch.num_tokens))
@@ -367,6 +383,7 @@ def _ranked_blocks(spec: SlimSpec, model: VisionTransformer, copy_weights: bool)
         blk = slim_block(a, model.blocks[i], b, None, copy_weights)
         blk.rank_keep = b.num_tokens if b.num_tokens < prev else None
         blk.prefix, blk.scores = a.num_prefix_tokens, how if i in scorers else None
+        blk.fuse = spec.token_mode == "fused"
         blocks.append(blk)
         prev = b.num_tokens
     return RankedBlocks(*blocks)

@@ -15,7 +15,8 @@ from .errors import SlimError
 from .fileio import read_json, write_json
 
 SPEC_SCHEMA = 3  # 2: token_mode (schema 1 specs load as static); 3: embed (older specs keep every channel)
-TOKEN_MODES = ("static", "attentive")
+TOKEN_MODES = ("static", "attentive", "fused")
+RANKED_TOKEN_MODES = ("attentive", "fused")  # tokens chosen per image by attention: a block's tokens are a count
 PROFILE_SCHEMA = 2
 REPORT_SCHEMA = 2
 
@@ -168,6 +169,8 @@ class SlimSpec:
       attentive  the len(tokens) tokens (prefix tokens and the patches the class token attended to most in the
                  last block with heads before it), chosen per image; `tokens` is then range(count): only the
                  count is structure. The first block keeps every token (there is no earlier attention to rank by).
+      fused      attentive, and (like EViT) the patches a block drops are not lost: they are fused into one token,
+                 their mean weighted by the same attention scores, which takes the last of the len(tokens) places.
     """
 
     source: ModelConfig
@@ -239,7 +242,7 @@ class SlimSpec:
                 for c in lists:
                     _check_index_list(c, a.head_dim, f"{where} {name} channels")
             _check_index_list(b.mlp, a.mlp_dim, f"{where} mlp units")
-        if self.token_mode == "attentive":
+        if self.token_mode in RANKED_TOKEN_MODES:
             self._validate_attentive()
         return self
 
@@ -250,10 +253,14 @@ class SlimSpec:
         for i, b in enumerate(self.blocks):
             n = b.num_tokens
             if b.tokens != list(range(n)):
-                raise SlimError(f"spec block {i}: attentive tokens are a count (tokens = range(n)), not positions")
+                raise SlimError(f"spec block {i}: {self.token_mode} tokens are a count (tokens = range(n)), not "
+                                "positions")
             if n < prev and not ranked:
-                raise SlimError(f"spec block {i}: drops tokens in attentive mode, but no earlier block has heads "
-                                "whose attention ranks them (the first block keeps every token)")
+                raise SlimError(f"spec block {i}: drops tokens in {self.token_mode} mode, but no earlier block has "
+                                "heads whose attention ranks them (the first block keeps every token)")
+            if n < prev and self.token_mode == "fused" and n <= a.num_prefix_tokens:
+                raise SlimError(f"spec block {i}: in fused mode a block that drops tokens keeps at least one place "
+                                "after the prefix tokens, for the fused token")
             ranked = ranked or b.num_heads > 0
             prev = n
 

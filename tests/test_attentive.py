@@ -20,12 +20,12 @@ from .conftest import assert_onnx_parity, fmnist_available, random_spec, tiny_mo
 ATTENTIVE = SearchDims(token_mode="attentive")
 
 
-def attentive_spec(model, seed: int, force: str | None = None) -> SlimSpec:
-    """random_spec's structure with its token counts taken per image (attentive mode)."""
+def attentive_spec(model, seed: int, force: str | None = None, mode: str = "attentive") -> SlimSpec:
+    """random_spec's structure with its token counts taken per image (attentive or fused mode)."""
     spec = random_spec(model, seed, force=force)
     for b in spec.blocks:
         b.tokens = list(range(b.num_tokens))
-    spec.token_mode = "attentive"
+    spec.token_mode = mode
     return spec.validate()
 
 
@@ -109,10 +109,11 @@ def test_tokens_are_chosen_per_image():
     assert len(kept) > 1  # different images keep different patches
 
 
+@pytest.mark.parametrize("mode", ["attentive", "fused"])
 @pytest.mark.parametrize("variant", ["t-cls", "t-avg", "t-reg", "t-qknorm"])
-def test_export_is_static_with_the_chosen_counts_and_matches(tmp_path, variant):
+def test_export_is_static_with_the_chosen_counts_and_matches(tmp_path, variant, mode):
     model = tiny_model(variant)
-    spec = attentive_spec(model, 4)
+    spec = attentive_spec(model, 4, mode=mode)
     slim = build_slim(spec, model)
     path = export_onnx(slim, tmp_path / "m.onnx", (3, 16, 16))
     graph = onnx.load(str(path)).graph
@@ -222,13 +223,14 @@ def test_a_profile_without_the_ranking_table_refuses_attentive_mode():
         LatencyModel(prof).for_tokens("attentive")
 
 
-def test_the_ranking_piece_exports_and_runs():
+@pytest.mark.parametrize("kind", ["rank", "fuse"])
+def test_the_ranking_piece_exports_and_runs(kind):
     from slimdeploy.latency import components
     from slimdeploy.latency.backends import get_backend
 
     model = tiny_model("t-cls")
     a = arch_of(model)
-    piece, shape = components.build("rank", a, model.blocks[0], (6, a.num_tokens))
+    piece, shape = components.build(kind, a, model.blocks[0], (6, a.num_tokens))
     x = torch.randn(1, *shape)
     with get_backend("ort-cpu").load_module(piece.eval(), x) as session:
         t = session.time(x.numpy(), timing.COMPONENT)
@@ -251,3 +253,81 @@ def test_shifted_fashion_mnist_is_fixed_per_image_and_off_centre():
         offsets.add(tuple(int(v) for v in shifted.offsets[i]))
     assert len(offsets) > 100  # anywhere on the canvas, not one position
     assert not torch.equal(fashion_mnist_shifted("train").offsets[:200], shifted.offsets[:200])
+
+
+# ---- fused mode (EViT's fusion of the dropped tokens) ------------------------------------------------
+def test_fused_token_is_the_score_weighted_mean_of_the_dropped_ones():
+    g = torch.Generator().manual_seed(0)
+    x, scores = torch.randn(3, 9, 5, generator=g), torch.rand(3, 9, generator=g)
+    out, out_scores = keep_top_tokens(x, scores, keep=5, prefix=1, fuse=True)
+    assert out.shape == (3, 5, 5) and out_scores.shape == (3, 5)
+    plain, _ = keep_top_tokens(x, scores, keep=4, prefix=1)
+    assert torch.equal(out[:, :4], plain)  # the prefix and the top 3 patches, as attentive mode keeps them
+    for i in range(3):
+        gone = sorted(set(range(1, 9)) - {int(t) for t in scores[i, 1:].argsort(descending=True)[:3] + 1})
+        w = scores[i, gone] / scores[i, gone].sum()
+        assert torch.allclose(out[i, 4], (x[i, gone] * w[:, None]).sum(0), atol=1e-6)
+        assert torch.allclose(out_scores[i, 4], scores[i, gone].sum())
+
+
+def test_fused_mode_keeps_what_attentive_mode_drops():
+    model = tiny_model("t-cls", 2)
+    a = arch_of(model)
+    x = torch.randn(4, 3, 16, 16)
+    outs = {}
+    for mode in ("attentive", "fused"):
+        spec = SlimSpec.dense(ModelConfig("t-cls"), a)
+        spec.token_mode = mode
+        full = build_slim(spec.validate(), model)
+        with torch.no_grad():
+            assert torch.equal(full(x), model(x))  # nothing dropped: the dense model, in either mode
+        for b in spec.blocks[1:]:
+            b.tokens = list(range(4))
+        outs[mode] = build_slim(spec.validate(), model)
+        assert outs[mode].blocks[1].fuse == (mode == "fused")
+    with torch.no_grad():
+        h = model.norm_pre(model._pos_embed(model.patch_embed(x)))
+        after0, scores = outs["fused"].blocks[0].forward_ranked(h, None)
+        fused, _ = outs["fused"].blocks[1].forward_ranked(after0, scores)
+        kept, _ = outs["attentive"].blocks[1].forward_ranked(after0, scores)
+    assert fused.shape == kept.shape == (4, 4, a.embed_dim)
+    assert not torch.allclose(fused, kept)  # the last place holds the fused token, not the fourth-ranked one
+
+
+def test_fused_specs_keep_a_place_for_the_fused_token():
+    model = tiny_model("t-cls")
+    a = arch_of(model)
+    spec = SlimSpec.dense(ModelConfig("t-cls"), a)
+    spec.token_mode = "fused"
+    for b in spec.blocks[1:]:
+        b.tokens = list(range(a.num_prefix_tokens))  # every patch dropped: no place left for the fused one
+    with pytest.raises(SlimError, match="fused token"):
+        spec.validate()
+    spec.token_mode = "attentive"
+    spec.validate()  # attentive mode may drop every patch
+
+
+def test_fused_mode_searches_by_rank_and_is_priced_by_the_fuse_table():
+    from dataclasses import replace
+
+    from slimdeploy.latency.model import LatencyModel
+    from slimdeploy.select.candidates import Problem, candidates
+    from slimdeploy.select.solver import LatencyCost
+
+    from .synthetic import staircase_profile, synthetic_importance
+
+    assert MaskedViT(tiny_model("t-cls"), SearchDims(token_mode="fused")).attentive  # the same relaxation
+    arch = _wide()
+    prof = staircase_profile(arch)
+    lm = LatencyModel(prof).for_tokens("fused")
+    imp = replace(synthetic_importance(arch), token_mode="fused")
+    found = candidates(Problem(arch, ModelConfig("t-wide-att"), imp, LatencyCost(lm)),
+                       0.5 * lm.predict(SlimSpec.dense(ModelConfig("t-wide-att"), arch)))
+    dropping = [spec for _, spec in found if any(n < arch.num_tokens for n in spec.token_counts())]
+    assert dropping and all(spec.token_mode == "fused" for _, spec in found)
+    for spec in dropping:  # the same structure costs more fused than ranked: the weighted mean is paid for
+        ranked = SlimSpec.from_dict({**spec.to_dict(), "token_mode": "attentive"})
+        assert lm.predict(spec) > LatencyModel(prof).predict(ranked)
+    del prof.tables["fuse"]
+    with pytest.raises(SlimError, match="re-measure it"):
+        LatencyModel(prof).for_tokens("fused")

@@ -4,6 +4,8 @@ A block with n tokens, h heads of q (query/key) and v (value) channels and m MLP
   gather(n)            the token gather at its start, when it drops tokens
   rank(n)              instead of gather(n) in attentive token mode: the class token's attention row (one query
                        against the incoming keys, per head, averaged), TopK and the per-image gather
+  fuse(n)              instead of gather(n) in fused token mode: rank(n) with a full TopK and the dropped tokens'
+                       weighted mean
   rest(n)              per present branch: LayerNorm, layer scale, residual add
   qkv(n, h*(2q+v))     Linear(D -> h*(2q+v))
   core(n, h, q, v)     split, reshape, softmax(q k^T) v, merge heads
@@ -88,18 +90,18 @@ class Gather(nn.Module):
 class Rank(nn.Module):
     """Attentive mode's extra work where a block drops tokens: the scores from the incoming tokens (their first
     H * head_dim channels serve as queries and keys: the cost is the same as the ranking block's), TopK, and
-    the gather that keeps n of them per image."""
+    the gather that keeps n of them per image; fused mode's also fuses the dropped ones into the last place."""
 
-    def __init__(self, arch: Arch, n_in: int, n: int):
+    def __init__(self, arch: Arch, n_in: int, n: int, fuse: bool = False):
         super().__init__()
         self.heads, self.hd, self.n, self.prefix = arch.num_heads, arch.head_dim, n, arch.num_prefix_tokens
-        self.how = "cls" if arch.num_prefix_tokens > 0 else "mean"
+        self.how, self.fuse = ("cls" if arch.num_prefix_tokens > 0 else "mean"), fuse
 
     def forward(self, x):
         B, N, _ = x.shape
         k = x[..., : self.heads * self.hd].reshape(B, N, self.heads, self.hd).transpose(1, 2)
         scores = token_scores(k, k, self.hd ** -0.5, self.how)
-        return keep_top_tokens(x, scores, self.n, self.prefix)[0]
+        return keep_top_tokens(x, scores, self.n, self.prefix, self.fuse)[0]
 
 
 def core(arch: Arch, h: int, q: int, v: int) -> nn.Module:
@@ -155,8 +157,8 @@ def build(kind: str, arch: Arch, block, dims: tuple, embed: int | None = None) -
         return Const(D), (n, D)
     if kind == "gather":
         return Gather(dims[1], n), (dims[1], D)
-    if kind == "rank":
-        return Rank(arch, dims[1], n), (dims[1], D)
+    if kind in ("rank", "fuse"):
+        return Rank(arch, dims[1], n, fuse=kind == "fuse"), (dims[1], D)
     if kind == "qkv":
         return nn.Linear(D, dims[1], bias=arch.qkv_bias), (n, D)
     if kind == "proj":

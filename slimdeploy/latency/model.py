@@ -1,7 +1,7 @@
 """LatencyModel: predict(spec) -> ms from a DeviceProfile's tables.
 
 A block with n tokens (n_prev before it), h heads of q and v channels and m MLP units costs the table lookups
-  [gather(n) if n < n_prev; rank(n) instead in attentive token mode]
+  [gather(n) if n < n_prev; rank(n) instead in attentive token mode, fuse(n) in fused mode]
   + (rest(n) + qkv(n, h*(2q+v)) + core(n, h, q, v) + proj(n, h*v)   if h > 0, else const(n))
   + (rest(n) + mlp(n, m)                                            if m > 0, else const(n))
 and the model is stem_head + the blocks. Tables are read linearly in tokens (they hold the fixed cost of an
@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import SlimError
-from ..types import Arch, DeviceProfile, SlimSpec
+from ..types import RANKED_TOKEN_MODES, Arch, DeviceProfile, SlimSpec
 from .fingerprint import describe, differences
 
 SHIPPED_PROFILES = Path(__file__).resolve().parent.parent.parent / "profiles"
@@ -146,11 +146,12 @@ class LatencyModel:
             raise SlimError(f"profile '{profile.device}' lacks the tables {missing}: re-measure it")
         self.tables = {k: Table(t[k]) for k in TABLES}
         self.embed_tables = {k.removeprefix("embed."): Table(v) for k, v in t.items() if k.startswith("embed.")}
-        if token_mode == "attentive":
-            if "rank" not in t:
-                raise SlimError(f"profile '{profile.device}' has no table of attentive token ranking (measured "
+        if token_mode in RANKED_TOKEN_MODES:
+            table = {"attentive": "rank", "fused": "fuse"}[token_mode]
+            if table not in t:
+                raise SlimError(f"profile '{profile.device}' has no table of {token_mode} token ranking (measured "
                                 "since this version): re-measure it with slimdeploy profile, or use --device local")
-            self.tables["gather"] = Table(t["rank"])  # a dropping block pays the ranking instead
+            self.tables["gather"] = Table(t[table])  # a dropping block pays the ranking (and fusing) instead
         self.warm = {k: Table(v) for k, v in (t.get("warm") or {}).items()}
         self.stem = float(t["stem_head"]["ms"])
         self._ratios: dict[tuple, float] = {}

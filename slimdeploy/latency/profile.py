@@ -184,7 +184,7 @@ def jobs_for(arch: Arch, step: int, token_points: int) -> tuple[list[tuple], dic
                   + [(f"embed.{k}", n, w, e) for k in ("qkv", "proj", "mlp") for n in nc
                      for w in grids[f"{k}_coarse"] for e in E] + [("embed.stem_head", e) for e in E])
     jobs = ([("rest", n) for n in ns] + [("const", n) for n in ns] + [("gather", n) for n in ns]
-            + [("rank", n) for n in ns]
+            + [("rank", n) for n in ns] + [("fuse", n) for n in ns]
             + [("qkv", n, w) for n in ns for w in grids["qkv"]] + [("proj", n, w) for n in ns for w in grids["proj"]]
             + [("mlp", n, m) for n in ns for m in grids["mlp"]]
             + [("core_q", n, h, q) for n in ns for h in grids["heads"] for q in grids["hd"]]
@@ -206,7 +206,7 @@ def run_job(timer: PieceTimer, job: tuple, arch: Arch, model) -> None:
                                               else tuple(dims[:-1]), embed=e))
     elif kind == "stem_head":
         timer.whole(key, components.stem_head(model), (arch.in_chans, arch.img_size, arch.img_size))
-    elif kind in ("gather", "rank"):
+    elif kind in ("gather", "rank", "fuse"):
         timer.time(key, *components.build(kind, arch, blk, (dims[0], arch.num_tokens)))
     elif kind in ("core_q", "core_v"):
         n, h, w = dims
@@ -242,6 +242,7 @@ def assemble(cache: dict, grids: dict, with_warm: bool) -> dict:
         "const": table("const", ["tokens"], ["tokens"]),
         "gather": table("gather", ["tokens"], ["tokens"]),
         "rank": table("rank", ["tokens"], ["tokens"]),
+        "fuse": table("fuse", ["tokens"], ["tokens"]),
         "qkv": table("qkv", ["tokens", "out"], ["tokens", "qkv"]),
         "proj": table("proj", ["tokens", "in"], ["tokens", "proj"]),
         "mlp": table("mlp", ["tokens", "hidden"], ["tokens", "mlp"]),
@@ -365,10 +366,10 @@ def load_latency_model(device: str, model: nn.Module, source: ModelConfig, backe
     if device == "local":
         backend = backend or get_backend("ort-cpu", precision=precision or "fp32")
         path = local_profile_path(backend, arch, batch_size, profiles_dir)
-        stale = path.is_file() and not {"rank", "embed.qkv"} <= set(DeviceProfile.load(path).tables)
+        stale = path.is_file() and not {"rank", "fuse", "embed.qkv"} <= set(DeviceProfile.load(path).tables)
         if stale:  # kept until the new one is written
-            log(f"the cached profile {path} predates the attentive-token or embedding tables: measuring this "
-                "machine again")
+            log(f"the cached profile {path} predates the attentive or fused token tables or the embedding tables: "
+                "measuring this machine again")
         if stale or not path.is_file():
             log(f"profiling this machine for {source.name} on {backend.name} (once; cached in {path})")
             profile_device("local", backend, model, source, batch_size, path)

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from ..errors import SlimError
-from ..types import SlimSpec
+from ..types import RANKED_TOKEN_MODES, SlimSpec
 
 KINDS = ("qk", "v", "mlp", "tok", "embed")
 
@@ -36,7 +36,7 @@ class Importance:
     embed: np.ndarray | None = None  # (embed_dim,): the residual stream's channels, shared by every block
 
     def __post_init__(self):
-        if self.token_mode == "attentive" and self.tok is not None:
+        if self.token_mode in RANKED_TOKEN_MODES and self.tok is not None:
             # a block keeps the top-k ranks, never a gap: order each block's rank importances (highest rank
             # first, strictly), so that every solver drops the last ranks first and keeps a count
             s = -np.sort(-self.tok, axis=1)
@@ -73,7 +73,7 @@ class Importance:
     @property
     def first_token_block(self) -> int:
         """The first block that may drop tokens (attentive mode ranks by an earlier block's attention)."""
-        return 1 if self.token_mode == "attentive" else 0
+        return 1 if self.token_mode in RANKED_TOKEN_MODES else 0
 
 
 def load_importance(run_dir: str | Path, mode: str = "auto") -> tuple[Importance, dict]:

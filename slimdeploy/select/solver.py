@@ -21,7 +21,7 @@ import numpy as np
 from ..analysis import block_macs, params_at, stem_head_macs
 from ..errors import SlimError
 from ..latency.model import LatencyModel, spec_sizes
-from ..types import Arch, BlockSpec, ModelConfig, SlimSpec
+from ..types import RANKED_TOKEN_MODES, Arch, BlockSpec, ModelConfig, SlimSpec
 from .importance import Importance
 
 # per block: [tokens incl. prefix, heads, q/k width, v width, MLP units]
@@ -172,7 +172,7 @@ class StructureBuilder:
         blocks = []
         for i, (_, h, q, v, m) in enumerate(state):
             tokens = list(range(self.P)) + [self.P + t for t in sorted(kept_tokens[i])]
-            if imp.token_mode == "attentive":  # the top ranks: a count
+            if imp.token_mode in RANKED_TOKEN_MODES:  # the top ranks: a count
                 tokens = list(range(len(tokens)))
             heads, qk, vv = [], [], []
             if h > 0:

@@ -9,7 +9,7 @@ from collections.abc import Callable
 import numpy as np
 
 from ..errors import SlimError
-from ..types import Arch, BlockSpec, ModelConfig, SlimSpec
+from ..types import RANKED_TOKEN_MODES, Arch, BlockSpec, ModelConfig, SlimSpec
 from .importance import Importance
 from .solver import Cost, StructureBuilder, top
 from .solver import State as _State
@@ -60,7 +60,7 @@ def fraction_spec(arch: Arch, source: ModelConfig, imp: Importance, keep_attn: f
             qk = [top(imp.qk[i, h] if imp.qk is not None else None, q, a.head_dim) for h in heads]
             v = [top(imp.v[i, h] if imp.v is not None else None, w, a.head_dim) for h in heads]
         mlp = (np.nonzero(mlp_keep[i])[0].tolist() if mlp_keep is not None else list(range(a.mlp_dim)))
-        kept = list(range(len(tokens))) if imp.token_mode == "attentive" else list(tokens)  # attentive: a count
+        kept = list(range(len(tokens))) if imp.token_mode in RANKED_TOKEN_MODES else list(tokens)  # a count
         blocks.append(BlockSpec(tokens=kept, heads=heads, qk=qk, v=v, mlp=mlp))
     embed = top(imp.embed, max(1, int(round(keep_embed * a.embed_dim))), a.embed_dim)
     return SlimSpec(source=source, arch=a, blocks=blocks, token_mode=imp.token_mode, embed=embed).validate()
