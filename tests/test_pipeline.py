@@ -186,18 +186,21 @@ def test_profile_records_its_machine(run):
     assert p.fingerprint["kind"] == "cpu" and p.fingerprint["runtime"] == "ort-cpu"
 
 
-def test_attentive_token_mode_end_to_end(tmp_path):
-    """--token-mode attentive through search, select (ViT-Slim's fractions keeping half the tokens), prune (checked
-    against the hard-masked model of the rank masks), retrain, export and verify: the spec is a count per block,
-    the exported graph ranks with TopK, and ONNX matches PyTorch."""
+@pytest.mark.parametrize("mode", ["attentive", "fused"])
+def test_attentive_token_mode_end_to_end(tmp_path, mode):
+    """--token-mode attentive (and fused) through search, select (ViT-Slim's fractions keeping half the tokens),
+    prune (checked against the hard-masked model of the rank masks; fused: as its attentive twin), retrain,
+    export and verify: the spec is a count per block, the exported graph ranks with TopK, and ONNX matches
+    PyTorch."""
     opts = tiny_options(tmp_path, "run", target=parse_target(keep=(None, None, 0.5)), train_limit=512,
-                        val_limit=256, train_epochs=2, search_epochs=1, retrain_epochs=1, token_mode="attentive")
+                        val_limit=256, train_epochs=2, search_epochs=1, retrain_epochs=1, token_mode=mode)
     report = run_pipeline(opts)
     spec = SlimSpec.load(opts.out / "spec.json")
     counts = spec.token_counts()
-    assert spec.token_mode == "attentive" and counts[0] == spec.arch.num_tokens > counts[-1]
+    assert spec.token_mode == mode and counts[0] == spec.arch.num_tokens > counts[-1]
     assert all(b.tokens == list(range(b.num_tokens)) for b in spec.blocks)
-    assert json.loads((opts.out / "prune.json").read_text())["passed"]
+    pruned = json.loads((opts.out / "prune.json").read_text())
+    assert pruned["passed"] and pruned.get("checked_as") == ("attentive twin" if mode == "fused" else None)
     ops = {n.op_type for n in onnx.load(str(opts.out / "model.onnx")).graph.node}
     assert "TopK" in ops
     assert report["parity"]["max_abs_diff"] <= 1e-4 and report["parity"]["top1_agreement"] == 1.0
