@@ -287,6 +287,23 @@ def test_a_structure_that_lands_is_kept_only_if_fresh_sessions_confirm_it(setup)
     assert res.met and lm.predict(res.spec) <= target  # what is kept holds when measured again
 
 
+def test_when_the_confirmation_refuses_one_the_next_that_landed_is_confirmed_in_the_same_round(setup):
+    arch, lm, imp, sel, dense = setup
+    dense_spec = SlimSpec.dense(ModelConfig("t-wide"), arch)
+
+    def m(ms):
+        return timing.Measurement(ms, 0.999 * ms, 1.001 * ms, 15, 150, [ms] * 15)
+
+    def fresh_slower(specs, long=False):  # fresh, long sessions run the slim models 6% slower than a round's
+        return m(lm.predict(dense_spec)), [m((1.06 if long else 1.0) * lm.predict(s)) for s in specs]
+    res = closed_loop(_solve_on(setup), lm, fresh_slower, dense_spec, 0.6 * dense, None, rounds=4)
+    refused = [r for r in res.measured if r.get("confirmed") is False]
+    assert len(refused) == 1 and refused[0]["round"] == 1  # the one nearest the aim, refused
+    assert res.met and res.chosen_round == 1 == res.rounds  # the next that landed, kept without a second round
+    kept = res.measured[res.chosen]
+    assert kept["confirmed"] and kept["y"] < refused[0]["first_measurement"]["y"]
+
+
 def test_the_round_kept_is_the_nearest_below_with_its_interval_under(setup):
     arch, lm, imp, sel, dense = setup
     dense_spec = SlimSpec.dense(ModelConfig("t-wide"), arch)
