@@ -18,7 +18,7 @@ attention to rank by: its gates stay 1.
 Fused mode searches exactly as attentive mode does: the counts are learned without the fused token, which pruning
 adds in the last place of each count (the dropped tokens' attention-weighted mean) and retraining then learns to
 use. A relaxation with a soft fused token would carry one extra token per dropping block through the masked
-model. The fused token takes the last of a count's places, so the counts cost what they cost in attentive mode.
+model. The fused token takes the last of a count's places, so a count keeps its sequence length.
 
 Token masks are designed so that a hard 0 is exactly removal (unlike ViT-Slim's zeroing of the
 normed input): a token's keys/values are weighted by its mask inside the softmax
@@ -63,7 +63,7 @@ class SearchDims:
     attn: bool = True
     mlp: bool = True
     shared_qkv: bool = False  # ViT-Slim's single mask on q, k and v
-    token_mode: str = "static"  # static (per position) | attentive (per rank, chosen per image)
+    token_mode: str = "static"  # static (per position) | attentive, fused (per rank, chosen per image)
     embed: bool = False  # the embedding width (the residual stream's channels, shared by every block)
 
     def __post_init__(self):
