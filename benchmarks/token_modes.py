@@ -133,8 +133,9 @@ def measure(args) -> dict:
 
 def equal_counts(args) -> dict:
     """Tokens alone, at equal counts: the per-block counts of ViT-Slim's token fraction rule on the static search
-    (every other dimension kept), taken as fixed positions (static search) or per image (attentive search), scored
-    right after pruning: which tokens go, with nothing else changed."""
+    (every other dimension kept), taken as fixed positions (static search) or per image (attentive search; fused:
+    the same, the dropped tokens fused into the last place), scored right after pruning: which tokens go, with
+    nothing else changed."""
     from slimdeploy.select.vitslim import fraction_spec
 
     r = runs(args)
@@ -145,18 +146,20 @@ def equal_counts(args) -> dict:
     out = load(args) or {"data": args.data, "cpu": cpu_name(), "targets": {}}
     rows = out.setdefault("equal_counts", {})
     static_imp, _ = load_importance(r["static"])
-    for mode in ("static", "attentive"):
-        searched = searched_model(r[mode], dense_spec)
+    for mode in ("static", "attentive", "fused"):
+        searched = searched_model(r["static" if mode == "static" else "attentive"], dense_spec)
         for keep in args.keep_tokens:
-            spec = fraction_spec(a, cfg, static_imp, 1.0, 1.0, keep)  # the static rule's counts, for both
-            if mode == "attentive":
-                spec = SlimSpec.from_dict({**spec.to_dict(), "token_mode": "attentive",
+            row = rows.setdefault(str(keep), {})
+            if mode in row:
+                continue
+            spec = fraction_spec(a, cfg, static_imp, 1.0, 1.0, keep)  # the static rule's counts, for every mode
+            if mode != "static":
+                spec = SlimSpec.from_dict({**spec.to_dict(), "token_mode": mode,
                                            "blocks": [{**b, "tokens": list(range(len(b["tokens"])))}
                                                       for b in spec.to_dict()["blocks"]]})
-            row = rows.setdefault(str(keep), {})
             row[mode] = {"tokens": spec.token_counts(), "top1_pruned": top1(build_slim(spec, searched), bundle)}
             # the rule alone, the weights shared: on the static search's weights and on the dense model
-            if mode == "attentive":
+            if mode != "static":
                 row[mode]["top1_static_search_weights"] = top1(build_slim(spec, searched_model(
                     r["static"], dense_spec)), bundle)
             row[mode]["top1_dense_weights"] = top1(build_slim(spec, teacher), bundle)
