@@ -153,6 +153,7 @@ def equal_counts(args) -> dict:
             if mode in row:
                 continue
             spec = fraction_spec(a, cfg, static_imp, 1.0, 1.0, keep)  # the static rule's counts, for every mode
+            spec.blocks[0].tokens = list(range(a.num_tokens))  # ranked modes have no attention before block 0
             if mode != "static":
                 spec = SlimSpec.from_dict({**spec.to_dict(), "token_mode": mode,
                                            "blocks": [{**b, "tokens": list(range(len(b["tokens"])))}
