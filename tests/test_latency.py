@@ -270,3 +270,24 @@ def test_interrupted_profile_resumes(tmp_path):
     assert calls["n"] < 2 * (prof.measurements - saved) + 40  # only what was not saved was measured again
     assert prof.fingerprint["kind"] == "cpu" and prof.fingerprint["runtime"] == "ort-cpu"
     LatencyModel(prof).predict(SlimSpec.dense(ModelConfig("t-demo"), arch_of(model)))
+
+
+@pytest.mark.parametrize("mode", ["attentive", "fused"])
+def test_only_the_block_that_drops_pays_the_ranking_in_both_calibrated_parts(mode):
+    """A ranked spec costs its static twin plus one ranking piece, split into its few-token (fixed) part and what
+    its tokens add, each at its own scale: blocks that keep the count they get pay nothing."""
+    model = tiny_model("t-cls")
+    a = arch_of(model)
+    prof = staircase_profile(a)
+    prof.calibration = {"scale_fixed": 1.4, "scale_tokens": 0.7}
+    lm = LatencyModel(prof)
+    full = (a.num_heads, a.head_dim, a.head_dim, a.mlp_dim)
+    n = a.num_tokens - 5
+    sizes = [(a.num_tokens, *full), (n, *full), (n, *full), (n, *full)][: a.depth]
+    assert a.depth >= 3
+    few = a.num_prefix_tokens + 1
+    ranked, static = lm.for_tokens(mode), lm.for_tokens("static")
+    piece = ranked.tables["gather"]
+    gather = static.tables["gather"]
+    expected = (1.4 * (piece(few) - gather(few)) + 0.7 * (piece(n) - piece(few) - gather(n) + gather(few)))
+    assert ranked.predict_sizes(sizes) - static.predict_sizes(sizes) == pytest.approx(expected)

@@ -257,7 +257,10 @@ class LatencyModel:
         prev, few = num_tokens, int(self.profile.model["num_prefix_tokens"]) + 1
         for n, h, q, v, m in sizes:
             full = self.block_raw(prev, n, h, q, v, m, e)
-            fixed = self.block_raw(prev, min(n, few), h, q, v, m, e)
+            # the same block at its fewest tokens, dropping tokens exactly when it does: a block that keeps what it
+            # gets must not pay a gather (or a ranking) in its fixed part that its token part then takes back
+            few_n = min(n, few)
+            fixed = self.block_raw(prev if n < prev else few_n, few_n, h, q, v, m, e)
             for i, part in enumerate(("shared", "cold", "warm")):
                 out[f"fixed_{part}"] += fixed[i]
                 out[f"tok_{part}"] += full[i] - fixed[i]
