@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import random
 
 import numpy as np
 import pytest
@@ -10,7 +11,7 @@ import pytest
 from slimdeploy.errors import SlimError
 from slimdeploy.latency import timing
 from slimdeploy.latency.calibration import fit_calibration
-from slimdeploy.latency.model import LatencyModel, Table, fingerprint_warning, resolve_profile
+from slimdeploy.latency.model import LatencyModel, Table, fingerprint_warning, resolve_profile, spec_sizes
 from slimdeploy.latency.profile import isotonic, monotone, token_grid, width_grid
 from slimdeploy.models import arch_of
 from slimdeploy.types import DeviceProfile, ModelConfig, SlimSpec
@@ -114,6 +115,7 @@ def _cal_points(truth: dict, rng, n: int = 24, warm: bool = False) -> list[dict]
         f = {"fixed_shared": rng.uniform(0.01, 0.1), "fixed_cold": rng.uniform(0.05, 0.5),
              "tok_shared": rng.uniform(0.0, 0.1), "tok_cold": rng.uniform(0.0, 0.6), "bytes": rng.uniform(1e5, 1e7),
              "attn": float(rng.integers(0, 7)), "mlp": float(rng.integers(0, 7)), "gather": float(rng.integers(0, 4))}
+        f["rank"] = float(rng.integers(0, f["gather"] + 1))  # a ranking is a gather chosen by scores
         f["fixed_warm"] = f["fixed_cold"] * (0.5 if warm else 1.0)
         f["tok_warm"] = f["tok_cold"] * (0.8 if warm else 1.0)
         pts.append({"features": f, "measured_ms": calibrated(f, truth, warm)})
@@ -122,7 +124,7 @@ def _cal_points(truth: dict, rng, n: int = 24, warm: bool = False) -> list[dict]
 
 def test_calibration_fit_recovers_its_coefficients():
     truth = {"scale_fixed": 1.2, "scale_tokens": 0.85, "per_attn": 0.004, "per_mlp": -0.002, "per_gather": 0.003,
-             "beta": 0.02}
+             "per_rank": 0.009, "beta": 0.02}
     cal = fit_calibration(_cal_points(truth, np.random.default_rng(0)))
     for k, v in truth.items():
         assert cal[k] == pytest.approx(v, rel=1e-6, abs=1e-9), k
@@ -257,18 +259,21 @@ def test_interrupted_profile_resumes(tmp_path):
 
     backend.load_onnx = flaky
     with pytest.raises(KeyboardInterrupt):
-        profile_device("t", backend, model, ModelConfig("t-demo"), 1, out, token_points=2, calibration_models=2)
+        profile_device("t", backend, model, ModelConfig("t-demo"), 1, out, token_points=2, calibration_models=8)
     partial = tmp_path / ".p.partial.json"
     assert partial.is_file() and not out.exists()
     saved = len(json.loads(partial.read_text())["cache"])
     assert saved >= 50
     calls["n"] = 0
     backend.load_onnx = lambda onnx: (calls.__setitem__("n", calls["n"] + 1), real(onnx))[1]
-    prof = profile_device("t", backend, model, ModelConfig("t-demo"), 1, out, token_points=2, calibration_models=2)
+    prof = profile_device("t", backend, model, ModelConfig("t-demo"), 1, out, token_points=2, calibration_models=8)
     assert out.is_file() and not partial.exists()
     assert prof.measurements > saved
     assert calls["n"] < 2 * (prof.measurements - saved) + 40  # only what was not saved was measured again
     assert prof.fingerprint["kind"] == "cpu" and prof.fingerprint["runtime"] == "ort-cpu"
+    modes = [p["token_mode"] for p in prof.calibration["points"]]
+    assert modes[:2] == ["static", "static"] and "attentive" in modes[2:]  # ranked twins are measured whole
+    assert "per_rank" in prof.calibration
     LatencyModel(prof).predict(SlimSpec.dense(ModelConfig("t-demo"), arch_of(model)))
 
 
@@ -279,7 +284,7 @@ def test_only_the_block_that_drops_pays_the_ranking_in_both_calibrated_parts(mod
     model = tiny_model("t-cls")
     a = arch_of(model)
     prof = staircase_profile(a)
-    prof.calibration = {"scale_fixed": 1.4, "scale_tokens": 0.7}
+    prof.calibration = {"scale_fixed": 1.4, "scale_tokens": 0.7, "per_gather": 0.002, "per_rank": 0.005}
     lm = LatencyModel(prof)
     full = (a.num_heads, a.head_dim, a.head_dim, a.mlp_dim)
     n = a.num_tokens - 5
@@ -289,5 +294,26 @@ def test_only_the_block_that_drops_pays_the_ranking_in_both_calibrated_parts(mod
     ranked, static = lm.for_tokens(mode), lm.for_tokens("static")
     piece = ranked.tables["gather"]
     gather = static.tables["gather"]
-    expected = (1.4 * (piece(few) - gather(few)) + 0.7 * (piece(n) - piece(few) - gather(n) + gather(few)))
+    expected = (1.4 * (piece(few) - gather(few)) + 0.7 * (piece(n) - piece(few) - gather(n) + gather(few))
+                + 0.005)  # one ranking's per-operator cost in a whole model; both pay one gather's
     assert ranked.predict_sizes(sizes) - static.predict_sizes(sizes) == pytest.approx(expected)
+
+
+def test_ranked_twins_keep_the_sizes_and_rank_every_drop():
+    from slimdeploy.latency.calibration import random_spec, ranked_twins
+
+    model = tiny_model("t-cls")
+    a = arch_of(model)
+    rng = random.Random(0)
+    specs = [random_spec(a, ModelConfig("t-cls"), rng, step=4) for _ in range(40)]
+    twins = ranked_twins(specs, 6)
+    assert len(twins) == 6 and [t.token_mode for t in twins[:2]] == ["attentive", "fused"]
+    widths = {tuple(x[1:] for x in spec_sizes(s)) for s in specs}
+    for t in twins:
+        assert tuple(x[1:] for x in spec_sizes(t)) in widths  # the widths of a spec; its counts where it can rank
+        counts = [a.num_tokens] + t.token_counts()
+        assert any(n < p for p, n in zip(counts, counts[1:]))  # only specs that drop tokens have twins
+        f = LatencyModel(staircase_profile(a)).for_tokens(t.token_mode).features(spec_sizes(t), a.num_tokens)
+        assert f["rank"] == f["gather"] > 0
+    static = LatencyModel(staircase_profile(a)).features(spec_sizes(twins[0]), a.num_tokens)
+    assert static["rank"] == 0

@@ -1,12 +1,13 @@
 """Calibration: the whole models a profile measures, and the fit of their latency against the tables.
 
-An optimiser drives into a model's errors, so the whole models come from two places: random structures of every
-size (some blocks without heads or MLP, tokens dropped at some blocks) and the structures the solver itself
+An optimiser drives into a model's errors, so the whole models come from three places: random structures of
+every size (some blocks without heads or MLP, tokens dropped at some blocks), the structures the solver itself
 picks at budgets from 20% to 95% of dense, under random exchange rates between kinds (few tokens, narrow MLPs:
-where fixed per-operator costs dominate). The fit, with rows weighted by 1 / measured (relative errors):
+where fixed per-operator costs dominate), and ranked-token twins of some of them (their drops made by a ranking).
+The fit, with rows weighted by 1 / measured (relative errors):
 
     measured = scale_fixed * fixed + scale_tokens * tokens + per_attn * n_attn + per_mlp * n_mlp
-               + per_gather * n_gather + beta
+               + per_gather * n_gather + per_rank * n_rank + beta
     fixed, tokens = table sums at each block's fewest tokens, and what its tokens add above that, each
                     = pieces without weights + warm + phi(weight bytes) * (cold - warm)
 
@@ -21,10 +22,12 @@ far a model with that many bytes of weights runs from a cold cache (a small mode
 from __future__ import annotations
 
 import random
+from dataclasses import replace
 
 import numpy as np
 
-from ..types import Arch, ModelConfig, SlimSpec
+from ..errors import SlimError
+from ..types import RANKED_TOKEN_MODES, Arch, ModelConfig, SlimSpec
 from .model import COUNTS, calibrated
 
 
@@ -101,6 +104,31 @@ def solver_specs(lm, arch: Arch, source: ModelConfig, count: int, seed: int = 0)
         spec = Problem(arch, source, imp, LatencyCost(lm)).solve(fams[int(rng.integers(len(fams)))], frac * dense)
         if spec is not None:
             out.append(spec)
+    return out
+
+
+def ranked_twins(specs: list[SlimSpec], count: int) -> list[SlimSpec]:
+    """Up to `count` twins of the specs that drop tokens, in attentive and fused token mode by turns: the same
+    sizes, each drop made by a ranking. A ranking's nodes cost more inside a whole model than timed alone (a 0.3x
+    structure of a 65-token model: 26 us above its static twin, where the piece's table says 15-19 us), so the
+    calibration needs whole ranked models to fit its per-ranking cost."""
+    out = []
+    for s in specs:
+        if len(out) == count:
+            break
+        blocks, heads_before = [], False
+        for b in s.blocks:  # a block before any attention has no scores to rank by: it keeps every token
+            n = b.num_tokens if heads_before else s.arch.num_tokens
+            blocks.append(replace(b, tokens=list(range(n))))
+            heads_before = heads_before or b.num_heads > 0
+        counts = [s.arch.num_tokens] + [b.num_tokens for b in blocks]
+        if all(n == p for p, n in zip(counts, counts[1:])):
+            continue
+        twin = replace(s, token_mode=RANKED_TOKEN_MODES[len(out) % len(RANKED_TOKEN_MODES)], blocks=blocks)
+        try:
+            out.append(twin.validate())
+        except SlimError:  # leaves no place for the fused token
+            continue
     return out
 
 

@@ -14,8 +14,10 @@ in tokens, a staircase in widths and in e): factorised, so the profile measures 
 every table again at every e.
 
 The sum maps to end-to-end latency by a calibration fitted on whole models measured during profiling:
-  ms = scale * sum + per_attn * (blocks with heads) + per_mlp * (blocks with MLP) + per_gather * (gathers) + beta
-which models the per-operator costs explicitly (the exported graph's extra reshapes per branch, its gathers).
+  ms = scale * sum + per_attn * (blocks with heads) + per_mlp * (blocks with MLP) + per_gather * (gathers)
+       + per_rank * (rankings, in ranked token modes) + beta
+which models the per-operator costs explicitly (the exported graph's extra reshapes per branch, its gathers, the
+nodes of a ranking: in a whole model these cost more than the same nodes timed alone).
 A closed loop's measurements refine it further with a correction (a * ms + b), saved with the run.
 """
 
@@ -33,7 +35,7 @@ from .fingerprint import describe, differences
 
 SHIPPED_PROFILES = Path(__file__).resolve().parent.parent.parent / "profiles"
 TABLES = ("rest", "const", "gather", "qkv", "proj", "mlp", "core_q", "core_v")
-COUNTS = ("attn", "mlp", "gather")  # structural counts with their own per-operator cost
+COUNTS = ("attn", "mlp", "gather", "rank")  # structural counts with their own per-operator cost
 FEATURES = ("fixed_shared", "fixed_cold", "fixed_warm", "tok_shared", "tok_cold", "tok_warm", "bytes", *COUNTS)
 
 
@@ -268,6 +270,7 @@ class LatencyModel:
             out["attn"] += h > 0
             out["mlp"] += m > 0
             out["gather"] += n < prev
+            out["rank"] += n < prev and self.token_mode in RANKED_TOKEN_MODES
             prev = n
         return out
 

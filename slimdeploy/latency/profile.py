@@ -36,7 +36,7 @@ from ..slim import build_slim
 from ..types import Arch, DeviceProfile, ModelConfig, SlimSpec
 from . import components, timing
 from .backends import Backend
-from .calibration import fit_calibration, random_spec, solver_specs
+from .calibration import fit_calibration, random_spec, ranked_twins, solver_specs
 from .fingerprint import fingerprint_key
 from .measure import measure_models
 from .model import (
@@ -288,9 +288,9 @@ def profile_device(device: str, backend: Backend, model: nn.Module, source: Mode
     timer = PieceTimer(backend, batch_size, working_set, warm, cache, save)
     jobs, grids = jobs_for(arch, step, token_points)
     random.Random(seed).shuffle(jobs)  # drift of the machine's speed spreads over every table as noise
-    n_random = calibration_models // 2
+    n_random, n_ranked = calibration_models // 2, max(2, calibration_models // 8)
     with make_progress() as progress:
-        task = progress.add_task("profile", total=len(jobs) + calibration_models, info=backend.name)
+        task = progress.add_task("profile", total=len(jobs) + calibration_models + n_ranked, info=backend.name)
         for job in jobs:
             run_job(timer, job, arch, model)
             progress.update(task, advance=1, info=f"{backend.name} {job[0]} {job[1:]}")
@@ -303,6 +303,8 @@ def profile_device(device: str, backend: Backend, model: nn.Module, source: Mode
                               embed_widths=grids["embed"])
                   for i in range(n_random)]
         specs += solver_specs(raw, arch, source, calibration_models - len(specs), seed)
+        specs += ranked_twins(specs, n_ranked)
+        progress.update(task, total=len(jobs) + len(specs))
         # in chunks, each with the dense model: a shared machine's speed drifts by ~6% over minutes, so each
         # model is recorded as its ratio to dense (paired rounds) times one dense reference
         for start in range(1, len(specs), 7):
@@ -319,9 +321,10 @@ def profile_device(device: str, backend: Backend, model: nn.Module, source: Mode
             progress.update(task, advance=len(chunk), info=f"{backend.name} whole models")
         progress.update(task, advance=1)
         dense_ref = float(np.median([cache[f"calibration/{i}"][2] for i in range(1, len(specs))]))
-        points = [{"features": raw.features(spec_sizes(s), arch.num_tokens, s.embed_dim),
+        points = [{"features": raw.for_tokens(s.token_mode).features(spec_sizes(s), arch.num_tokens, s.embed_dim),
                    "measured_ms": (cache[f"calibration/{i}"][0] if i else 1.0) * dense_ref,
-                   "halfwidth": cache[f"calibration/{i}"][1] if i else 0.0, "widths": s.summary()}
+                   "halfwidth": cache[f"calibration/{i}"][1] if i else 0.0, "widths": s.summary(),
+                   "token_mode": s.token_mode}
                   for i, s in enumerate(specs)]
     prof = _profile(device, backend, batch_size, arch, tables, fit_calibration(points),
                     " ".join(shlex.quote(a) for a in ["slimdeploy", *sys.argv[1:]]),
@@ -366,10 +369,12 @@ def load_latency_model(device: str, model: nn.Module, source: ModelConfig, backe
     if device == "local":
         backend = backend or get_backend("ort-cpu", precision=precision or "fp32")
         path = local_profile_path(backend, arch, batch_size, profiles_dir)
-        stale = path.is_file() and not {"rank", "fuse", "embed.qkv"} <= set(DeviceProfile.load(path).tables)
+        cached = DeviceProfile.load(path) if path.is_file() else None
+        stale = cached is not None and (not {"rank", "fuse", "embed.qkv"} <= set(cached.tables)
+                                        or "per_rank" not in (cached.calibration or {}))
         if stale:  # kept until the new one is written
-            log(f"the cached profile {path} predates the attentive or fused token tables or the embedding tables: "
-                "measuring this machine again")
+            log(f"the cached profile {path} predates the attentive or fused token tables, the embedding tables or "
+                "the calibration of rankings: measuring this machine again")
         if stale or not path.is_file():
             log(f"profiling this machine for {source.name} on {backend.name} (once; cached in {path})")
             profile_device("local", backend, model, source, batch_size, path)
@@ -414,7 +419,8 @@ def fold_rounds(profile_path: str | Path, rounds: list[dict]) -> DeviceProfile:
         raise SlimError(f"profile {path} has no calibration points to fold into")
     dense_ref = points[0]["measured_ms"]  # the dense model; every point is its ratio to dense times this
     for row in rounds:
-        points.append({"features": lm.features([tuple(s) for s in row["sizes"]], n_tokens, row.get("embed")),
+        ranked = lm.for_tokens(row.get("token_mode", "static"))
+        points.append({"features": ranked.features([tuple(s) for s in row["sizes"]], n_tokens, row.get("embed")),
                        "measured_ms": row["over_dense"] * dense_ref, "halfwidth": row.get("y_halfwidth"),
                        "widths": row["sizes"], "from": row.get("from", "closed loop")})
     prof.calibration = fit_calibration(points)

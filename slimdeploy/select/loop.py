@@ -115,7 +115,7 @@ def closed_loop(solve: Solve, lm: LatencyModel, measure: Measure, dense_spec: Sl
             pred = lm.predict(spec)
             row.update(round=r + 1, budget_ms=budget, predicted_ms=pred, predicted_refit_ms=model.predict(spec),
                        sizes=[list(s) for s in spec_sizes(spec)],
-                       embed=spec.embed_dim)
+                       embed=spec.embed_dim, token_mode=spec.token_mode)
             rows.append(row)
             specs.append(spec)
             log(f"select: round {r + 1}: predicted {row['predicted_refit_ms']:.3f} ms, measured "
