@@ -331,3 +331,20 @@ def test_fused_mode_searches_by_rank_and_is_priced_by_the_fuse_table():
     del prof.tables["fuse"]
     with pytest.raises(SlimError, match="re-measure it"):
         LatencyModel(prof).for_tokens("fused")
+
+
+@pytest.mark.parametrize("batch", [1, None])
+def test_a_scoring_block_of_one_head_and_one_query_channel_exports_valid_onnx(tmp_path, batch):
+    """onnxslim once returned a graph out of topological order for this shape (one head, one q/k channel, ranking
+    a later block's tokens): the export must still be valid ONNX that runs and matches."""
+    model = tiny_model("t-cls")
+    a = arch_of(model)
+    spec = SlimSpec.dense(ModelConfig("t-cls"), a)
+    spec.token_mode = "attentive"
+    for b in spec.blocks[:-1]:
+        b.heads, b.qk, b.v = [0], [[3]], [[5]]
+    spec.blocks[-1].tokens = list(range(a.num_tokens - 6))
+    slim = build_slim(spec.validate(), model)
+    path = export_onnx(slim, tmp_path / "m.onnx", (3, 16, 16), batch)
+    onnx.checker.check_model(onnx.load(str(path)))
+    assert_onnx_parity(slim, path, batches=(1,) if batch else (1, 8))
