@@ -243,7 +243,7 @@ def test_replicated_graph_runs_k_distinct_copies():
 def test_interrupted_profile_resumes(tmp_path):
     """A profile killed halfway keeps its measurements and the next call reuses them."""
     from slimdeploy.latency.backends import get_backend
-    from slimdeploy.latency.profile import profile_device
+    from slimdeploy.latency.profile import is_current, profile_device
 
     model = tiny_model("t-demo")
     out = tmp_path / "p.json"
@@ -274,6 +274,12 @@ def test_interrupted_profile_resumes(tmp_path):
     modes = [p["token_mode"] for p in prof.calibration["points"]]
     assert modes[:2] == ["static", "static"] and "attentive" in modes[2:]  # ranked twins are measured whole
     assert "per_rank" in prof.calibration
+    assert prof.tables["rank"]["axes"] == ["tokens", "kept"] and is_current(prof)
+    ms = np.array(prof.tables["fuse"]["ms"])
+    assert ms.shape == (len(prof.tables["fuse"]["grid"]["tokens"]),) * 2 and (np.diff(ms, axis=0) >= 0).all()
+    older = DeviceProfile.from_dict(prof.to_dict())
+    older.tables["rank"] = {"axes": ["tokens"], "grid": {"tokens": [2, 17]}, "ms": [0.01, 0.02]}
+    assert not is_current(older)  # a cached local profile like this one is measured again
     LatencyModel(prof).predict(SlimSpec.dense(ModelConfig("t-demo"), arch_of(model)))
 
 
@@ -292,9 +298,10 @@ def test_only_the_block_that_drops_pays_the_ranking_in_both_calibrated_parts(mod
     assert a.depth >= 3
     few = a.num_prefix_tokens + 1
     ranked, static = lm.for_tokens(mode), lm.for_tokens("static")
-    piece = ranked.tables["gather"]
-    gather = static.tables["gather"]
-    expected = (1.4 * (piece(few) - gather(few)) + 0.7 * (piece(n) - piece(few) - gather(n) + gather(few))
+    N = a.num_tokens
+    piece, gather = ranked.drop, static.drop  # both from N tokens
+    expected = (1.4 * (piece(N, few) - gather(N, few)) + 0.7 * (piece(N, n) - piece(N, few) - gather(N, n)
+                                                              + gather(N, few))
                 + 0.005)  # one ranking's per-operator cost in a whole model; both pay one gather's
     assert ranked.predict_sizes(sizes) - static.predict_sizes(sizes) == pytest.approx(expected)
 
@@ -317,3 +324,27 @@ def test_ranked_twins_keep_the_sizes_and_rank_every_drop():
         assert f["rank"] == f["gather"] > 0
     static = LatencyModel(staircase_profile(a)).features(spec_sizes(twins[0]), a.num_tokens)
     assert static["rank"] == 0
+
+
+def test_a_ranking_costs_what_it_ranks_and_keeps():
+    """A ranking is priced over the tokens it gets: the second ranking of a model, from fewer tokens, costs less
+    than the first; a profile measured before this (a table over the kept count alone) still prices."""
+    model = tiny_model("t-cls")
+    a = arch_of(model)
+    prof = staircase_profile(a)
+    lm = LatencyModel(prof).for_tokens("attentive")
+    N, n = a.num_tokens, a.num_tokens // 2
+    assert lm.drop(N, n) > lm.drop(n + 1, n) > 0
+    assert lm.drop(N, n) > lm.drop(N, n - 3)  # keeping fewer gathers less
+    full = (a.num_heads, a.head_dim, a.head_dim, a.mlp_dim)
+    once, twice = [(N, *full), (n, *full), (n, *full)], [(N, *full), (N - 1, *full), (n, *full)]
+    f_once, f_twice = lm.features(once, N), lm.features(twice, N)
+    shared = lambda f: f["fixed_shared"] + f["tok_shared"]  # noqa: E731
+    stat = LatencyModel(prof)
+    extra = (shared(f_twice) - shared(stat.features(twice, N))) - (shared(f_once) - shared(stat.features(once, N)))
+    drops = lambda m, sizes: sum(m.drop(p[0], s[0]) for p, s in zip([(N,)] + sizes, sizes) if s[0] < p[0])  # noqa
+    assert extra == pytest.approx(drops(lm, twice) - drops(lm, once) - drops(stat, twice) + drops(stat, once))
+    assert drops(lm, twice) == pytest.approx(lm.drop(N, N - 1) + lm.drop(N - 1, n))  # the second from N - 1
+    prof.tables["rank"] = {"axes": ["tokens"], "grid": {"tokens": [2, N]}, "ms": [0.001, 0.002]}
+    old = LatencyModel(prof).for_tokens("attentive")
+    assert old.drop(N, n) == old.drop(n + 1, n) > 0

@@ -2,10 +2,10 @@
 
 A block with n tokens, h heads of q (query/key) and v (value) channels and m MLP units runs:
   gather(n)            the token gather at its start, when it drops tokens
-  rank(n)              instead of gather(n) in attentive token mode: the class token's attention row (one query
-                       against the incoming keys, per head, averaged), TopK and the per-image gather
-  fuse(n)              instead of gather(n) in fused token mode: rank(n) with a full TopK and the dropped tokens'
-                       weighted mean
+  rank(n_in, n)        instead of gather(n) in attentive token mode: the class token's attention row (one query
+                       against the n_in incoming keys, per head, averaged), TopK and the per-image gather
+  fuse(n_in, n)        instead of gather(n) in fused token mode: rank(n_in, n) with a full TopK and the dropped
+                       tokens' weighted mean
   rest(n)              per present branch: LayerNorm, layer scale, residual add
   qkv(n, h*(2q+v))     Linear(D -> h*(2q+v))
   core(n, h, q, v)     split, reshape, softmax(q k^T) v, merge heads

@@ -1,7 +1,7 @@
 """LatencyModel: predict(spec) -> ms from a DeviceProfile's tables.
 
 A block with n tokens (n_prev before it), h heads of q and v channels and m MLP units costs the table lookups
-  [gather(n) if n < n_prev; rank(n) instead in attentive token mode, fuse(n) in fused mode]
+  [gather(n) if n < n_prev; rank(n_prev, n) instead in attentive token mode, fuse(n_prev, n) in fused mode]
   + (rest(n) + qkv(n, h*(2q+v)) + core(n, h, q, v) + proj(n, h*v)   if h > 0, else const(n))
   + (rest(n) + mlp(n, m)                                            if m > 0, else const(n))
 and the model is stem_head + the blocks. Tables are read linearly in tokens (they hold the fixed cost of an
@@ -35,6 +35,8 @@ from .fingerprint import describe, differences
 
 SHIPPED_PROFILES = Path(__file__).resolve().parent.parent.parent / "profiles"
 TABLES = ("rest", "const", "gather", "qkv", "proj", "mlp", "core_q", "core_v")
+RANKING_TABLE = {"attentive": "rank", "fused": "fuse"}  # what a dropping block pays instead of the gather
+RANKINGS = tuple(RANKING_TABLE.values())
 COUNTS = ("attn", "mlp", "gather", "rank")  # structural counts with their own per-operator cost
 FEATURES = ("fixed_shared", "fixed_cold", "fixed_warm", "tok_shared", "tok_cold", "tok_warm", "bytes", *COUNTS)
 
@@ -149,7 +151,7 @@ class LatencyModel:
         self.tables = {k: Table(t[k]) for k in TABLES}
         self.embed_tables = {k.removeprefix("embed."): Table(v) for k, v in t.items() if k.startswith("embed.")}
         if token_mode in RANKED_TOKEN_MODES:
-            table = {"attentive": "rank", "fused": "fuse"}[token_mode]
+            table = RANKING_TABLE[token_mode]
             if table not in t:
                 raise SlimError(f"profile '{profile.device}' has no table of {token_mode} token ranking (measured "
                                 "since this version): re-measure it with slimdeploy profile, or use --device local")
@@ -217,7 +219,7 @@ class LatencyModel:
 
         def r(piece, *widths):
             return self.embed_ratio(piece, e, n, *widths)
-        parts = {"gather": t["gather"](n) * r("gather") if n < n_prev else 0.0}
+        parts = {"gather": self.drop(n_prev, n) * r("gather") if n < n_prev else 0.0}
         if h > 0:
             out = h * (2 * q + v)
             parts.update(attn_rest=t["rest"](n) * r("rest"), qkv=w["qkv"](n, out) * r("qkv", out),
@@ -230,10 +232,16 @@ class LatencyModel:
             parts["mlp_const"] = t["const"](n) * r("const")
         return parts
 
+    def drop(self, n_prev: int, n: int) -> float:
+        """Uncalibrated ms of dropping from n_prev to n tokens: the gather, or in a ranked token mode the ranking
+        (over the tokens it gets, where the profile measured that: since this version)."""
+        t = self.tables["gather"]
+        return t(n_prev, n) if len(t.axes) == 2 else t(n)
+
     def block_raw(self, n_prev: int, n: int, h: int, q: int, v: int, m: int, e: int | None = None
                   ) -> tuple[float, float, float]:
         """(pieces without weights, weighted pieces cold, weighted pieces warm) of one block, uncalibrated ms."""
-        key = (n < n_prev, n, h, q, v, m, e)
+        key = (n_prev if n < n_prev else None, n, h, q, v, m, e)
         if key not in self._raw:
             cold = self.block_parts(n_prev, n, h, q, v, m, e=e)
             warm = self.block_parts(n_prev, n, h, q, v, m, warm=True, e=e)

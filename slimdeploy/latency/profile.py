@@ -40,6 +40,7 @@ from .calibration import fit_calibration, random_spec, ranked_twins, solver_spec
 from .fingerprint import fingerprint_key
 from .measure import measure_models
 from .model import (
+    RANKINGS,
     LatencyModel,
     check_profile_fits,
     fingerprint_warning,
@@ -48,7 +49,7 @@ from .model import (
     user_profiles_dir,
 )
 
-METHOD = 6  # bump when what a table entry means changes: partial profiles of another method are discarded
+METHOD = 7  # bump when what a table entry means changes: partial profiles of another method are discarded
 GPU_WORKING_SET = 64 << 20  # beyond a GPU's L2 (40-60 MB on A100/H100/H200)
 
 
@@ -184,7 +185,7 @@ def jobs_for(arch: Arch, step: int, token_points: int) -> tuple[list[tuple], dic
                   + [(f"embed.{k}", n, w, e) for k in ("qkv", "proj", "mlp") for n in nc
                      for w in grids[f"{k}_coarse"] for e in E] + [("embed.stem_head", e) for e in E])
     jobs = ([("rest", n) for n in ns] + [("const", n) for n in ns] + [("gather", n) for n in ns]
-            + [("rank", n) for n in ns] + [("fuse", n) for n in ns]
+            + [(k, n_in, n) for k in RANKINGS for n_in in ns for n in ns if n < n_in]
             + [("qkv", n, w) for n in ns for w in grids["qkv"]] + [("proj", n, w) for n in ns for w in grids["proj"]]
             + [("mlp", n, m) for n in ns for m in grids["mlp"]]
             + [("core_q", n, h, q) for n in ns for h in grids["heads"] for q in grids["hd"]]
@@ -206,8 +207,10 @@ def run_job(timer: PieceTimer, job: tuple, arch: Arch, model) -> None:
                                               else tuple(dims[:-1]), embed=e))
     elif kind == "stem_head":
         timer.whole(key, components.stem_head(model), (arch.in_chans, arch.img_size, arch.img_size))
-    elif kind in ("gather", "rank", "fuse"):
+    elif kind == "gather":
         timer.time(key, *components.build(kind, arch, blk, (dims[0], arch.num_tokens)))
+    elif kind in RANKINGS:  # (tokens in, tokens kept)
+        timer.time(key, *components.build(kind, arch, blk, (dims[1], dims[0])))
     elif kind in ("core_q", "core_v"):
         n, h, w = dims
         q, v = (w, arch.head_dim) if kind == "core_q" else (arch.head_dim, w)
@@ -227,6 +230,19 @@ def assemble(cache: dict, grids: dict, with_warm: bool) -> dict:
         return {"axes": axes, "grid": {ax: grids[k] for ax, k in zip(axes, keys)},
                 "ms": np.round(monotone(raw), 6).tolist(), "raw_ms": np.round(raw, 6).tolist()}
 
+    def ranking_table(name):
+        """Over (tokens in, tokens kept): linear in what is ranked, a staircase in what is kept. A ranking keeps
+        fewer than it gets; where the grid asks for more, the entry is that of the most it can keep (the row below
+        the smallest is the next row's)."""
+        ns = grids["tokens"]
+        raw = np.full((len(ns), len(ns)), np.nan)
+        for i, n_in in enumerate(ns):
+            for j, n in enumerate(ns):
+                raw[i, j] = cache[f"{name}/{n_in}/{n}"][0] if n < n_in else raw[i, j - 1] if j else np.nan
+        raw[0] = raw[1, 0] if len(ns) > 1 else 0.0
+        return {"axes": ["tokens", "kept"], "grid": {"tokens": ns, "kept": ns},
+                "ms": np.round(monotone(raw), 6).tolist(), "raw_ms": np.round(raw, 6).tolist()}
+
     embed = {f"embed.{k}": table(f"embed.{k}", ["tokens", *axes, "embed"],
                                  ["tokens_coarse", *[f"{k}_coarse" for _ in axes], "embed"])
              for k, axes in EMBED_PIECES.items()}
@@ -241,8 +257,7 @@ def assemble(cache: dict, grids: dict, with_warm: bool) -> dict:
         "rest": table("rest", ["tokens"], ["tokens"]),
         "const": table("const", ["tokens"], ["tokens"]),
         "gather": table("gather", ["tokens"], ["tokens"]),
-        "rank": table("rank", ["tokens"], ["tokens"]),
-        "fuse": table("fuse", ["tokens"], ["tokens"]),
+        **{k: ranking_table(k) for k in RANKINGS},
         "qkv": table("qkv", ["tokens", "out"], ["tokens", "qkv"]),
         "proj": table("proj", ["tokens", "in"], ["tokens", "proj"]),
         "mlp": table("mlp", ["tokens", "hidden"], ["tokens", "mlp"]),
@@ -288,7 +303,7 @@ def profile_device(device: str, backend: Backend, model: nn.Module, source: Mode
     timer = PieceTimer(backend, batch_size, working_set, warm, cache, save)
     jobs, grids = jobs_for(arch, step, token_points)
     random.Random(seed).shuffle(jobs)  # drift of the machine's speed spreads over every table as noise
-    n_random, n_ranked = calibration_models // 2, max(2, calibration_models // 8)
+    n_random, n_ranked = calibration_models // 2, max(2, calibration_models // 4)
     with make_progress() as progress:
         task = progress.add_task("profile", total=len(jobs) + calibration_models + n_ranked, info=backend.name)
         for job in jobs:
@@ -357,6 +372,14 @@ def local_profile_path(backend: Backend, arch: Arch, batch: int, profiles_dir: s
     return folder / f"local-{backend.name}-{fingerprint_key(backend.fingerprint())}-{shape}-b{batch}{precision}.json"
 
 
+def is_current(prof: DeviceProfile) -> bool:
+    """Whether a cached profile has every table and calibration term this version prices with: the rankings over
+    the tokens they get, the embedding widths, the per-ranking cost."""
+    t = prof.tables
+    return (all(len(t.get(k, {}).get("axes", [])) == 2 for k in RANKINGS) and "embed.qkv" in t
+            and "per_rank" in (prof.calibration or {}))
+
+
 def load_latency_model(device: str, model: nn.Module, source: ModelConfig, backend: Backend | None = None,
                        batch_size: int = 1, profiles_dir: str | Path | None = None, precision: str | None = None
                        ) -> tuple[LatencyModel, list[str]]:
@@ -370,11 +393,10 @@ def load_latency_model(device: str, model: nn.Module, source: ModelConfig, backe
         backend = backend or get_backend("ort-cpu", precision=precision or "fp32")
         path = local_profile_path(backend, arch, batch_size, profiles_dir)
         cached = DeviceProfile.load(path) if path.is_file() else None
-        stale = cached is not None and (not {"rank", "fuse", "embed.qkv"} <= set(cached.tables)
-                                        or "per_rank" not in (cached.calibration or {}))
+        stale = cached is not None and not is_current(cached)
         if stale:  # kept until the new one is written
-            log(f"the cached profile {path} predates the attentive or fused token tables, the embedding tables or "
-                "the calibration of rankings: measuring this machine again")
+            log(f"the cached profile {path} predates the ranking tables over the tokens they get, the embedding "
+                "tables or the calibration of rankings: measuring this machine again")
         if stale or not path.is_file():
             log(f"profiling this machine for {source.name} on {backend.name} (once; cached in {path})")
             profile_device("local", backend, model, source, batch_size, path)
