@@ -129,6 +129,9 @@ def test_calibration_fit_recovers_its_coefficients():
     for k, v in truth.items():
         assert cal[k] == pytest.approx(v, rel=1e-6, abs=1e-9), k
     assert cal["fit_max_abs_error"] < 1e-9
+    # a ranking's cost fitted below zero is noise: it is left out, not allowed to make models faster
+    cal = fit_calibration(_cal_points({**truth, "per_rank": -0.004}, np.random.default_rng(3)))
+    assert cal["per_rank"] == 0.0 and cal["scale_fixed"] > 0
     # a cold/warm crossover is found on the grid: models above ~1 MB of weights run cold
     truth = {**truth, "phi_center": float(np.log(1e6)), "phi_width": 0.25}
     pts = _cal_points(truth, np.random.default_rng(1), n=40, warm=True)
