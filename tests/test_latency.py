@@ -351,3 +351,27 @@ def test_a_ranking_costs_what_it_ranks_and_keeps():
     prof.tables["rank"] = {"axes": ["tokens"], "grid": {"tokens": [2, N]}, "ms": [0.001, 0.002]}
     old = LatencyModel(prof).for_tokens("attentive")
     assert old.drop(N, n) == old.drop(n + 1, n) > 0
+
+
+def test_folded_loop_rows_are_priced_in_their_token_mode(tmp_path):
+    """A closed loop's rows fold into the calibration with their rankings counted (rows before the token mode was
+    recorded fold as static)."""
+    from slimdeploy.latency.calibration import random_spec as spec_of
+    from slimdeploy.latency.profile import fold_rounds
+
+    model = tiny_model("t-cls")
+    a = arch_of(model)
+    prof = staircase_profile(a)
+    lm = LatencyModel(prof)
+    rng = random.Random(0)
+    specs = [spec_of(a, ModelConfig("t-cls"), rng, step=4) for _ in range(12)]
+    prof.calibration = fit_calibration([{"features": lm.features(spec_sizes(s), a.num_tokens),
+                                         "measured_ms": 1.1 * lm.predict(s)} for s in specs])
+    path = tmp_path / "p.json"
+    prof.save(path)
+    full = [a.num_heads, a.head_dim, a.head_dim, a.mlp_dim]
+    sizes = [[a.num_tokens, *full], [a.num_tokens - 4, *full], [a.num_tokens - 4, *full]]
+    rows = [{"sizes": sizes, "over_dense": 0.8, "token_mode": "attentive"}, {"sizes": sizes, "over_dense": 0.7}]
+    points = fold_rounds(path, rows).calibration["points"]
+    assert [p["features"]["rank"] for p in points[-2:]] == [1, 0]
+    assert [p["features"]["gather"] for p in points[-2:]] == [1, 1]
