@@ -18,7 +18,7 @@ Datasets: plain Fashion-MNIST (fmnist-vit at 28 px, 16 patches) and shifted Fash
     .venv/bin/python benchmarks/token_modes.py prepare --data plain --static-run runs/teacher30      # searches
     .venv/bin/python benchmarks/token_modes.py measure --data plain --static-run runs/teacher30      # phase 1
     .venv/bin/python benchmarks/token_modes.py retrain --data plain --static-run runs/teacher30 --workers 2
-    (retrain --targets 0.5 0.3: which targets, in that order)
+    (retrain --targets 0.5 0.3: which targets, in that order; --methods: which methods)
     .venv/bin/python benchmarks/token_modes.py counts --data plain --static-run runs/teacher30   # tokens alone
     (--data shifted trains its dense model first: --teacher-epochs)
 """
@@ -225,7 +225,7 @@ def retrain_all(args) -> None:
         raise SlimError("run the measure phase first")
     order = [str(f) for f in args.targets]  # the targets asked for, in the order given
     jobs = [(f, name, seed, row) for seed in args.seeds for f, rows in out["targets"].items() if f in order
-            for name, row in rows.items()
+            for name, row in rows.items() if name in args.methods
             if row.get("top1_pruned") is not None and str(seed) not in row.get("retrained", {})]
     jobs.sort(key=lambda j: (j[2] != args.seeds[0], order.index(j[0])))
     retrain_pool(args, retrain_one, jobs, lambda res: out["targets"][res["target"]][res["method"]],
