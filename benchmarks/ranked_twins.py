@@ -33,6 +33,7 @@ def main() -> None:
     ap.add_argument("--target", default="0.3")
     ap.add_argument("--device", default="local")
     ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--out", default=None, help="results file (default: beside --results, named by the target)")
     args = ap.parse_args()
     teacher, cfg = load_dense(Path(args.run))
     a = arch_of(teacher)
@@ -67,7 +68,7 @@ def main() -> None:
         extra = (f", ranking {row['ranking_us']:.1f} us measured, {row['ranking_predicted_us']:.1f} us predicted"
                  if "ranking_us" in row else "")
         print(f"{k:20s} measured {measured:.4f} x dense, predicted {predicted:.4f} ({100 * row['error']:+.1f}%){extra}")
-    dest = Path(args.results).with_name(Path(args.results).stem + f"_twins_{args.target}.json")
+    dest = Path(args.out or Path(args.results).with_name(Path(args.results).stem + f"_twins_{args.target}.json"))
     dest.write_text(json.dumps(out, indent=2))
     print(f"dense {dense_ms:.3f} ms; written {dest}")
 

@@ -283,6 +283,9 @@ def profile(
               f"{prof.precision}) in {prof.seconds:.0f} s -> {path}")
     out.print(f"calibration on {len(cal['points'])} whole models: fit error median "
               f"{100 * cal['fit_median_abs_error']:.1f}%, max {100 * cal['fit_max_abs_error']:.1f}%")
+    if cal.get("pairs"):
+        out.print(f"a ranking adds {1e3 * cal['per_rank']:.1f} us (attentive) and {1e3 * cal['per_fuse']:.1f} us "
+                  f"(fused) to its pieces in a whole model ({len(cal['pairs'])} ranked models beside static twins)")
 
 
 @app.command()

@@ -116,6 +116,7 @@ def _cal_points(truth: dict, rng, n: int = 24, warm: bool = False) -> list[dict]
              "tok_shared": rng.uniform(0.0, 0.1), "tok_cold": rng.uniform(0.0, 0.6), "bytes": rng.uniform(1e5, 1e7),
              "attn": float(rng.integers(0, 7)), "mlp": float(rng.integers(0, 7)), "gather": float(rng.integers(0, 4))}
         f["rank"] = float(rng.integers(0, f["gather"] + 1))  # a ranking is a gather chosen by scores
+        f["fuse"] = 0.0
         f["fixed_warm"] = f["fixed_cold"] * (0.5 if warm else 1.0)
         f["tok_warm"] = f["tok_cold"] * (0.8 if warm else 1.0)
         pts.append({"features": f, "measured_ms": calibrated(f, truth, warm)})
@@ -143,6 +144,44 @@ def test_calibration_fit_recovers_its_coefficients():
     cal = fit_calibration(few)
     assert cal["scale_fixed"] == pytest.approx(1.1) and cal["scale_tokens"] == pytest.approx(0.9)
     assert cal["per_attn"] == 0.0 and cal["beta"] == 0.0
+
+
+def test_paired_twins_give_a_ranking_its_cost_where_the_regression_cannot():
+    """A ranking costs a few percent of a model: against noise of a few percent per model, the least squares over
+    models miss it (here it is fitted at 0), while pairs measured side by side (noise of a fraction of that)
+    recover it, and the ranked points then do not bias the rest of the fit."""
+    from slimdeploy.latency.calibration import pair_record
+    from slimdeploy.latency.model import calibrated
+
+    truth = {"scale_fixed": 1.2, "scale_tokens": 0.85, "per_gather": 0.003, "per_rank": 0.006, "per_fuse": 0.02}
+    rng = np.random.default_rng(5)
+    pts = _cal_points(truth, rng, n=40)
+    for p in pts:  # noise of +-4% on every whole model; rankings only where the twins have them
+        p["features"]["rank"] = 0.0
+        p["measured_ms"] = calibrated(p["features"], truth, False) * rng.uniform(0.96, 1.04)
+    pairs = []
+    for i, mode in enumerate(["attentive", "fused"] * 3):
+        static = dict(pts[i]["features"], gather=max(1.0, pts[i]["features"]["gather"]))
+        ranked = dict(static, **{"rank" if mode == "attentive" else "fuse": static["gather"]})
+        s_ms, r_ms = calibrated(static, truth, False), calibrated(ranked, truth, False)
+        noise = rng.uniform(0.997, 1.003)  # a paired ratio is precise
+        pts += [{"features": ranked, "measured_ms": r_ms * rng.uniform(0.96, 1.04), "ranked_twin": True},
+                {"features": static, "measured_ms": s_ms * rng.uniform(0.96, 1.04)}]
+        pairs.append(pair_record(ranked, static, mode, s_ms, r_ms / s_ms * noise))
+    with_pairs = fit_calibration(pts, pairs)
+    assert with_pairs["per_rank"] == pytest.approx(0.006, abs=0.002)
+    assert with_pairs["per_fuse"] == pytest.approx(0.02, abs=0.003)
+    assert with_pairs["pairs"] == pairs  # kept, so that a refit (fold) keeps them
+    # a closed loop's ranked rows, folded in later, enter the fit at the pairs' cost and leave it where it was
+    loop = []
+    for p in pts[:6]:
+        f = dict(p["features"], gather=2.0, fuse=2.0)
+        loop.append({"features": f, "measured_ms": calibrated(f, truth, False) * rng.uniform(0.98, 1.02)})
+    folded = fit_calibration(pts + loop, pairs)
+    assert folded["per_fuse"] == pytest.approx(with_pairs["per_fuse"], abs=0.002)
+    assert abs(folded["per_fuse"] - 0.02) < 0.003
+    alone = fit_calibration(pts)  # the same points without their pairing
+    assert abs(alone["per_fuse"] - 0.02) > abs(with_pairs["per_fuse"] - 0.02)
 
 
 def test_median_interval_is_distribution_free():
@@ -276,13 +315,18 @@ def test_interrupted_profile_resumes(tmp_path):
     assert prof.fingerprint["kind"] == "cpu" and prof.fingerprint["runtime"] == "ort-cpu"
     modes = [p["token_mode"] for p in prof.calibration["points"]]
     assert modes[:2] == ["static", "static"] and "attentive" in modes[2:]  # ranked twins are measured whole
-    assert "per_rank" in prof.calibration
+    pair = prof.calibration["pairs"][0]  # beside their static twins
+    assert pair["token_mode"] == "attentive" and pair["ranked"]["rank"] == pair["static"]["gather"] > 0
+    assert pair["static"]["rank"] == 0 and "per_rank" in prof.calibration and "per_fuse" in prof.calibration
     assert prof.tables["rank"]["axes"] == ["tokens", "kept"] and is_current(prof)
     ms = np.array(prof.tables["fuse"]["ms"])
     assert ms.shape == (len(prof.tables["fuse"]["grid"]["tokens"]),) * 2 and (np.diff(ms, axis=0) >= 0).all()
     older = DeviceProfile.from_dict(prof.to_dict())
     older.tables["rank"] = {"axes": ["tokens"], "grid": {"tokens": [2, 17]}, "ms": [0.01, 0.02]}
     assert not is_current(older)  # a cached local profile like this one is measured again
+    unpaired = DeviceProfile.from_dict(prof.to_dict())
+    del unpaired.calibration["pairs"]
+    assert not is_current(unpaired)  # nor one whose rankings were fitted without pairs
     LatencyModel(prof).predict(SlimSpec.dense(ModelConfig("t-demo"), arch_of(model)))
 
 
@@ -293,7 +337,8 @@ def test_only_the_block_that_drops_pays_the_ranking_in_both_calibrated_parts(mod
     model = tiny_model("t-cls")
     a = arch_of(model)
     prof = staircase_profile(a)
-    prof.calibration = {"scale_fixed": 1.4, "scale_tokens": 0.7, "per_gather": 0.002, "per_rank": 0.005}
+    prof.calibration = {"scale_fixed": 1.4, "scale_tokens": 0.7, "per_gather": 0.002, "per_rank": 0.005,
+                        "per_fuse": 0.011}
     lm = LatencyModel(prof)
     full = (a.num_heads, a.head_dim, a.head_dim, a.mlp_dim)
     n = a.num_tokens - 5
@@ -305,7 +350,7 @@ def test_only_the_block_that_drops_pays_the_ranking_in_both_calibrated_parts(mod
     piece, gather = ranked.drop, static.drop  # both from N tokens
     expected = (1.4 * (piece(N, few) - gather(N, few)) + 0.7 * (piece(N, n) - piece(N, few) - gather(N, n)
                                                               + gather(N, few))
-                + 0.005)  # one ranking's per-operator cost in a whole model; both pay one gather's
+                + {"attentive": 0.005, "fused": 0.011}[mode])  # one ranking's per-operator cost in a whole model
     assert ranked.predict_sizes(sizes) - static.predict_sizes(sizes) == pytest.approx(expected)
 
 
@@ -316,15 +361,17 @@ def test_ranked_twins_keep_the_sizes_and_rank_every_drop():
     a = arch_of(model)
     rng = random.Random(0)
     specs = [random_spec(a, ModelConfig("t-cls"), rng, step=4) for _ in range(40)]
-    twins = ranked_twins(specs, 6)
+    pairs = ranked_twins(specs, 6)
+    twins = [t for t, _ in pairs]
     assert len(twins) == 6 and [t.token_mode for t in twins[:2]] == ["attentive", "fused"]
+    assert all(s.token_mode == "static" and spec_sizes(s) == spec_sizes(t) for t, s in pairs)
     widths = {tuple(x[1:] for x in spec_sizes(s)) for s in specs}
     for t in twins:
         assert tuple(x[1:] for x in spec_sizes(t)) in widths  # the widths of a spec; its counts where it can rank
         counts = [a.num_tokens] + t.token_counts()
         assert any(n < p for p, n in zip(counts, counts[1:]))  # only specs that drop tokens have twins
         f = LatencyModel(staircase_profile(a)).for_tokens(t.token_mode).features(spec_sizes(t), a.num_tokens)
-        assert f["rank"] == f["gather"] > 0
+        assert f[{"attentive": "rank", "fused": "fuse"}[t.token_mode]] == f["gather"] > 0
     static = LatencyModel(staircase_profile(a)).features(spec_sizes(twins[0]), a.num_tokens)
     assert static["rank"] == 0
 

@@ -3,11 +3,12 @@
 An optimiser drives into a model's errors, so the whole models come from three places: random structures of
 every size (some blocks without heads or MLP, tokens dropped at some blocks), the structures the solver itself
 picks at budgets from 20% to 95% of dense, under random exchange rates between kinds (few tokens, narrow MLPs:
-where fixed per-operator costs dominate), and ranked-token twins of some of them (their drops made by a ranking).
+where fixed per-operator costs dominate), and pairs of ranked-token twins of some of them (their drops made by a
+ranking, and the same sizes static), measured side by side for the cost of a ranking in a whole model.
 The fit, with rows weighted by 1 / measured (relative errors):
 
     measured = scale_fixed * fixed + scale_tokens * tokens + per_attn * n_attn + per_mlp * n_mlp
-               + per_gather * n_gather + per_rank * n_rank + beta
+               + per_gather * n_gather + per_rank * n_rank + per_fuse * n_fuse + beta
     fixed, tokens = table sums at each block's fewest tokens, and what its tokens add above that, each
                     = pieces without weights + warm + phi(weight bytes) * (cold - warm)
 
@@ -28,7 +29,7 @@ import numpy as np
 
 from ..errors import SlimError
 from ..types import RANKED_TOKEN_MODES, Arch, ModelConfig, SlimSpec
-from .model import COUNTS, calibrated
+from .model import COUNTS, RANKING_TABLE, RANKINGS, calibrated
 
 
 def random_spec(arch: Arch, source: ModelConfig, rng: random.Random, step: int = 8, min_keep: float = 0.15,
@@ -107,11 +108,12 @@ def solver_specs(lm, arch: Arch, source: ModelConfig, count: int, seed: int = 0)
     return out
 
 
-def ranked_twins(specs: list[SlimSpec], count: int) -> list[SlimSpec]:
-    """Up to `count` twins of the specs that drop tokens, in attentive and fused token mode by turns: the same
-    sizes, each drop made by a ranking. A ranking's nodes cost more inside a whole model than timed alone (a 0.3x
-    structure of a 65-token model: 26 us above its static twin, where the piece's table says 15-19 us), so the
-    calibration needs whole ranked models to fit its per-ranking cost."""
+def ranked_twins(specs: list[SlimSpec], count: int) -> list[tuple[SlimSpec, SlimSpec]]:
+    """Up to `count` pairs (ranked, static) from the specs that drop tokens: the ranked one in attentive and fused
+    token mode by turns, each drop made by a ranking; the static one the same sizes with its tokens at fixed
+    positions. Measured side by side, their difference is what the rankings cost in a whole model: more than
+    their nodes timed alone (a 0.3x structure of a 65-token model: 24 us above its static twin, where the piece's
+    table says 16 us), and too little of a whole model's latency for a regression over models to find."""
     out = []
     for s in specs:
         if len(out) == count:
@@ -126,20 +128,67 @@ def ranked_twins(specs: list[SlimSpec], count: int) -> list[SlimSpec]:
             continue
         twin = replace(s, token_mode=RANKED_TOKEN_MODES[len(out) % len(RANKED_TOKEN_MODES)], blocks=blocks)
         try:
-            out.append(twin.validate())
+            out.append((twin.validate(), replace(twin, token_mode="static").validate()))
         except SlimError:  # leaves no place for the fused token
             continue
     return out
 
 
-def fit_calibration(points: list[dict]) -> dict:
+def pair_record(ranked_features: dict, static_features: dict, token_mode: str, static_ms: float,
+                paired_ratio: float) -> dict:
+    """A measured pair for fit_calibration: the ranked model measured `paired_ratio` times its static twin (in
+    the same rounds), which measured `static_ms`."""
+    return {"token_mode": token_mode, "ranked": ranked_features, "static": static_features,
+            "delta_ms": static_ms * (paired_ratio - 1.0)}
+
+
+def fit_calibration(points: list[dict], pairs: list[dict] | None = None) -> dict:
     """Fit measured ms against each point's features (LatencyModel.features); see the module's docstring.
 
     How cold the weighted pieces run, phi(bytes) = sigmoid((ln bytes - center) / width), is chosen on a grid
-    (the linear coefficients by weighted least squares at each grid point)."""
-    y = np.array([p["measured_ms"] for p in points], dtype=np.float64)
-    w = 1.0 / y
+    (the linear coefficients by weighted least squares at each grid point). A token mode with measured pairs
+    (pair_record) takes its per-ranking cost from them: the median over pairs of what the ranked model measured
+    above its twin, less what the rest of the fit predicts for that difference, per ranking (kept >= 0); the
+    pairs' ranked points ("ranked_twin") then stay out of the least squares, and other ranked points enter it
+    with that cost. Without pairs the cost is fitted with the rest."""
+    pairs = list(pairs or [])
+    paired = sorted({RANKING_TABLE[p["token_mode"]] for p in pairs})
+    counts = [k for k in COUNTS if k not in paired]
     feats = [p["features"] for p in points]
+    rows = [i for i, p in enumerate(points) if not (paired and p.get("ranked_twin"))]  # the pairs price those
+    ranked = [i for i in rows if any(feats[i].get(k, 0.0) for k in paired)]
+    cal = _fit(points, [i for i in rows if i not in ranked], counts)
+    cal.update(_pair_costs(pairs, cal))
+    if ranked:  # other ranked points (a closed loop's, folded in) join the fit, their rankings at the pairs' cost
+        cal = _fit(points, rows, counts, {f"per_{k}": cal[f"per_{k}"] for k in paired})
+        cal.update(_pair_costs(pairs, cal))
+    has_warm = cal.pop("has_warm")
+    err = np.array([calibrated(f, cal, has_warm) / p["measured_ms"] - 1 for f, p in zip(feats, points)])
+    return {**cal, "points": points, "pairs": pairs, "fit_median_abs_error": float(np.median(np.abs(err))),
+            "fit_max_abs_error": float(np.abs(err).max())}
+
+
+def _pair_costs(pairs: list[dict], cal: dict) -> dict:
+    """Per token mode, the median over its pairs of (measured difference - the difference `cal` predicts without
+    rankings' own cost) per ranking, kept >= 0."""
+    out = {}
+    for key in sorted({RANKING_TABLE[p["token_mode"]] for p in pairs}):
+        without = {**cal, f"per_{key}": 0.0}
+        per = [(p["delta_ms"] - calibrated(p["ranked"], without, cal["has_warm"])
+                + calibrated(p["static"], without, cal["has_warm"])) / p["ranked"][key]
+               for p in pairs if RANKING_TABLE[p["token_mode"]] == key and p["ranked"].get(key)]
+        out[f"per_{key}"] = max(0.0, float(np.median(per))) if per else 0.0
+    return out
+
+
+def _fit(points: list[dict], rows: list[int], counts: list[str], known: dict | None = None) -> dict:
+    """The least squares of fit_calibration over the points `rows`, with the structural `counts` as regressors;
+    the other counts cost what `known` says (per_<count>: ms), else 0."""
+    known = known or {}
+    feats = [points[i]["features"] for i in rows]
+    y = np.array([points[i]["measured_ms"] for i in rows], dtype=np.float64)
+    w = 1.0 / y
+    y = y - np.array([sum(c * f.get(k.removeprefix("per_"), 0.0) for k, c in known.items()) for f in feats])
     logb = np.log(np.maximum([f["bytes"] for f in feats], 1.0))
     has_warm = any(abs(f["fixed_cold"] - f["fixed_warm"]) > 1e-12 for f in feats)
     grid = [(0.0, 1.0)]
@@ -152,36 +201,32 @@ def fit_calibration(points: list[dict]) -> dict:
 
         def part(f, c, prefix):
             return f[f"{prefix}_shared"] + f[f"{prefix}_warm"] + c * (f[f"{prefix}_cold"] - f[f"{prefix}_warm"])
-        X = np.array([[part(f, c, "fixed"), part(f, c, "tok")] + [f[k] for k in COUNTS] + [1.0]
+        X = np.array([[part(f, c, "fixed"), part(f, c, "tok")] + [f.get(k, 0.0) for k in counts] + [1.0]
                       for f, c in zip(feats, cold)])
-        coef = _solve(X, y, w, len(points))
+        coef = _solve(X, y, w, len(rows), [2 + counts.index(k) for k in RANKINGS if k in counts])
         sse = float((((X @ coef) - y) * w) @ (((X @ coef) - y) * w))
         if best is None or sse < best[0] - 1e-15:
             best = (sse, coef, center, width)
     _, coef, center, width = best
-    cal = {"scale_fixed": float(coef[0]), "scale_tokens": float(coef[1]),
-           **{f"per_{k}": float(c) for k, c in zip(COUNTS, coef[2:-1])},
-           "beta": float(coef[-1]), "phi_center": float(center), "phi_width": float(width)}
-    err = np.array([calibrated(f, cal, has_warm) / p["measured_ms"] - 1 for f, p in zip(feats, points)])
-    return {**cal, "points": points, "fit_median_abs_error": float(np.median(np.abs(err))),
-            "fit_max_abs_error": float(np.abs(err).max())}
+    coefs = dict(zip(counts, coef[2:-1]))
+    return {"scale_fixed": float(coef[0]), "scale_tokens": float(coef[1]),
+            **{f"per_{k}": float(coefs.get(k, known.get(f"per_{k}", 0.0))) for k in COUNTS},
+            "beta": float(coef[-1]), "phi_center": float(center), "phi_width": float(width), "has_warm": has_warm}
 
 
-NONNEGATIVE = (0, 1, 2 + COUNTS.index("rank"))  # the two scales, and a ranking's cost: nodes never make a model faster
-
-
-def _solve(X: np.ndarray, y: np.ndarray, w: np.ndarray, n: int) -> np.ndarray:
+def _solve(X: np.ndarray, y: np.ndarray, w: np.ndarray, n: int, rankings: list[int]) -> np.ndarray:
     """Weighted least squares: every coefficient with enough points, else the two scales only (then one
-    scale); the scales (the first two columns) and the per-ranking cost kept >= 0 (a negative one is noise: on
-    the shifted set the ranked twins fitted -5 us a ranking, where a ranked structure measures 23 us above its
-    static twin and its pieces say 17 us)."""
+    scale); the scales (the first two columns) and the per-ranking costs (columns `rankings`) kept >= 0 (a
+    negative one is noise: on the shifted set eight ranked twins fitted -5 us a ranking, where a ranked
+    structure measures 24 us above its static twin and its pieces say 16 us)."""
     k = X.shape[1]
     cols = list(range(k)) if n >= k + 3 else ([0, 1] if n >= 2 else [0])
     coef = np.zeros(k)
     coef[cols] = np.linalg.lstsq(X[:, cols] * w[:, None], y * w, rcond=None)[0]
-    for j in NONNEGATIVE:
+    nonnegative = (0, 1, *rankings)  # nodes never make a model faster
+    for j in nonnegative:
         if coef[j] < 0:  # refit with that column out
-            cols = [c for c in cols if c != j and (coef[c] >= 0 or c not in NONNEGATIVE)]
+            cols = [c for c in cols if c != j and (coef[c] >= 0 or c not in nonnegative)]
             coef[:] = 0.0
             coef[cols] = np.linalg.lstsq(X[:, cols] * w[:, None], y * w, rcond=None)[0]
     return coef

@@ -15,9 +15,10 @@ every table again at every e.
 
 The sum maps to end-to-end latency by a calibration fitted on whole models measured during profiling:
   ms = scale * sum + per_attn * (blocks with heads) + per_mlp * (blocks with MLP) + per_gather * (gathers)
-       + per_rank * (rankings, in ranked token modes) + beta
+       + per_rank * (attentive rankings) + per_fuse * (fused rankings) + beta
 which models the per-operator costs explicitly (the exported graph's extra reshapes per branch, its gathers, the
-nodes of a ranking: in a whole model these cost more than the same nodes timed alone).
+nodes of a ranking: in a whole model these cost more than the same nodes timed alone; a ranking's is measured
+apart, paired with a static twin, see calibration.py).
 A closed loop's measurements refine it further with a correction (a * ms + b), saved with the run.
 """
 
@@ -37,7 +38,9 @@ SHIPPED_PROFILES = Path(__file__).resolve().parent.parent.parent / "profiles"
 TABLES = ("rest", "const", "gather", "qkv", "proj", "mlp", "core_q", "core_v")
 RANKING_TABLE = {"attentive": "rank", "fused": "fuse"}  # what a dropping block pays instead of the gather
 RANKINGS = tuple(RANKING_TABLE.values())
-COUNTS = ("attn", "mlp", "gather", "rank")  # structural counts with their own per-operator cost
+# structural counts with their own per-operator cost; "rank" and "fuse" count the drops made by a ranking in
+# attentive and in fused token mode (their in-context costs differ: 24 and 48 us on the shifted set)
+COUNTS = ("attn", "mlp", "gather", *RANKINGS)
 FEATURES = ("fixed_shared", "fixed_cold", "fixed_warm", "tok_shared", "tok_cold", "tok_warm", "bytes", *COUNTS)
 
 
@@ -162,7 +165,7 @@ class LatencyModel:
         self.head_dim = int(profile.model["head_dim"])
         self.embed_dim = int(profile.model["embed_dim"])
         self.bytes_per_param = BYTES_PER_PARAM.get(profile.precision, 4)
-        self.cal = {k: v for k, v in (profile.calibration or {}).items() if k != "points"}
+        self.cal = {k: v for k, v in (profile.calibration or {}).items() if k not in ("points", "pairs")}
         self.correction = correction  # (a, b): measured = a * prediction + b, from a closed loop
         self._raw: dict[tuple, tuple[float, float, float]] = {}
 
@@ -278,7 +281,8 @@ class LatencyModel:
             out["attn"] += h > 0
             out["mlp"] += m > 0
             out["gather"] += n < prev
-            out["rank"] += n < prev and self.token_mode in RANKED_TOKEN_MODES
+            if self.token_mode in RANKING_TABLE:
+                out[RANKING_TABLE[self.token_mode]] += n < prev
             prev = n
         return out
 
@@ -317,7 +321,7 @@ def calibrated(f: dict[str, float], cal: dict, has_warm: bool) -> float:
     def part(prefix):
         return f[f"{prefix}_shared"] + f[f"{prefix}_warm"] + cold * (f[f"{prefix}_cold"] - f[f"{prefix}_warm"])
     return (cal.get("scale_fixed", 1.0) * part("fixed") + cal.get("scale_tokens", 1.0) * part("tok")
-            + sum(cal.get(f"per_{k}", 0.0) * f[k] for k in COUNTS) + cal.get("beta", 0.0))
+            + sum(cal.get(f"per_{k}", 0.0) * f.get(k, 0.0) for k in COUNTS) + cal.get("beta", 0.0))
 
 
 def spec_sizes(spec: SlimSpec) -> list[tuple[int, int, int, int, int]]:

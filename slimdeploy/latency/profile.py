@@ -36,7 +36,7 @@ from ..slim import build_slim
 from ..types import Arch, DeviceProfile, ModelConfig, SlimSpec
 from . import components, timing
 from .backends import Backend
-from .calibration import fit_calibration, random_spec, ranked_twins, solver_specs
+from .calibration import fit_calibration, pair_record, random_spec, ranked_twins, solver_specs
 from .fingerprint import fingerprint_key
 from .measure import measure_models
 from .model import (
@@ -49,7 +49,7 @@ from .model import (
     user_profiles_dir,
 )
 
-METHOD = 7  # bump when what a table entry means changes: partial profiles of another method are discarded
+METHOD = 8  # bump when what a table entry means changes: partial profiles of another method are discarded
 GPU_WORKING_SET = 64 << 20  # beyond a GPU's L2 (40-60 MB on A100/H100/H200)
 
 
@@ -306,7 +306,7 @@ def profile_device(device: str, backend: Backend, model: nn.Module, source: Mode
     random.Random(seed).shuffle(jobs)  # drift of the machine's speed spreads over every table as noise
     n_random, n_ranked = calibration_models // 2, max(2, calibration_models // 8)
     with make_progress() as progress:
-        task = progress.add_task("profile", total=len(jobs) + calibration_models + n_ranked, info=backend.name)
+        task = progress.add_task("profile", total=len(jobs) + calibration_models + 2 * n_ranked, info=backend.name)
         for job in jobs:
             run_job(timer, job, arch, model)
             progress.update(task, advance=1, info=f"{backend.name} {job[0]} {job[1:]}")
@@ -319,8 +319,8 @@ def profile_device(device: str, backend: Backend, model: nn.Module, source: Mode
                               embed_widths=grids["embed"])
                   for i in range(n_random)]
         specs += solver_specs(raw, arch, source, calibration_models - len(specs), seed)
-        specs += ranked_twins(specs, n_ranked)
-        progress.update(task, total=len(jobs) + len(specs))
+        twins = ranked_twins(specs, n_ranked)
+        progress.update(task, total=len(jobs) + len(specs) + 2 * len(twins), advance=1)  # the dense model: below
         # in chunks, each with the dense model: a shared machine's speed drifts by ~6% over minutes, so each
         # model is recorded as its ratio to dense (paired rounds) times one dense reference
         for start in range(1, len(specs), 7):
@@ -335,14 +335,39 @@ def profile_device(device: str, backend: Backend, model: nn.Module, source: Mode
                 cache[k] = (r.median_ms, r.rel_halfwidth, t["dense"].median_ms)
             save()
             progress.update(task, advance=len(chunk), info=f"{backend.name} whole models")
-        progress.update(task, advance=1)
-        dense_ref = float(np.median([cache[f"calibration/{i}"][2] for i in range(1, len(specs))]))
-        points = [{"features": raw.for_tokens(s.token_mode).features(spec_sizes(s), arch.num_tokens, s.embed_dim),
-                   "measured_ms": (cache[f"calibration/{i}"][0] if i else 1.0) * dense_ref,
-                   "halfwidth": cache[f"calibration/{i}"][1] if i else 0.0, "widths": s.summary(),
-                   "token_mode": s.token_mode}
-                  for i, s in enumerate(specs)]
-    prof = _profile(device, backend, batch_size, arch, tables, fit_calibration(points),
+        # ranked twins beside their static twins, three pairs a chunk, by the whole-model protocol: the
+        # difference (a few percent of the model) must stand out of the noise
+        for start in range(0, len(twins), 3):
+            chunk = {f"pair/{j}": pair for j, pair in enumerate(twins[start:start + 3], start)}
+            if all(k in cache for k in chunk):
+                progress.update(task, advance=2 * len(chunk))
+                continue
+            models = {"dense": model}
+            for k, (ranked, static) in chunk.items():
+                models |= {f"{k}/ranked": build_slim(ranked, model), f"{k}/static": build_slim(static, model)}
+            t = measure_models(backend, models, arch, batch_size, timing.MODEL)
+            for k in chunk:
+                r, s = timing.ratio(t[f"{k}/ranked"], t["dense"]), timing.ratio(t[f"{k}/static"], t["dense"])
+                paired = timing.ratio(t[f"{k}/ranked"], t[f"{k}/static"])
+                cache[k] = (r.median_ms, r.rel_halfwidth, s.median_ms, s.rel_halfwidth, paired.median_ms,
+                            t["dense"].median_ms)
+            save()
+            progress.update(task, advance=2 * len(chunk), info=f"{backend.name} ranked twins")
+        measured = [k for k in cache if k.startswith(("calibration/", "pair/"))]
+        dense_ref = float(np.median([cache[k][-1] for k in measured if k != "calibration/0"]))
+
+        def point(s: SlimSpec, over_dense: float, halfwidth: float) -> dict:
+            return {"features": raw.for_tokens(s.token_mode).features(spec_sizes(s), arch.num_tokens, s.embed_dim),
+                    "measured_ms": over_dense * dense_ref, "halfwidth": halfwidth, "widths": s.summary(),
+                    "token_mode": s.token_mode}
+        points = [point(s, *(cache[f"calibration/{i}"][:2] if i else (1.0, 0.0))) for i, s in enumerate(specs)]
+        pairs = []
+        for j, (ranked, static) in enumerate(twins):
+            r, r_hw, s, s_hw, paired, _ = cache[f"pair/{j}"]
+            points += [{**point(ranked, r, r_hw), "ranked_twin": True}, point(static, s, s_hw)]
+            pairs.append(pair_record(points[-2]["features"], points[-1]["features"], ranked.token_mode,
+                                     s * dense_ref, paired))
+    prof = _profile(device, backend, batch_size, arch, tables, fit_calibration(points, pairs),
                     " ".join(shlex.quote(a) for a in ["slimdeploy", *sys.argv[1:]]),
                     elapsed_before + time.perf_counter() - t_start)
     prof.model["step"] = step
@@ -375,10 +400,10 @@ def local_profile_path(backend: Backend, arch: Arch, batch: int, profiles_dir: s
 
 def is_current(prof: DeviceProfile) -> bool:
     """Whether a cached profile has every table and calibration term this version prices with: the rankings over
-    the tokens they get, the embedding widths, the per-ranking cost."""
+    the tokens they get, the embedding widths, the per-ranking costs measured on paired twins."""
     t = prof.tables
     return (all(len(t.get(k, {}).get("axes", [])) == 2 for k in RANKINGS) and "embed.qkv" in t
-            and "per_rank" in (prof.calibration or {}))
+            and "pairs" in (prof.calibration or {}))
 
 
 def load_latency_model(device: str, model: nn.Module, source: ModelConfig, backend: Backend | None = None,
@@ -446,7 +471,7 @@ def fold_rounds(profile_path: str | Path, rounds: list[dict]) -> DeviceProfile:
         points.append({"features": ranked.features([tuple(s) for s in row["sizes"]], n_tokens, row.get("embed")),
                        "measured_ms": row["over_dense"] * dense_ref, "halfwidth": row.get("y_halfwidth"),
                        "widths": row["sizes"], "from": row.get("from", "closed loop")})
-    prof.calibration = fit_calibration(points)
+    prof.calibration = fit_calibration(points, prof.calibration.get("pairs"))
     prof.warnings = [*prof.warnings, f"calibration refitted with {len(rounds)} closed-loop measurements"]
     prof.save(path)
     return prof
