@@ -10,6 +10,10 @@ same interleaved rounds. On a shared machine the absolute speed drifts by ~6% (m
 measurements of the same model minutes apart, while the paired ratio moves by ~2%: no model of absolute ms can be
 judged below that drift. Absolute errors are reported beside. Baseline: a FLOPs-proportional predictor.
 
+Every case is measured in --passes passes (default 2), minutes apart and in other chunks: the error counts
+against their median, and `repeat_error` (the last pass over the first) says how far the machine's own two
+measurements of one structure disagree, the floor under any model's error.
+
     .venv/bin/python benchmarks/latency_fidelity.py --device local --model fmnist-vit --run runs/teacher30
     .venv/bin/python benchmarks/latency_fidelity.py --device local --model deit_small_patch16_224
     --embed: half the random specs at a narrower embedding width, and the solver choosing it too (with --run, a
@@ -52,6 +56,7 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=1000)
     ap.add_argument("--profiles-dir", default=None)
     ap.add_argument("--embed", action="store_true", help="embedding widths in the random specs and the solver's")
+    ap.add_argument("--passes", type=int, default=2, help="measurements of every case, minutes apart")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
 
@@ -85,28 +90,44 @@ def main() -> None:
             sel = Selector(arch, cfg, imp, LatencyCost(lm))
             cases.append((f"solver {f:.1f}x {name}", f, sel.select(max(f * dense_ms, sel.minimum_cost())).spec))
 
+    # every case measured in each pass, the passes minutes apart and in another order (other chunk mates): how
+    # far two measurements of the same structure disagree is the floor under any model's error on this machine
+    passes: list[dict[int, dict]] = []
+    for k in range(args.passes):
+        order = list(range(len(cases)))
+        if k:
+            random.Random(args.seed + k).shuffle(order)
+        got: dict[int, dict] = {}
+        for start in range(0, len(order), 7):
+            chunk = order[start:start + 7]
+            models = {"dense": model, **{str(i): build_slim(cases[i][2], model) for i in chunk}}
+            t = measure_models(backend, models, arch, p.batch_size, timing.MODEL)
+            for i in chunk:
+                r = timing.ratio(t[str(i)], t["dense"])
+                got[i] = {"measured_ms": t[str(i)].median_ms, "over_dense": r.median_ms,
+                          "halfwidth": r.rel_halfwidth, "dense_ms": t["dense"].median_ms}
+        passes.append(got)
+        print(f"pass {k + 1} of {args.passes} measured", flush=True)
     rows = []
-    for start in range(0, len(cases), 7):
-        chunk = cases[start:start + 7]
-        models = {"dense": model, **{str(start + j): build_slim(s, model) for j, (_, _, s) in enumerate(chunk)}}
-        t = measure_models(backend, models, arch, p.batch_size, timing.MODEL)
-        for j, (kind, f, spec) in enumerate(chunk):
-            m = t[str(start + j)]
-            ratio = timing.ratio(m, t["dense"])
-            pred = lm.predict(spec)
-            pred_ratio = pred / lm.predict(dense_spec)
-            macs_ratio = spec_macs(spec) / spec_macs(dense_spec)
-            rows.append({"kind": kind, "target": f, "measured_ms": m.median_ms, "halfwidth": m.rel_halfwidth,
-                         "measured_over_dense": ratio.median_ms, "ratio_halfwidth": ratio.rel_halfwidth,
-                         "dense_ms_chunk": t["dense"].median_ms, "predicted_ms": pred,
-                         "predicted_over_dense": pred_ratio, "error": pred_ratio / ratio.median_ms - 1,
-                         "abs_error": pred / m.median_ms - 1, "flops_error": macs_ratio / ratio.median_ms - 1,
-                         "embed": spec.embed_dim, "widths": spec.summary()})
-            r = rows[-1]
-            print(f"{kind:28s} embed {spec.embed_dim:4d} measured {m.median_ms:8.3f} ms = {ratio.median_ms:.3f}x "
-                  f"dense (+-"
-                  f"{100 * ratio.rel_halfwidth:.1f}%); predicted {pred_ratio:.3f}x ({100 * r['error']:+5.1f}%), "
-                  f"{pred:.3f} ms ({100 * r['abs_error']:+5.1f}%)", flush=True)
+    dense_pred = lm.predict(dense_spec)
+    for i, (kind, f, spec) in enumerate(cases):
+        over = [ps[i]["over_dense"] for ps in passes]
+        measured = statistics.median(over)  # the mean of two
+        pred = lm.predict(spec)
+        pred_ratio = pred / dense_pred
+        macs_ratio = spec_macs(spec) / spec_macs(dense_spec)
+        ms = statistics.median(ps[i]["measured_ms"] for ps in passes)
+        rows.append({"kind": kind, "target": f, "measured_ms": ms, "measured_over_dense": measured,
+                     "passes_over_dense": over, "repeat_error": over[-1] / over[0] - 1,
+                     "ratio_halfwidth": statistics.median(ps[i]["halfwidth"] for ps in passes),
+                     "predicted_ms": pred, "predicted_over_dense": pred_ratio, "error": pred_ratio / measured - 1,
+                     "first_pass_error": pred_ratio / over[0] - 1,
+                     "abs_error": pred / ms - 1, "flops_error": macs_ratio / measured - 1,
+                     "embed": spec.embed_dim, "widths": spec.summary()})
+        r = rows[-1]
+        print(f"{kind:28s} embed {spec.embed_dim:4d} measured {ms:8.3f} ms = {measured:.3f}x dense (passes "
+              f"{', '.join(f'{o:.3f}' for o in over)}); predicted {pred_ratio:.3f}x ({100 * r['error']:+5.1f}%), "
+              f"{pred:.3f} ms ({100 * r['abs_error']:+5.1f}%)", flush=True)
     summary = {"model": args.model, "device": args.device, "cpu": cpu_name(), "backend": p.backend,
                "profile_hardware": p.hardware, "batch_size": p.batch_size, "dense_measured_ms": dense_ms,
                "dense_predicted_ms": lm.predict(dense_spec),
@@ -119,12 +140,14 @@ def main() -> None:
         if not sel:
             continue
         summary[kind] = {"n": len(sel)}
-        for name in ("error", "abs_error", "flops_error"):
+        for name in ("error", "first_pass_error", "repeat_error", "abs_error", "flops_error"):
             e = np.abs([r[name] for r in sel])
             summary[kind][name] = {"median": float(np.median(e)), "p90": float(np.percentile(e, 90)),
                                    "max": float(e.max())}
     summary["per_target_max_abs_error"] = {
         f"{f:.1f}": max(abs(r["error"]) for r in rows if r["target"] == f) for f in args.targets}
+    summary["per_target_max_abs_repeat_error"] = {
+        f"{f:.1f}": max(abs(r["repeat_error"]) for r in rows if r["target"] == f) for f in args.targets}
     summary["median_ratio_halfwidth"] = statistics.median(r["ratio_halfwidth"] for r in rows)
     out = Path(args.out or f"benchmarks/results/latency_fidelity_{args.model}{'_embed' if args.embed else ''}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
