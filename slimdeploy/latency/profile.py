@@ -269,6 +269,64 @@ def assemble(cache: dict, grids: dict, with_warm: bool) -> dict:
     }
 
 
+class WholeModels:
+    """The calibration's whole models, measured beside the dense model (cached as they come, like the pieces)."""
+
+    def __init__(self, backend: Backend, model: nn.Module, arch: Arch, batch: int, cache: dict, save, advance):
+        self.backend, self.model, self.arch, self.batch = backend, model, arch, batch
+        self.cache, self.save, self.advance = cache, save, advance
+
+    def _measure(self, models: dict[str, SlimSpec], protocol: timing.Protocol) -> dict[str, timing.Measurement]:
+        slim = {k: build_slim(s, self.model) for k, s in models.items()}
+        return measure_models(self.backend, {"dense": self.model, **slim}, self.arch, self.batch, protocol)
+
+    def points(self, raw: LatencyModel, specs: list[SlimSpec], twins: list[tuple[SlimSpec, SlimSpec]]
+               ) -> tuple[list[dict], list[dict]]:
+        """Calibration points of the specs (the first is the dense model) and of the twins, and the twins' pairs."""
+        cache = self.cache
+        # in chunks, each with the dense model: a shared machine's speed drifts by ~6% over minutes, so each
+        # model is recorded as its ratio to dense (paired rounds) times one dense reference
+        for start in range(1, len(specs), 7):
+            chunk = {f"calibration/{i}": s for i, s in enumerate(specs[start:start + 7], start)}
+            if not all(k in cache for k in chunk):
+                t = self._measure(chunk, timing.CALIBRATION)
+                for k in chunk:
+                    r = timing.ratio(t[k], t["dense"])
+                    cache[k] = (r.median_ms, r.rel_halfwidth, t["dense"].median_ms)
+                self.save()
+            self.advance(len(chunk), "whole models")
+        # ranked twins beside their static twins, three pairs a chunk, by the whole-model protocol: the
+        # difference (a few percent of the model) must stand out of the noise
+        for start in range(0, len(twins), 3):
+            chunk = {f"pair/{j}": pair for j, pair in enumerate(twins[start:start + 3], start)}
+            if not all(k in cache for k in chunk):
+                t = self._measure({f"{k}/{kind}": s for k, pair in chunk.items()
+                                   for kind, s in zip(("ranked", "static"), pair)}, timing.MODEL)
+                for k in chunk:
+                    r, s = timing.ratio(t[f"{k}/ranked"], t["dense"]), timing.ratio(t[f"{k}/static"], t["dense"])
+                    paired = timing.ratio(t[f"{k}/ranked"], t[f"{k}/static"])
+                    cache[k] = (r.median_ms, r.rel_halfwidth, s.median_ms, s.rel_halfwidth, paired.median_ms,
+                                t["dense"].median_ms)
+                self.save()
+            self.advance(2 * len(chunk), "ranked twins")
+        measured = [k for k in cache if k.startswith(("calibration/", "pair/"))]
+        dense_ref = float(np.median([cache[k][-1] for k in measured]))
+
+        def point(s: SlimSpec, over_dense: float, halfwidth: float) -> dict:
+            return {"features": raw.for_tokens(s.token_mode).features(spec_sizes(s), self.arch.num_tokens,
+                                                                      s.embed_dim),
+                    "measured_ms": over_dense * dense_ref, "halfwidth": halfwidth, "widths": s.summary(),
+                    "token_mode": s.token_mode}
+        points = [point(s, *(cache[f"calibration/{i}"][:2] if i else (1.0, 0.0))) for i, s in enumerate(specs)]
+        pairs = []
+        for j, (ranked, static) in enumerate(twins):
+            r, r_hw, s, s_hw, paired, _ = cache[f"pair/{j}"]
+            points += [{**point(ranked, r, r_hw), "ranked_twin": True}, point(static, s, s_hw)]
+            pairs.append(pair_record(points[-2]["features"], points[-1]["features"], ranked.token_mode,
+                                     s * dense_ref, paired))
+        return points, pairs
+
+
 def profile_device(device: str, backend: Backend, model: nn.Module, source: ModelConfig, batch_size: int,
                    out: str | Path, step: int = 8, token_points: int = 10, calibration_models: int = 32,
                    seed: int = 0) -> DeviceProfile:
@@ -323,52 +381,9 @@ def profile_device(device: str, backend: Backend, model: nn.Module, source: Mode
         # 0.3x structure of the shifted set, cost twice what later and smaller ones do)
         twins = ranked_twins(specs[1 + n_random:] + specs[1:1 + n_random], n_ranked)
         progress.update(task, total=len(jobs) + len(specs) + 2 * len(twins), advance=1)  # the dense model: below
-        # in chunks, each with the dense model: a shared machine's speed drifts by ~6% over minutes, so each
-        # model is recorded as its ratio to dense (paired rounds) times one dense reference
-        for start in range(1, len(specs), 7):
-            chunk = {f"calibration/{i}": s for i, s in enumerate(specs[start:start + 7], start)}
-            if all(k in cache for k in chunk):
-                progress.update(task, advance=len(chunk))
-                continue
-            t = measure_models(backend, {"dense": model, **{k: build_slim(s, model) for k, s in chunk.items()}},
-                               arch, batch_size, timing.CALIBRATION)
-            for k in chunk:
-                r = timing.ratio(t[k], t["dense"])
-                cache[k] = (r.median_ms, r.rel_halfwidth, t["dense"].median_ms)
-            save()
-            progress.update(task, advance=len(chunk), info=f"{backend.name} whole models")
-        # ranked twins beside their static twins, three pairs a chunk, by the whole-model protocol: the
-        # difference (a few percent of the model) must stand out of the noise
-        for start in range(0, len(twins), 3):
-            chunk = {f"pair/{j}": pair for j, pair in enumerate(twins[start:start + 3], start)}
-            if all(k in cache for k in chunk):
-                progress.update(task, advance=2 * len(chunk))
-                continue
-            models = {"dense": model}
-            for k, (ranked, static) in chunk.items():
-                models |= {f"{k}/ranked": build_slim(ranked, model), f"{k}/static": build_slim(static, model)}
-            t = measure_models(backend, models, arch, batch_size, timing.MODEL)
-            for k in chunk:
-                r, s = timing.ratio(t[f"{k}/ranked"], t["dense"]), timing.ratio(t[f"{k}/static"], t["dense"])
-                paired = timing.ratio(t[f"{k}/ranked"], t[f"{k}/static"])
-                cache[k] = (r.median_ms, r.rel_halfwidth, s.median_ms, s.rel_halfwidth, paired.median_ms,
-                            t["dense"].median_ms)
-            save()
-            progress.update(task, advance=2 * len(chunk), info=f"{backend.name} ranked twins")
-        measured = [k for k in cache if k.startswith(("calibration/", "pair/"))]
-        dense_ref = float(np.median([cache[k][-1] for k in measured if k != "calibration/0"]))
-
-        def point(s: SlimSpec, over_dense: float, halfwidth: float) -> dict:
-            return {"features": raw.for_tokens(s.token_mode).features(spec_sizes(s), arch.num_tokens, s.embed_dim),
-                    "measured_ms": over_dense * dense_ref, "halfwidth": halfwidth, "widths": s.summary(),
-                    "token_mode": s.token_mode}
-        points = [point(s, *(cache[f"calibration/{i}"][:2] if i else (1.0, 0.0))) for i, s in enumerate(specs)]
-        pairs = []
-        for j, (ranked, static) in enumerate(twins):
-            r, r_hw, s, s_hw, paired, _ = cache[f"pair/{j}"]
-            points += [{**point(ranked, r, r_hw), "ranked_twin": True}, point(static, s, s_hw)]
-            pairs.append(pair_record(points[-2]["features"], points[-1]["features"], ranked.token_mode,
-                                     s * dense_ref, paired))
+        whole = WholeModels(backend, model, arch, batch_size, cache, save, lambda n, info: progress.update(
+            task, advance=n, info=f"{backend.name} {info}"))
+        points, pairs = whole.points(raw, specs, twins)
     prof = _profile(device, backend, batch_size, arch, tables, fit_calibration(points, pairs),
                     " ".join(shlex.quote(a) for a in ["slimdeploy", *sys.argv[1:]]),
                     elapsed_before + time.perf_counter() - t_start)
