@@ -104,15 +104,14 @@ def main() -> None:
             t = measure_models(backend, models, arch, p.batch_size, timing.MODEL)
             for i in chunk:
                 r = timing.ratio(t[str(i)], t["dense"])
-                got[i] = {"measured_ms": t[str(i)].median_ms, "over_dense": r.median_ms,
-                          "halfwidth": r.rel_halfwidth, "dense_ms": t["dense"].median_ms}
+                got[i] = {"measured_ms": t[str(i)].median_ms, "over_dense": r.median_ms, "halfwidth": r.rel_halfwidth}
         passes.append(got)
         print(f"pass {k + 1} of {args.passes} measured", flush=True)
     rows = []
     dense_pred = lm.predict(dense_spec)
     for i, (kind, f, spec) in enumerate(cases):
         over = [ps[i]["over_dense"] for ps in passes]
-        measured = statistics.median(over)  # the mean of two
+        measured = statistics.median(over)  # with two passes, their mean
         pred = lm.predict(spec)
         pred_ratio = pred / dense_pred
         macs_ratio = spec_macs(spec) / spec_macs(dense_spec)
