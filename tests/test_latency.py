@@ -124,15 +124,17 @@ def _cal_points(truth: dict, rng, n: int = 24, warm: bool = False) -> list[dict]
 
 
 def test_calibration_fit_recovers_its_coefficients():
-    truth = {"scale_fixed": 1.2, "scale_tokens": 0.85, "per_attn": 0.004, "per_mlp": -0.002, "per_gather": 0.003,
+    truth = {"scale_fixed": 1.2, "scale_tokens": 0.85, "per_attn": 0.004, "per_mlp": 0.002, "per_gather": 0.003,
              "per_rank": 0.009, "beta": 0.02}
     cal = fit_calibration(_cal_points(truth, np.random.default_rng(0)))
     for k, v in truth.items():
         assert cal[k] == pytest.approx(v, rel=1e-6, abs=1e-9), k
     assert cal["fit_max_abs_error"] < 1e-9
-    # a ranking's cost fitted below zero is noise: it is left out, not allowed to make models faster
+    # a cost fitted below zero is noise: it is left out, not allowed to make models faster
     cal = fit_calibration(_cal_points({**truth, "per_rank": -0.004}, np.random.default_rng(3)))
     assert cal["per_rank"] == 0.0 and cal["scale_fixed"] > 0
+    cal = fit_calibration(_cal_points({**truth, "per_mlp": -0.003}, np.random.default_rng(3)))
+    assert cal["per_mlp"] == 0.0 and cal["per_attn"] > 0 and cal["scale_fixed"] > 0
     # a cold/warm crossover is found on the grid: models above ~1 MB of weights run cold
     truth = {**truth, "phi_center": float(np.log(1e6)), "phi_width": 0.25}
     pts = _cal_points(truth, np.random.default_rng(1), n=40, warm=True)
@@ -144,6 +146,35 @@ def test_calibration_fit_recovers_its_coefficients():
     cal = fit_calibration(few)
     assert cal["scale_fixed"] == pytest.approx(1.1) and cal["scale_tokens"] == pytest.approx(0.9)
     assert cal["per_attn"] == 0.0 and cal["beta"] == 0.0
+
+
+def test_the_dense_model_anchors_the_fit_and_an_older_fit_is_redone_on_load():
+    """Targets are fractions of the dense model (the first point): its own error would move every target, so the
+    fit holds it almost exactly, even when its measurement sits off what the other models say. A profile whose
+    calibration an older fit made is fitted again from its points when loaded."""
+    from slimdeploy.latency.calibration import FIT
+    from slimdeploy.latency.model import calibrated, refit_calibration
+
+    truth = {"scale_fixed": 1.2, "scale_tokens": 0.85, "per_gather": 0.003, "beta": 0.02}
+    rng = np.random.default_rng(7)
+    pts = _cal_points(truth, rng, n=30)
+    for p in pts:
+        p["measured_ms"] *= rng.uniform(0.95, 1.05)
+    dense = pts[0]
+    dense["features"] = dict(dense["features"], fixed_cold=0.6, tok_cold=0.7, gather=0.0, rank=0.0)
+    dense["measured_ms"] = calibrated(dense["features"], truth, False) * 1.06  # 6% off the others
+    cal = fit_calibration(pts)
+    assert cal["fit"] == FIT
+    assert abs(calibrated(dense["features"], cal, False) / dense["measured_ms"] - 1) < 0.01
+    moved = fit_calibration([pts[1], *pts[2:], pts[0]])  # the same points, the dense one no longer first
+    assert abs(calibrated(dense["features"], moved, False) / dense["measured_ms"] - 1) > 0.02
+
+    prof = DeviceProfile.load(resolve_profile("xeon-2c-ort1t-b1-fmnist-vit"))
+    old = {**prof.calibration, "fit": FIT - 1, "beta": prof.calibration["beta"] + 1.0}
+    prof.calibration = old
+    refit_calibration(prof)
+    assert prof.calibration["fit"] == FIT and prof.calibration["points"] == old["points"]
+    assert prof.calibration["beta"] == pytest.approx(fit_calibration(old["points"], old.get("pairs"))["beta"])
 
 
 def test_paired_twins_give_a_ranking_its_cost_where_the_regression_cannot():

@@ -165,6 +165,7 @@ class LatencyModel:
         self.head_dim = int(profile.model["head_dim"])
         self.embed_dim = int(profile.model["embed_dim"])
         self.bytes_per_param = BYTES_PER_PARAM.get(profile.precision, 4)
+        refit_calibration(profile)
         self.cal = {k: v for k, v in (profile.calibration or {}).items() if k not in ("points", "pairs")}
         self.correction = correction  # (a, b): measured = a * prediction + b, from a closed loop
         self._raw: dict[tuple, tuple[float, float, float]] = {}
@@ -306,6 +307,16 @@ class LatencyModel:
             out.append(lm.block_parts(prev, n, h, q, v, m, e=spec.embed_dim))
             prev = n
         return out
+
+
+def refit_calibration(profile: DeviceProfile) -> None:
+    """Fit a calibration made by an older version of the fit again from its points, in memory (nothing is measured
+    again; `slimdeploy profile --fold` writes a refitted calibration to the file)."""
+    from .calibration import FIT, fit_calibration
+
+    cal = profile.calibration or {}
+    if cal.get("points") and cal.get("fit") != FIT:
+        profile.calibration = fit_calibration(cal["points"], cal.get("pairs"))
 
 
 def phi(weight_bytes: float, center: float, width: float) -> float:
