@@ -2,8 +2,10 @@
 solver picks (an optimiser drives into a model's errors; random specs alone do not show them).
 
 Every model is exported as `slimdeploy export` does and timed by the one protocol, in chunks that each include
-the dense model (interleaved). Targets are fractions of the dense model's measured latency; the solver runs with
-no closed loop. Importances: a run's search (--run) or synthetic ones (several exchange rates between kinds).
+the dense model (interleaved). Targets are fractions of the dense model's predicted latency, as selection takes
+them without the closed loop (a fraction of the dense model measured now, against a profile measured in a slower
+or faster state of the machine, would ask the solver for another fraction; at 0.8x it once kept the dense model).
+Importances: a run's search (--run) or synthetic ones (several exchange rates between kinds).
 
 The error that counts is relative: predicted(spec) / predicted(dense) against the measured ratio to dense from the
 same interleaved rounds. On a shared machine the absolute speed drifts by ~6% (median, up to 17%) between two
@@ -71,8 +73,8 @@ def main() -> None:
     dense_spec = SlimSpec.dense(cfg, arch)
     rng = random.Random(args.seed)
 
-    # the dense model's measured latency sets the targets
     dense_ms = measure_models(backend, {"dense": model}, arch, p.batch_size)["dense"].median_ms
+    dense_pred = lm.predict(dense_spec)
     widths = lm.embed_widths() if args.embed else None
     cases = [("random", None, random_spec(arch, cfg, rng, p.model.get("step", 8), embed_widths=widths))
              for _ in range(args.n)]
@@ -88,7 +90,7 @@ def main() -> None:
     for f in args.targets:
         for name, imp in imps:
             sel = Selector(arch, cfg, imp, LatencyCost(lm))
-            cases.append((f"solver {f:.1f}x {name}", f, sel.select(max(f * dense_ms, sel.minimum_cost())).spec))
+            cases.append((f"solver {f:.1f}x {name}", f, sel.select(max(f * dense_pred, sel.minimum_cost())).spec))
 
     # every case measured in each pass, the passes minutes apart and in another order (other chunk mates): how
     # far two measurements of the same structure disagree is the floor under any model's error on this machine
@@ -108,7 +110,6 @@ def main() -> None:
         passes.append(got)
         print(f"pass {k + 1} of {args.passes} measured", flush=True)
     rows = []
-    dense_pred = lm.predict(dense_spec)
     for i, (kind, f, spec) in enumerate(cases):
         over = [ps[i]["over_dense"] for ps in passes]
         measured = statistics.median(over)  # with two passes, their mean
@@ -129,7 +130,7 @@ def main() -> None:
               f"{pred:.3f} ms ({100 * r['abs_error']:+5.1f}%)", flush=True)
     summary = {"model": args.model, "device": args.device, "cpu": cpu_name(), "backend": p.backend,
                "profile_hardware": p.hardware, "batch_size": p.batch_size, "dense_measured_ms": dense_ms,
-               "dense_predicted_ms": lm.predict(dense_spec),
+               "dense_predicted_ms": dense_pred,
                "date": dt.datetime.now().isoformat(timespec="seconds")}
     groups = {kind: [r for r in rows if r["kind"].startswith(kind)] for kind in ("random", "solver")}
     if args.embed:  # the same statistics over the structures at a narrower embedding width alone
