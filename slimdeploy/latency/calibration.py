@@ -14,7 +14,7 @@ The fit, with rows weighted by 1 / measured (relative errors):
 
 The first point is the dense model, and it counts as DENSE_WEIGHT models: a target is a fraction of the dense
 model, so the dense model's own error would move every target (held-out models on five Xeon profiles: the mean
-signed error of the ratio to dense went from -3.0..+5.9% to -0.0..+2.4%). Every cost is kept >= 0: a node never
+signed error of the ratio to dense went from -3.0..+5.9% to -0.3..+2.4%). Every cost is kept >= 0: a node never
 makes a model faster, and the per-branch and per-gather costs that fitted a few us below zero were noise (held out,
 the p90 error fell on four of the five profiles). FIT says which version of this fit a profile's calibration
 holds: an older one is fitted again from its points when loaded (model.py), with nothing measured again.
