@@ -114,7 +114,7 @@ def run_targets(args, lm, solve, measure, be, model, dense_model, arch, dense_sp
         first = [m for m in res.measured if m["round"] == 1]
         in_window = [m for m in first if 0.9 <= m["y"] and m["y_high"] <= 1.0]
         again = verify_ratio(be, res.spec, model, dense_model, arch, p.batch_size)
-        loop_ratio = res.measured[res.chosen]["over_dense"]
+        loop_ratio = res.over_dense
         row = {"fraction": f, "target_ms": res.target_ms, "dense_ms": res.dense_ms, "measured_ms": res.measured_ms,
                "measured_over_target": res.measured_ms / res.target_ms,
                "high_over_target": res.measured_high_ms / res.target_ms, "met": res.met,

@@ -233,6 +233,35 @@ def test_a_round_measures_its_bracket_together_and_a_single_budget_needs_a_secon
     assert one.rounds >= 2 and one.met and one.measured[0]["y"] > 1.0  # the full budget alone overshoots
 
 
+def test_the_bracket_holds_a_structure_the_model_prices_a_fifth_too_fast(setup):
+    arch, lm, imp, sel, dense = setup
+    dense_spec = SlimSpec.dense(ModelConfig("t-wide"), arch)
+    # the dense model as predicted, every smaller structure 24% slower (fmnist-vit at 0.4x measured 1.22x)
+    slow = _fake_measure(lambda s: lm.predict(s) * (1.0 if s == dense_spec else 1.24), dense_spec)
+    res = closed_loop(_solve_on(setup), lm, slow, dense_spec, 0.5 * dense, None, rounds=4, dense=(dense, dense))
+    assert res.rounds == 1 and res.met and 0.9 <= res.measured_ms / (0.5 * dense) <= 1.0
+    four = closed_loop(_solve_on(setup), lm, slow, dense_spec, 0.5 * dense, None, rounds=4, dense=(dense, dense),
+                       bracket=(1.0, 0.95, 0.9, 0.85))
+    assert four.chosen_round > 1  # the bracket it replaces did not reach that far
+
+
+def test_a_confirmed_structure_reports_its_confirmation(setup):
+    arch, lm, imp, sel, dense = setup
+    dense_spec = SlimSpec.dense(ModelConfig("t-wide"), arch)
+    truth = _fake_measure(lambda s: lm.predict(s), dense_spec)
+
+    def measure(specs, long=False):  # the longer measurement reads 2% slower
+        ref, slims = truth(specs, long)
+        if not long:
+            return ref, slims
+        return ref, [timing.Measurement(m.median_ms * 1.02, m.low_ms * 1.02, m.high_ms * 1.02, m.rounds, m.calls,
+                                        [v * 1.02 for v in m.round_ms]) for m in slims]
+    res = closed_loop(_solve_on(setup), lm, measure, dense_spec, 0.6 * dense, None, rounds=4, dense=(dense, dense))
+    kept = res.measured[res.chosen]
+    assert kept["confirmed"] and res.measured_ms == pytest.approx(1.02 * kept["measured_ms"])
+    assert res.over_dense == pytest.approx(kept["confirmation"]["over_dense"])
+
+
 def test_percent_target_is_resolved_against_the_measured_dense_latency(setup):
     arch, lm, imp, sel, dense = setup
     dense_spec = SlimSpec.dense(ModelConfig("t-wide"), arch)
