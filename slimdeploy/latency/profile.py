@@ -219,6 +219,11 @@ def run_job(timer: PieceTimer, job: tuple, arch: Arch, model) -> None:
         timer.time(key, *components.build(kind, arch, blk, tuple(dims)))
 
 
+def as_table(axes: list[str], grid: dict[str, list[int]], raw: np.ndarray) -> dict:
+    """A profile table: its axes and grid, the measurements made monotone (what the model reads) and as measured."""
+    return {"axes": axes, "grid": grid, "ms": np.round(monotone(raw), 6).tolist(), "raw_ms": np.round(raw, 6).tolist()}
+
+
 def assemble(cache: dict, grids: dict, with_warm: bool) -> dict:
     """The tables from the cached measurements (made monotone; the raw medians kept beside); `warm` holds the
     warm-cache tables of the pieces with weights, when measured."""
@@ -227,8 +232,7 @@ def assemble(cache: dict, grids: dict, with_warm: bool) -> dict:
         raw = np.zeros(shape)
         for idx in np.ndindex(*shape):
             raw[idx] = cache["/".join(map(str, (name, *(grids[a][i] for a, i in zip(keys, idx)))))][which]
-        return {"axes": axes, "grid": {ax: grids[k] for ax, k in zip(axes, keys)},
-                "ms": np.round(monotone(raw), 6).tolist(), "raw_ms": np.round(raw, 6).tolist()}
+        return as_table(axes, {ax: grids[k] for ax, k in zip(axes, keys)}, raw)
 
     def ranking_table(name):
         """Over (tokens in, tokens kept): linear in what is ranked (on the coarse token grid: scoring and TopK grow
@@ -241,16 +245,13 @@ def assemble(cache: dict, grids: dict, with_warm: bool) -> dict:
             for j, n in enumerate(ns):
                 raw[i, j] = cache[f"{name}/{n_in}/{n}"][0] if n < n_in else raw[i, j - 1]
         raw[0] = raw[1, 0] if len(nin) > 1 else 0.0
-        return {"axes": ["tokens", "kept"], "grid": {"tokens": nin, "kept": ns},
-                "ms": np.round(monotone(raw), 6).tolist(), "raw_ms": np.round(raw, 6).tolist()}
+        return as_table(["tokens", "kept"], {"tokens": nin, "kept": ns}, raw)
 
     embed = {f"embed.{k}": table(f"embed.{k}", ["tokens", *axes, "embed"],
                                  ["tokens_coarse", *[f"{k}_coarse" for _ in axes], "embed"])
              for k, axes in EMBED_PIECES.items()}
-    stem = [cache[f"embed.stem_head/{e}"][0] for e in grids["embed"]]
-    embed["embed.stem_head"] = {"axes": ["embed"], "grid": {"embed": grids["embed"]},
-                                "ms": np.round(monotone(np.array(stem)), 6).tolist(),
-                                "raw_ms": np.round(stem, 6).tolist()}
+    stem = np.array([cache[f"embed.stem_head/{e}"][0] for e in grids["embed"]])
+    embed["embed.stem_head"] = as_table(["embed"], {"embed": grids["embed"]}, stem)
     warm = {"qkv": table("qkv", ["tokens", "out"], ["tokens", "qkv"], 1),
             "proj": table("proj", ["tokens", "in"], ["tokens", "proj"], 1),
             "mlp": table("mlp", ["tokens", "hidden"], ["tokens", "mlp"], 1)}
