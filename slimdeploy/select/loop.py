@@ -2,9 +2,10 @@
 measurement lands in [0.9, 1.0] x target.
 
 Each round solves the structure at the budget and at four budgets a little under it (BRACKET) and measures the
-distinct ones interleaved with the dense model, in one measurement (the one protocol). The latency model errs on
-one side near small structures (it underpredicts them by up to ~15%, where fixed per-operator costs dominate), so
-a bracket usually holds a structure in the window in the first round, where a single structure needs a second.
+distinct ones interleaved with the dense model, in one measurement (the one protocol). Near small structures,
+where fixed per-operator costs dominate, the latency model errs on one side for a given CPU (on a 2-core Xeon it
+underpredicts them by up to ~15%; on a 2-core EPYC it overpredicts them by 2-9%), so a bracket usually holds a
+structure in the window in the first round, where a single structure needs a second.
 The latency model is refitted from every measurement so far, the dense model's first (measured = a * predicted +
 b: a scale with one point, a line through them with more), not rescaled blindly, and the next round is solved on
 the refitted model; the budget stays bracketed between the best structures measured under and over the target
