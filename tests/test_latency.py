@@ -453,3 +453,56 @@ def test_folded_loop_rows_are_priced_in_their_token_mode(tmp_path):
     points = fold_rounds(path, rows).calibration["points"]
     assert [p["features"]["rank"] for p in points[-2:]] == [1, 0]
     assert [p["features"]["gather"] for p in points[-2:]] == [1, 1]
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_export_deployed_writes_each_model_as_deployed(tmp_path, workers):
+    """The profile's whole models exported ahead of timing, in worker processes or in this one: each file
+    computes what its PyTorch model does (the dense model for None, the pruned one for a spec)."""
+    import onnxruntime as ort
+    import torch
+
+    from slimdeploy.latency.measure import example_input, export_deployed
+    from slimdeploy.slim import build_slim
+
+    model = tiny_model("t-demo")
+    a = arch_of(model)
+    specs = {"dense": None, "a": random_spec(model, 1), "b": random_spec(model, 2, force="no-mlp")}
+    done = []
+    files = export_deployed(model, specs, a, 2, tmp_path, workers=workers, done=done.append)
+    assert sorted(done) == sorted(specs) and all(p.parent == tmp_path and p.is_file() for p in files.values())
+    x = example_input(a, 2)
+    for name, spec in specs.items():
+        m = model if spec is None else build_slim(spec, model)
+        with torch.no_grad():
+            ref = m(torch.as_tensor(x)).numpy()
+        out = ort.InferenceSession(str(files[name]), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+        assert np.abs(out - ref).max() < 1e-4, name
+    slim = ort.InferenceSession(str(files["a"]), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    with torch.no_grad():
+        assert np.abs(slim - model(torch.as_tensor(x)).numpy()).max() > 1e-3  # the spec was applied
+
+
+def test_export_deployed_falls_back_to_this_process(tmp_path):
+    """A user's script without a main guard: the spawned workers die re-running it, and the exports still
+    happen, in the calling process, with one line that says so."""
+    import os
+    import pathlib
+    import subprocess
+    import sys
+
+    script = tmp_path / "no_guard.py"
+    script.write_text(
+        "from pathlib import Path\n"
+        "from slimdeploy.latency.measure import export_deployed\n"
+        "from slimdeploy.models import arch_of\n"
+        "from tests.conftest import tiny_model\n"
+        "m = tiny_model('t-demo')\n"
+        f"files = export_deployed(m, {{'a': None, 'b': None}}, arch_of(m), 1, Path({str(tmp_path)!r}), workers=2)\n"
+        "print('EXPORTED', sorted(p.name for p in files.values() if p.is_file()))\n")
+    root = pathlib.Path(__file__).resolve().parents[1]
+    r = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, cwd=root, timeout=300,
+                       env={**os.environ, "PYTHONPATH": str(root), "SLIMDEPLOY_QUIET": "0"})
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "EXPORTED ['0.onnx', '1.onnx']" in r.stdout
+    assert "worker processes failed to start" in r.stdout + r.stderr

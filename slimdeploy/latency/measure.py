@@ -3,14 +3,19 @@ and measured together by the one protocol (interleaved rounds), so ratios betwee
 
 from __future__ import annotations
 
+import multiprocessing
+import os
 import tempfile
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
 
-from ..types import Arch
+from ..progress import log
+from ..types import Arch, SlimSpec
 from . import timing
 from .backends import Backend, Session
 
@@ -33,6 +38,58 @@ def deployed_session(backend: Backend, model: nn.Module, arch: Arch, batch: int,
     with tempfile.TemporaryDirectory() as tmp:
         path = export_onnx(model, Path(tmp) / "m.onnx", (arch.in_chans, arch.img_size, arch.img_size), batch)
         return [backend.load_onnx(path) for _ in range(copies)]
+
+
+def export_deployed(model: nn.Module, specs: dict[str, SlimSpec | None], arch: Arch, batch: int,
+                    folder: str | Path, workers: int | None = None, done=None) -> dict[str, Path]:
+    """Export `model` pruned to each spec (None: the dense model) as `slimdeploy export` does, into `folder`, in
+    up to `workers` processes (default: one per core, at most 4): the dynamo exporter and onnxslim are
+    single-threaded Python and take 5-7 s for a deit_small, so a profile's 40 whole models spent most of their
+    time exporting. Nothing may be timed meanwhile: the exports use every core. done(name) is called as each
+    file is written."""
+    folder = Path(folder)
+    jobs = {name: folder / f"{i}.onnx" for i, name in enumerate(specs)}
+    workers = max(1, min(workers or min(4, os.cpu_count() or 1), len(jobs)))
+    left = dict(jobs)
+    if workers > 1:
+        ctx = multiprocessing.get_context("spawn")  # a forked torch can deadlock in its thread pools
+        try:
+            with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_exporter,
+                                     initargs=(model, arch, batch, 1)) as pool:
+                futures = {name: pool.submit(_export_one, specs[name], path) for name, path in jobs.items()}
+                for name, f in futures.items():
+                    f.result()
+                    del left[name]
+                    if done:
+                        done(name)
+        except BrokenProcessPool:  # e.g. a script without `if __name__ == "__main__":`, which spawn re-runs
+            log(f"export: worker processes failed to start; exporting the {len(left)} models left in this "
+                "process (slower)")
+    if left:
+        _init_exporter(model, arch, batch, threads=None)
+        for name, path in left.items():
+            _export_one(specs[name], path)
+            if done:
+                done(name)
+    return jobs
+
+
+_EXPORTER: dict = {}
+
+
+def _init_exporter(model: nn.Module, arch: Arch, batch: int, threads: int | None) -> None:
+    if threads:
+        torch.set_num_threads(threads)
+    _EXPORTER.update(model=model.eval(), arch=arch, batch=batch)
+
+
+def _export_one(spec: SlimSpec | None, path: Path) -> None:
+    from ..export import export_onnx
+    from ..slim import build_slim
+
+    model, arch = _EXPORTER["model"], _EXPORTER["arch"]
+    export_onnx(model if spec is None else build_slim(spec, model), path,
+                (arch.in_chans, arch.img_size, arch.img_size), _EXPORTER["batch"])
 
 
 def close_all(sessions) -> None:

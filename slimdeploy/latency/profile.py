@@ -21,6 +21,7 @@ import datetime as dt
 import random
 import shlex
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -38,7 +39,7 @@ from . import components, timing
 from .backends import Backend
 from .calibration import fit_calibration, pair_record, random_spec, ranked_twins, solver_specs
 from .fingerprint import fingerprint_key
-from .measure import measure_models
+from .measure import close_all, deployed_session, export_deployed, measure_sessions
 from .model import (
     RANKINGS,
     LatencyModel,
@@ -271,15 +272,36 @@ def assemble(cache: dict, grids: dict, with_warm: bool) -> dict:
 
 
 class WholeModels:
-    """The calibration's whole models, measured beside the dense model (cached as they come, like the pieces)."""
+    """The calibration's whole models, measured beside the dense model (cached as they come, like the pieces).
+
+    Each is exported as deployed; all the exports run first, in parallel processes (measure.export_deployed),
+    then the chunks are timed from the files, nothing else running: exporting one chunk after another took
+    more than half of a deit_small profile (about 6 s a model, with the dense model again in every chunk)."""
 
     def __init__(self, backend: Backend, model: nn.Module, arch: Arch, batch: int, cache: dict, save, advance):
         self.backend, self.model, self.arch, self.batch = backend, model, arch, batch
         self.cache, self.save, self.advance = cache, save, advance
+        self.files: dict[str, Path] = {}
+
+    def _export(self, models: dict[str, SlimSpec], folder: Path) -> None:
+        """Every model still to be measured, and the dense model, exported into `folder` (ONNX backends)."""
+        if self.backend.name == "torch" or not models:
+            return
+        self.advance(0, f"exporting {len(models) + 1} whole models")
+        start = time.perf_counter()
+        self.files = export_deployed(self.model, {"dense": None, **models}, self.arch, self.batch, folder)
+        log(f"profile: {len(self.files)} whole models exported in {time.perf_counter() - start:.0f} s")
 
     def _measure(self, models: dict[str, SlimSpec], protocol: timing.Protocol) -> dict[str, timing.Measurement]:
-        slim = {k: build_slim(s, self.model) for k, s in models.items()}
-        return measure_models(self.backend, {"dense": self.model, **slim}, self.arch, self.batch, protocol)
+        modules = {"dense": self.model, **{k: build_slim(s, self.model) for k, s in models.items()}}
+        sessions = {}
+        try:  # loaded in the order the models were given, the dense model first, as measure_models does
+            for k, m in modules.items():
+                sessions[k] = deployed_session(self.backend, m, self.arch, self.batch, onnx=self.files.get(k),
+                                               copies=protocol.sessions)
+            return measure_sessions(sessions, self.arch, self.batch, protocol)
+        finally:
+            close_all(sessions)
 
     def points(self, raw: LatencyModel, specs: list[SlimSpec], twins: list[tuple[SlimSpec, SlimSpec]]
                ) -> tuple[list[dict], list[dict]]:
@@ -287,29 +309,41 @@ class WholeModels:
         cache = self.cache
         # in chunks, each with the dense model: a shared machine's speed drifts by ~6% over minutes, so each
         # model is recorded as its ratio to dense (paired rounds) times one dense reference
-        for start in range(1, len(specs), 7):
-            chunk = {f"calibration/{i}": s for i, s in enumerate(specs[start:start + 7], start)}
-            if not all(k in cache for k in chunk):
-                t = self._measure(chunk, timing.CALIBRATION)
-                for k in chunk:
-                    r = timing.ratio(t[k], t["dense"])
-                    cache[k] = (r.median_ms, r.rel_halfwidth, t["dense"].median_ms)
-                self.save()
-            self.advance(len(chunk), "whole models")
-        # ranked twins beside their static twins, three pairs a chunk, by the whole-model protocol: the
-        # difference (a few percent of the model) must stand out of the noise
-        for start in range(0, len(twins), 3):
-            chunk = {f"pair/{j}": pair for j, pair in enumerate(twins[start:start + 3], start)}
-            if not all(k in cache for k in chunk):
-                t = self._measure({f"{k}/{kind}": s for k, pair in chunk.items()
-                                   for kind, s in zip(("ranked", "static"), pair)}, timing.MODEL)
-                for k in chunk:
-                    r, s = timing.ratio(t[f"{k}/ranked"], t["dense"]), timing.ratio(t[f"{k}/static"], t["dense"])
-                    paired = timing.ratio(t[f"{k}/ranked"], t[f"{k}/static"])
-                    cache[k] = (r.median_ms, r.rel_halfwidth, s.median_ms, s.rel_halfwidth, paired.median_ms,
-                                t["dense"].median_ms)
-                self.save()
-            self.advance(2 * len(chunk), "ranked twins")
+        chunks = [{f"calibration/{i}": s for i, s in enumerate(specs[start:start + 7], start)}
+                  for start in range(1, len(specs), 7)]
+        # ranked twins beside their static twins, four pairs a chunk (the profile's default count, so one dense
+        # measurement), by the whole-model protocol: the difference (a few percent of the model) must stand out
+        # of the noise
+        pair_chunks = [{f"pair/{j}": pair for j, pair in enumerate(twins[start:start + 4], start)}
+                       for start in range(0, len(twins), 4)]
+        todo = {k: s for c in chunks if not all(k in cache for k in c) for k, s in c.items()}
+        todo |= {f"{k}/{kind}": s for c in pair_chunks if not all(k in cache for k in c)
+                 for k, pair in c.items() for kind, s in zip(("ranked", "static"), pair)}
+        with tempfile.TemporaryDirectory(prefix="slimdeploy-profile-") as folder:
+            self._export(todo, Path(folder))
+            start = time.perf_counter()
+            for chunk in chunks:
+                if not all(k in cache for k in chunk):
+                    t = self._measure(chunk, timing.CALIBRATION)
+                    for k in chunk:
+                        r = timing.ratio(t[k], t["dense"])
+                        cache[k] = (r.median_ms, r.rel_halfwidth, t["dense"].median_ms)
+                    self.save()
+                self.advance(len(chunk), "whole models")
+            for chunk in pair_chunks:
+                if not all(k in cache for k in chunk):
+                    t = self._measure({f"{k}/{kind}": s for k, pair in chunk.items()
+                                       for kind, s in zip(("ranked", "static"), pair)}, timing.MODEL)
+                    for k in chunk:
+                        r = timing.ratio(t[f"{k}/ranked"], t["dense"])
+                        s = timing.ratio(t[f"{k}/static"], t["dense"])
+                        paired = timing.ratio(t[f"{k}/ranked"], t[f"{k}/static"])
+                        cache[k] = (r.median_ms, r.rel_halfwidth, s.median_ms, s.rel_halfwidth, paired.median_ms,
+                                    t["dense"].median_ms)
+                    self.save()
+                self.advance(2 * len(chunk), "ranked twins")
+            if todo:
+                log(f"profile: whole models timed in {time.perf_counter() - start:.0f} s")
         measured = [k for k in cache if k.startswith(("calibration/", "pair/"))]
         dense_ref = float(np.median([cache[k][-1] for k in measured]))
 
@@ -366,10 +400,12 @@ def profile_device(device: str, backend: Backend, model: nn.Module, source: Mode
     n_random, n_ranked = calibration_models // 2, max(2, calibration_models // 8)
     with make_progress() as progress:
         task = progress.add_task("profile", total=len(jobs) + calibration_models + 2 * n_ranked, info=backend.name)
+        start = time.perf_counter()
         for job in jobs:
             run_job(timer, job, arch, model)
             progress.update(task, advance=1, info=f"{backend.name} {job[0]} {job[1:]}")
         save()
+        log(f"profile: {len(jobs)} pieces in {time.perf_counter() - start:.0f} s")
         tables = assemble(cache, grids, warm)
         raw = LatencyModel(_profile(device, backend, batch_size, arch, tables, {}, "", 0.0))
         rng = random.Random(seed)
