@@ -35,15 +35,13 @@ from slimdeploy.types import ModelConfig, SlimSpec
 
 
 def verify_ratio(be, spec, model, dense_model, arch, batch) -> float:
-    """slim / dense the way verify measures it: a fresh export and sessions, one interleaved measurement."""
+    """slim / dense the way verify measures it: fresh exports (both before either is loaded) and sessions, the
+    slim model loaded first, one interleaved measurement."""
     from slimdeploy.latency import timing
-    from slimdeploy.latency.measure import close_all, deployed_session, measure_sessions
+    from slimdeploy.latency.measure import measure_models
     from slimdeploy.slim import build_slim
 
-    sessions = {"slim": deployed_session(be, build_slim(spec, model), arch, batch),
-                "dense": deployed_session(be, dense_model, arch, batch)}
-    t = measure_sessions(sessions, arch, batch, timing.MODEL)
-    close_all(sessions)
+    t = measure_models(be, {"slim": build_slim(spec, model), "dense": dense_model}, arch, batch, timing.MODEL)
     return timing.ratio(t["slim"], t["dense"]).median_ms
 
 

@@ -12,6 +12,7 @@ exits 1.
 
 from __future__ import annotations
 
+import tempfile
 import time
 from collections import OrderedDict
 from pathlib import Path
@@ -29,7 +30,7 @@ from .export import slim_of_run
 from .fileio import atomic_write_bytes, read_json, write_json
 from .latency import timing
 from .latency.backends import disable_tf32, get_backend
-from .latency.measure import close_all, deployed_session, measure_sessions
+from .latency.measure import close_all, deployed_session, export_first, measure_sessions
 from .models import load_dense
 from .types import ModelFigures, Parity, Report, SlimSpec
 
@@ -253,23 +254,28 @@ def _measure(be, reference, run_dir: Path, slim, dense, arch, batch: int, precis
         export = read_json(run_dir / "export.json", "export record") if (run_dir / "export.json").is_file() else {}
         if export.get("batch_size") in (None, batch):
             onnx = run_dir / ("model.int8.onnx" if quantized else "model.onnx")
-    if be.name == "trt":
-        from .trt import TrtSession, engine_batch_range
+    with tempfile.TemporaryDirectory() as tmp:  # every export before any load (measure.export_first)
+        refs = {"dense": dense, **({"twin": slim} if precision != "fp32" else {})}
+        files = export_first(reference, refs, arch, batch, tmp)
+        sessions = {}
+        try:
+            if be.name == "trt":
+                from .trt import TrtSession, engine_batch_range
 
-        plan = (run_dir / "model.plan").read_bytes()
-        lo, hi = engine_batch_range(plan)
-        slim_sess = [TrtSession(plan)] if lo <= batch <= hi else deployed_session(be, slim, arch, batch)
-    elif quantized and onnx is not None:  # the calibrated graph, as deployed
-        slim_sess = [be.load_onnx(onnx, quantized=True) for _ in range(timing.MODEL.sessions)]
-    else:
-        slim_sess = deployed_session(be, slim, arch, batch, onnx)
-    sessions = {"slim": slim_sess, "dense": deployed_session(reference, dense, arch, batch)}
-    if precision != "fp32":
-        sessions["twin"] = deployed_session(reference, slim, arch, batch)
-    try:
-        t = measure_sessions(sessions, arch, batch, timing.MODEL)
-    finally:
-        close_all(sessions)
+                plan = (run_dir / "model.plan").read_bytes()
+                lo, hi = engine_batch_range(plan)
+                sessions["slim"] = [TrtSession(plan)] if lo <= batch <= hi else deployed_session(
+                    be, slim, arch, batch, export_first(be, {"slim": slim}, arch, batch, tmp).get("slim"))
+            elif quantized and onnx is not None:  # the calibrated graph, as deployed
+                sessions["slim"] = [be.load_onnx(onnx, quantized=True) for _ in range(timing.MODEL.sessions)]
+            else:
+                sessions["slim"] = deployed_session(
+                    be, slim, arch, batch, onnx or export_first(be, {"slim": slim}, arch, batch, tmp).get("slim"))
+            for name, m in refs.items():
+                sessions[name] = deployed_session(reference, m, arch, batch, files.get(name))
+            t = measure_sessions(sessions, arch, batch, timing.MODEL)
+        finally:
+            close_all(sessions)
     return t["slim"], t["dense"], t.get("twin")
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import random
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -506,3 +507,52 @@ def test_export_deployed_falls_back_to_this_process(tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
     assert "EXPORTED ['0.onnx', '1.onnx']" in r.stdout
     assert "worker processes failed to start" in r.stdout + r.stderr
+
+
+def test_comparisons_export_everything_before_loading(monkeypatch):
+    """measure_models and the closed loop's measurer export every model, in a worker process, before they load
+    any: an export in the measuring process moved the latency of what was loaded after it (export_first)."""
+    import slimdeploy.export as export_mod
+    from slimdeploy.latency.backends import get_backend
+    from slimdeploy.latency.measure import SpecMeasurer, measure_models
+    from slimdeploy.slim import build_slim
+
+    events, copies = [], timing.MODEL.sessions
+    real_export, backend = export_mod.export_onnx, get_backend("ort-cpu")
+    real_load = backend.load_onnx
+
+    def export(model, path, *a, **k):  # an export in this process
+        events.append("export here")
+        return real_export(model, path, *a, **k)
+
+    def load(onnx, **k):  # how many models of the comparison were on disk at this load
+        events.append(len(list(Path(onnx).parent.glob("*.onnx"))))
+        return real_load(onnx, **k)
+
+    monkeypatch.setattr(export_mod, "export_onnx", export)
+    backend.load_onnx = load
+    model = tiny_model("t-demo")
+    a = arch_of(model)
+    fast = timing.Protocol(warmup_s=0.0, rounds=2, round_s=0.001, min_calls=1, sessions=2)
+    t = measure_models(backend, {"dense": model, "slim": build_slim(random_spec(model, 1), model)}, a, 1, fast)
+    assert set(t) == {"dense", "slim"}
+    assert events == [2] * 4  # every load found both files; nothing was exported in this process
+    events.clear()
+    monkeypatch.setattr(timing, "MODEL", fast)
+    dense, slims = SpecMeasurer(backend, model, a, 1)([random_spec(model, 2), random_spec(model, 3)])
+    assert len(slims) == 2 and dense.median_ms > 0
+    assert events == [3] * 3 * copies
+
+
+def test_export_first_falls_back_when_a_model_does_not_pickle(tmp_path, capsys, monkeypatch):
+    """A model the worker cannot receive is exported here instead, with one line that says so."""
+    from slimdeploy.latency.backends import get_backend
+    from slimdeploy.latency.measure import export_first
+
+    monkeypatch.setenv("SLIMDEPLOY_QUIET", "0")
+    model = tiny_model("t-demo")
+    model.unpicklable = lambda: None  # a local object: pickle refuses it
+    files = export_first(get_backend("ort-cpu"), {"m": model}, arch_of(model), 1, tmp_path)
+    assert files["m"].is_file()
+    out = capsys.readouterr()
+    assert "exporting in this process" in out.out + out.err

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import pickle
 import tempfile
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
@@ -105,27 +106,82 @@ def measure_sessions(sessions: dict[str, Session | list[Session]], arch: Arch, b
                            for name, group in sessions.items()}, protocol)
 
 
+def export_first(backend: Backend, models: dict[str, nn.Module], arch: Arch, batch: int, folder: str | Path
+                 ) -> dict[str, Path]:
+    """Every model exported as deployed into `folder` before any is loaded, by a worker process kept for the
+    life of this one (nothing for the torch backend).
+
+    An export in the measuring process leaves its memory in another state for each model loaded after it. The
+    same dense model loaded first and last in one chunk, six slim models between (fmnist-vit, a 2-core EPYC,
+    benchmarks/protocol_checks.py load-order): last / first 0.969 at the median with each model exported then
+    loaded in turn (12 of 12 chunks under 0.99), 0.979 with every export in this process before the loads (9 of
+    12), 0.993 with the exports in worker processes (2 of 8). Where a worker cannot run (a script without a main
+    guard, a model that does not pickle), the exports run here, with one line that says so."""
+    if backend.name == "torch":
+        return {}
+    folder = Path(folder)
+    shape = (arch.in_chans, arch.img_size, arch.img_size)
+    jobs = {name: folder / f"{name.replace('/', '_')}.onnx" for name in models}
+    try:
+        futures = {name: _worker().submit(_export_module, models[name], path, shape, batch)
+                   for name, path in jobs.items()}
+        for f in futures.values():
+            f.result()
+    except (BrokenProcessPool, pickle.PicklingError, TypeError, AttributeError) as e:
+        _drop_worker()
+        log(f"export: the export worker failed ({type(e).__name__}); exporting in this process")
+        for name, path in jobs.items():
+            _export_module(models[name], path, shape, batch)
+    return jobs
+
+
+_WORKER: list[ProcessPoolExecutor] = []
+
+
+def _worker() -> ProcessPoolExecutor:
+    """One process that exports for this one: spawned on first use (a few seconds), then kept."""
+    if not _WORKER:
+        ctx = multiprocessing.get_context("spawn")
+        _WORKER.append(ProcessPoolExecutor(1, mp_context=ctx, initializer=torch.set_num_threads, initargs=(1,)))
+    return _WORKER[0]
+
+
+def _drop_worker() -> None:
+    if _WORKER:
+        _WORKER.pop().shutdown(wait=False, cancel_futures=True)
+
+
+def _export_module(model: nn.Module, path: Path, shape: tuple[int, int, int], batch: int) -> Path:
+    from ..export import export_onnx
+
+    return export_onnx(model, path, shape, batch)
+
+
 def measure_models(backend: Backend, models: dict[str, nn.Module], arch: Arch, batch: int,
                    protocol: timing.Protocol = timing.MODEL) -> dict[str, timing.Measurement]:
     """Export and time the models together (interleaved); the models need trained or nontrivial_ weights."""
-    sessions = {name: deployed_session(backend, m, arch, batch, copies=protocol.sessions)
-                for name, m in models.items()}
-    try:
-        return measure_sessions(sessions, arch, batch, protocol)
-    finally:
-        close_all(sessions)
+    sessions = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        files = export_first(backend, models, arch, batch, tmp)
+        try:
+            for name, m in models.items():
+                sessions[name] = deployed_session(backend, m, arch, batch, onnx=files.get(name),
+                                                  copies=protocol.sessions)
+            return measure_sessions(sessions, arch, batch, protocol)
+        finally:
+            close_all(sessions)
 
 
 class SpecMeasurer:
     """Measures structures pruned from `model`, each call interleaved with the dense model (on the `reference`
     backend: fp32 when structures are measured at int8): the closed loop's and the benchmarks' measurement.
 
-    Every call exports the dense model and loads fresh sessions of it, exactly as verify does: where a
-    session's memory lands moves a small model's latency by several percent, and it depends on what the process
-    did before loading (measured on a 2-core Xeon: dense sessions loaded from a file kept since the start of the
-    loop gave slim/dense ratios 4-7% under verify's, every time). The dense reference is the dense model itself,
-    not the searched weights: weight values can change latency on a CPU (masks searched to near zero leave
-    denormal weights, which run slower)."""
+    Every call exports the dense model and loads fresh sessions of it, as verify does, every export before any
+    load (export_first): where a session's memory lands moves a small model's latency by several percent, and it
+    depends on what the process did before loading (measured on a 2-core Xeon: dense sessions loaded from a file
+    kept since the start of the loop gave slim/dense ratios 4-7% under verify's, every time). The dense
+    reference is the dense model itself, not the searched weights: weight values can change latency on a CPU
+    (masks searched to near zero leave denormal weights, which run slower)."""
 
     def __init__(self, backend: Backend, model: nn.Module, arch: Arch, batch: int, dense: nn.Module | None = None,
                  reference: Backend | None = None):
@@ -136,12 +192,16 @@ class SpecMeasurer:
     def __call__(self, specs: list, long: bool = False) -> tuple[timing.Measurement, list[timing.Measurement]]:
         from ..slim import build_slim
 
+        slims = {str(i): build_slim(s, self.model) for i, s in enumerate(specs)}
         sessions = {}
-        try:  # the structures first, then the dense model: the order in which verify loads them
-            sessions.update({str(i): deployed_session(self.backend, build_slim(s, self.model), self.arch, self.batch)
-                             for i, s in enumerate(specs)})
-            sessions["dense"] = deployed_session(self.reference, self.dense_model, self.arch, self.batch)
-            t = measure_sessions(sessions, self.arch, self.batch, timing.MODEL_LONG if long else timing.MODEL)
-        finally:
-            close_all(sessions)
+        with tempfile.TemporaryDirectory() as tmp:
+            files = {**export_first(self.backend, slims, self.arch, self.batch, tmp),
+                     **export_first(self.reference, {"dense": self.dense_model}, self.arch, self.batch, tmp)}
+            try:  # the structures first, then the dense model: the order in which verify loads them
+                for name, m in [*slims.items(), ("dense", self.dense_model)]:
+                    backend = self.reference if name == "dense" else self.backend
+                    sessions[name] = deployed_session(backend, m, self.arch, self.batch, onnx=files.get(name))
+                t = measure_sessions(sessions, self.arch, self.batch, timing.MODEL_LONG if long else timing.MODEL)
+            finally:
+                close_all(sessions)
         return t["dense"], [t[str(i)] for i in range(len(specs))]

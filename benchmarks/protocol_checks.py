@@ -1,0 +1,108 @@
+"""Checks of the measurement protocol itself (issue 13), each a comparison run alone on the machine.
+
+`calls`: the calibration protocol with one and with two calls a session and round at least, against the
+whole-model protocol (`MODEL`), on random structures of a slow model (deit_small: one call is longer than a
+round's share): slim / dense ratios under each, interleaved repetitions.
+
+`load-order`: the same dense model twice in one chunk, loaded first and last with six random slim models
+between, measured by `MODEL`. `--layout export-first` measures through `measure_models` (every model exported
+in this process, then all loaded); `--layout worker-files` exports in worker processes (as the profile does)
+and loads the files in the same order. dense_last / dense_first should be 1 up to noise.
+
+    .venv/bin/python benchmarks/protocol_checks.py calls --model deit_small_patch16_224 --reps 2
+    .venv/bin/python benchmarks/protocol_checks.py load-order --layout export-first --chunks 12
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import random
+import statistics
+import tempfile
+from dataclasses import replace
+from pathlib import Path
+
+from slimdeploy.latency import timing
+from slimdeploy.latency.backends import get_backend
+from slimdeploy.latency.calibration import random_spec
+from slimdeploy.latency.components import nontrivial_
+from slimdeploy.latency.fingerprint import cpu_name
+from slimdeploy.latency.measure import close_all, export_deployed, measure_models, measure_sessions
+from slimdeploy.models import arch_of, create_model
+from slimdeploy.slim import build_slim
+from slimdeploy.types import ModelConfig
+
+
+def calls(model, arch, cfg, backend, reps: int) -> dict:
+    rng = random.Random(1)
+    specs = {f"s{i}": random_spec(arch, cfg, rng, 8, size=0.15 + 0.8 * i / 6) for i in range(7)}
+    protocols = {"calibration, 1 call": timing.CALIBRATION if timing.CALIBRATION.min_calls == 1
+                 else replace(timing.CALIBRATION, min_calls=1),
+                 "calibration, 2 calls": replace(timing.CALIBRATION, min_calls=2), "MODEL": timing.MODEL}
+    out: dict[str, list] = {k: [] for k in protocols}
+    with tempfile.TemporaryDirectory() as tmp:
+        files = export_deployed(model, {"dense": None, **specs}, arch, 1, tmp)
+        for rep in range(reps):
+            for name, proto in protocols.items():
+                sessions = {k: [backend.load_onnx(files[k]) for _ in range(proto.sessions)] for k in ["dense", *specs]}
+                t = measure_sessions(sessions, arch, 1, proto)
+                close_all(sessions)
+                out[name].append({k: timing.ratio(t[k], t["dense"]).median_ms for k in specs})
+                print(rep, name, " ".join(f"{v:.3f}" for v in out[name][-1].values()), flush=True)
+    vs_model = {name: [statistics.mean(r[k] for r in out[name]) / statistics.mean(r[k] for r in out["MODEL"]) - 1
+                       for k in specs] for name in protocols if name != "MODEL"}
+    return {"ratios": out, "vs_model": vs_model}
+
+
+def load_order(model, arch, cfg, backend, chunks: int, layout: str) -> dict:
+    rng = random.Random(3)
+    specs = {f"s{i}": random_spec(arch, cfg, rng, 8) for i in range(6)}
+    order = ["dense_first", *specs, "dense_last"]
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        files = export_deployed(model, {"dense": None, **specs}, arch, 1, tmp) if layout == "worker-files" else {}
+        for c in range(chunks):
+            if layout == "worker-files":
+                sessions = {k: [backend.load_onnx(files["dense" if k.startswith("dense") else k])
+                                for _ in range(timing.MODEL.sessions)] for k in order}
+                t = measure_sessions(sessions, arch, 1, timing.MODEL)
+                close_all(sessions)
+            else:
+                modules = {k: model if k.startswith("dense") else build_slim(specs[k], model) for k in order}
+                t = measure_models(backend, modules, arch, 1, timing.MODEL)
+            last_over_first = timing.ratio(t["dense_last"], t["dense_first"]).median_ms
+            rows.append({"last_over_first": last_over_first, "dense_first_ms": t["dense_first"].median_ms,
+                         "dense_last_ms": t["dense_last"].median_ms,
+                         "ratios": {k: timing.ratio(t[k], t["dense_first"]).median_ms for k in specs}})
+            print(c, f"dense first {t['dense_first'].median_ms:.3f} ms, last / first {last_over_first:.3f}", flush=True)
+    v = [r["last_over_first"] for r in rows]
+    return {"layout": layout, "rows": rows, "median_last_over_first": statistics.median(v),
+            "chunks_last_faster_by_1pct": sum(x < 0.99 for x in v)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("check", choices=["calls", "load-order"])
+    ap.add_argument("--model", default=None, help="default: deit_small_patch16_224 (calls), fmnist-vit (load-order)")
+    ap.add_argument("--reps", type=int, default=2)
+    ap.add_argument("--chunks", type=int, default=12)
+    ap.add_argument("--layout", choices=["export-first", "worker-files"], default="export-first")
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
+    cfg = ModelConfig(args.model or ("deit_small_patch16_224" if args.check == "calls" else "fmnist-vit"))
+    model = nontrivial_(create_model(cfg)).eval()
+    arch = arch_of(model)
+    backend = get_backend("ort-cpu", threads=1)
+    result = (calls(model, arch, cfg, backend, args.reps) if args.check == "calls"
+              else load_order(model, arch, cfg, backend, args.chunks, args.layout))
+    result.update(check=args.check, model=cfg.name, cpu=cpu_name(),
+                  date=dt.datetime.now().isoformat(timespec="seconds"))
+    print(json.dumps({k: v for k, v in result.items() if k not in ("rows", "ratios")}, indent=1))
+    if args.out:
+        Path(args.out).write_text(json.dumps(result, indent=1))
+
+
+if __name__ == "__main__":
+    main()
