@@ -456,10 +456,9 @@ def test_folded_loop_rows_are_priced_in_their_token_mode(tmp_path):
     assert [p["features"]["gather"] for p in points[-2:]] == [1, 1]
 
 
-@pytest.mark.parametrize("workers", [1, 2])
-def test_export_deployed_writes_each_model_as_deployed(tmp_path, workers):
-    """The profile's whole models exported ahead of timing, in worker processes or in this one: each file
-    computes what its PyTorch model does (the dense model for None, the pruned one for a spec)."""
+def test_export_deployed_writes_each_model_as_deployed(tmp_path):
+    """The profile's whole models exported ahead of timing, in the export workers: each file computes what its
+    PyTorch model does (the dense model for None, the pruned one for a spec)."""
     import onnxruntime as ort
     import torch
 
@@ -470,7 +469,7 @@ def test_export_deployed_writes_each_model_as_deployed(tmp_path, workers):
     a = arch_of(model)
     specs = {"dense": None, "a": random_spec(model, 1), "b": random_spec(model, 2, force="no-mlp")}
     done = []
-    files = export_deployed(model, specs, a, 2, tmp_path, workers=workers, done=done.append)
+    files = export_deployed(model, specs, a, 2, tmp_path, done=done.append)
     assert sorted(done) == sorted(specs) and all(p.parent == tmp_path and p.is_file() for p in files.values())
     x = example_input(a, 2)
     for name, spec in specs.items():
@@ -499,14 +498,14 @@ def test_export_deployed_falls_back_to_this_process(tmp_path):
         "from slimdeploy.models import arch_of\n"
         "from tests.conftest import tiny_model\n"
         "m = tiny_model('t-demo')\n"
-        f"files = export_deployed(m, {{'a': None, 'b': None}}, arch_of(m), 1, Path({str(tmp_path)!r}), workers=2)\n"
+        f"files = export_deployed(m, {{'a': None, 'b': None}}, arch_of(m), 1, Path({str(tmp_path)!r}))\n"
         "print('EXPORTED', sorted(p.name for p in files.values() if p.is_file()))\n")
     root = pathlib.Path(__file__).resolve().parents[1]
     r = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, cwd=root, timeout=300,
                        env={**os.environ, "PYTHONPATH": str(root), "SLIMDEPLOY_QUIET": "0"})
     assert r.returncode == 0, r.stderr[-2000:]
     assert "EXPORTED ['0.onnx', '1.onnx']" in r.stdout
-    assert "worker processes failed to start" in r.stdout + r.stderr
+    assert "the export workers failed (BrokenProcessPool)" in r.stdout + r.stderr
 
 
 def test_comparisons_export_everything_before_loading(monkeypatch):
@@ -555,4 +554,4 @@ def test_export_first_falls_back_when_a_model_does_not_pickle(tmp_path, capsys, 
     files = export_first(get_backend("ort-cpu"), {"m": model}, arch_of(model), 1, tmp_path)
     assert files["m"].is_file()
     out = capsys.readouterr()
-    assert "exporting in this process" in out.out + out.err
+    assert "the export workers failed" in out.out + out.err and "in this process" in out.out + out.err

@@ -3,6 +3,7 @@ and measured together by the one protocol (interleaved rounds), so ratios betwee
 
 from __future__ import annotations
 
+import copy
 import multiprocessing
 import os
 import pickle
@@ -41,58 +42,6 @@ def deployed_session(backend: Backend, model: nn.Module, arch: Arch, batch: int,
         return [backend.load_onnx(path) for _ in range(copies)]
 
 
-def export_deployed(model: nn.Module, specs: dict[str, SlimSpec | None], arch: Arch, batch: int,
-                    folder: str | Path, workers: int | None = None, done=None) -> dict[str, Path]:
-    """Export `model` pruned to each spec (None: the dense model) as `slimdeploy export` does, into `folder`, in
-    up to `workers` processes (default: one per core, at most 4): the dynamo exporter and onnxslim are
-    single-threaded Python and take 5-7 s for a deit_small, so a profile's 40 whole models spent most of their
-    time exporting. Nothing may be timed meanwhile: the exports use every core. done(name) is called as each
-    file is written."""
-    folder = Path(folder)
-    jobs = {name: folder / f"{i}.onnx" for i, name in enumerate(specs)}
-    workers = max(1, min(workers or min(4, os.cpu_count() or 1), len(jobs)))
-    left = dict(jobs)
-    if workers > 1:
-        ctx = multiprocessing.get_context("spawn")  # a forked torch can deadlock in its thread pools
-        try:
-            with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_exporter,
-                                     initargs=(model, arch, batch, 1)) as pool:
-                futures = {name: pool.submit(_export_one, specs[name], path) for name, path in jobs.items()}
-                for name, f in futures.items():
-                    f.result()
-                    del left[name]
-                    if done:
-                        done(name)
-        except BrokenProcessPool:  # e.g. a script without `if __name__ == "__main__":`, which spawn re-runs
-            log(f"export: worker processes failed to start; exporting the {len(left)} models left in this "
-                "process (slower)")
-    if left:
-        _init_exporter(model, arch, batch, threads=None)
-        for name, path in left.items():
-            _export_one(specs[name], path)
-            if done:
-                done(name)
-    return jobs
-
-
-_EXPORTER: dict = {}
-
-
-def _init_exporter(model: nn.Module, arch: Arch, batch: int, threads: int | None) -> None:
-    if threads:
-        torch.set_num_threads(threads)
-    _EXPORTER.update(model=model.eval(), arch=arch, batch=batch)
-
-
-def _export_one(spec: SlimSpec | None, path: Path) -> None:
-    from ..export import export_onnx
-    from ..slim import build_slim
-
-    model, arch = _EXPORTER["model"], _EXPORTER["arch"]
-    export_onnx(model if spec is None else build_slim(spec, model), path,
-                (arch.in_chans, arch.img_size, arch.img_size), _EXPORTER["batch"])
-
-
 def close_all(sessions) -> None:
     for group in sessions.values() if isinstance(sessions, dict) else [sessions]:
         for s in group if isinstance(group, list) else [group]:
@@ -106,49 +55,79 @@ def measure_sessions(sessions: dict[str, Session | list[Session]], arch: Arch, b
                            for name, group in sessions.items()}, protocol)
 
 
+def export_deployed(model: nn.Module, specs: dict[str, SlimSpec | None], arch: Arch, batch: int,
+                    folder: str | Path, done=None) -> dict[str, Path]:
+    """`model` pruned to each spec (None: the dense model) exported as `slimdeploy export` does into `folder`,
+    by the export workers (one per core, at most 4): the dynamo exporter and onnxslim are single-threaded
+    Python and take 5-7 s for a deit_small, so a profile's 40 whole models spent most of their time exporting.
+    Nothing may be timed meanwhile: the exports use every core. done(name) is called as each file is written."""
+    from ..slim import build_slim
+
+    models = {name: model if spec is None else build_slim(spec, model) for name, spec in specs.items()}
+    return _export_all(models, {name: Path(folder) / f"{i}.onnx" for i, name in enumerate(specs)}, arch, batch,
+                       done)
+
+
 def export_first(backend: Backend, models: dict[str, nn.Module], arch: Arch, batch: int, folder: str | Path
                  ) -> dict[str, Path]:
-    """Every model exported as deployed into `folder` before any is loaded, by a worker process kept for the
-    life of this one (nothing for the torch backend).
+    """Every model exported as deployed into `folder` before any is loaded, by the export workers (nothing for
+    the torch backend).
 
     An export in the measuring process leaves its memory in another state for each model loaded after it. The
     same dense model loaded first and last in one chunk, six slim models between (fmnist-vit, a 2-core EPYC,
     benchmarks/protocol_checks.py load-order): last / first 0.969 at the median with each model exported then
     loaded in turn (12 of 12 chunks under 0.99), 0.979 with every export in this process before the loads (9 of
-    12), 0.993 with the exports in worker processes (2 of 8). Where a worker cannot run (a script without a main
-    guard, a model that does not pickle), the exports run here, with one line that says so."""
+    12), 0.985 with them in a worker (6 of 8), 0.993 loading files exported once by workers (2 of 8)."""
     if backend.name == "torch":
         return {}
-    folder = Path(folder)
+    return _export_all(models, {name: Path(folder) / f"{name.replace('/', '_')}.onnx" for name in models}, arch,
+                       batch)
+
+
+_WORKERS: list[ProcessPoolExecutor] = []
+
+
+def _workers() -> ProcessPoolExecutor:
+    """Processes that export for this one (one per core, at most 4): spawned on first use (a few seconds,
+    paid once per process), then kept."""
+    if not _WORKERS:
+        ctx = multiprocessing.get_context("spawn")  # a forked torch can deadlock in its thread pools
+        _WORKERS.append(ProcessPoolExecutor(min(4, os.cpu_count() or 1), mp_context=ctx,
+                                            initializer=torch.set_num_threads, initargs=(1,)))
+    return _WORKERS[0]
+
+
+def _export_all(models: dict[str, nn.Module], paths: dict[str, Path], arch: Arch, batch: int, done=None
+                ) -> dict[str, Path]:
+    """Export each model to its path in the workers; where they cannot run (a script without a main guard,
+    which spawn re-runs; a model that does not pickle), in this process, with one line that says so."""
     shape = (arch.in_chans, arch.img_size, arch.img_size)
-    jobs = {name: folder / f"{name.replace('/', '_')}.onnx" for name in models}
+    left = dict(paths)
     try:
-        futures = {name: _worker().submit(_export_module, models[name], path, shape, batch)
-                   for name, path in jobs.items()}
-        for f in futures.values():
+        futures = {name: _workers().submit(_export_module, _on_cpu(models[name]), path, shape, batch)
+                   for name, path in paths.items()}
+        for name, f in futures.items():
             f.result()
+            del left[name]
+            if done:
+                done(name)
     except (BrokenProcessPool, pickle.PicklingError, TypeError, AttributeError) as e:
-        _drop_worker()
-        log(f"export: the export worker failed ({type(e).__name__}); exporting in this process")
-        for name, path in jobs.items():
+        if _WORKERS:
+            _WORKERS.pop().shutdown(wait=False, cancel_futures=True)
+        log(f"export: the export workers failed ({type(e).__name__}); exporting the {len(left)} models left in "
+            "this process")
+        for name, path in left.items():
             _export_module(models[name], path, shape, batch)
-    return jobs
+            if done:
+                done(name)
+    return dict(paths)
 
 
-_WORKER: list[ProcessPoolExecutor] = []
-
-
-def _worker() -> ProcessPoolExecutor:
-    """One process that exports for this one: spawned on first use (a few seconds), then kept."""
-    if not _WORKER:
-        ctx = multiprocessing.get_context("spawn")
-        _WORKER.append(ProcessPoolExecutor(1, mp_context=ctx, initializer=torch.set_num_threads, initargs=(1,)))
-    return _WORKER[0]
-
-
-def _drop_worker() -> None:
-    if _WORKER:
-        _WORKER.pop().shutdown(wait=False, cancel_futures=True)
+def _on_cpu(model: nn.Module) -> nn.Module:
+    """The model as a worker gets it: on the CPU (a CUDA tensor would make the worker start CUDA)."""
+    if all(p.device.type == "cpu" for p in model.parameters()):
+        return model
+    return copy.deepcopy(model).cpu()
 
 
 def _export_module(model: nn.Module, path: Path, shape: tuple[int, int, int], batch: int) -> Path:
