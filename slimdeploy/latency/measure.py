@@ -136,19 +136,25 @@ def _export_module(model: nn.Module, path: Path, shape: tuple[int, int, int], ba
     return export_onnx(model, path, shape, batch)
 
 
+def measure_loaded(models: dict[str, tuple[Backend, nn.Module | None, Path | None]], arch: Arch, batch: int,
+                   protocol: timing.Protocol = timing.MODEL) -> dict[str, timing.Measurement]:
+    """Load each (backend, module, exported file) in the order given, as `protocol.sessions` sessions, and time
+    them together; the module is needed only where there is no file (the torch backend)."""
+    sessions = {}
+    try:
+        for name, (backend, m, onnx) in models.items():
+            sessions[name] = deployed_session(backend, m, arch, batch, onnx=onnx, copies=protocol.sessions)
+        return measure_sessions(sessions, arch, batch, protocol)
+    finally:
+        close_all(sessions)
+
+
 def measure_models(backend: Backend, models: dict[str, nn.Module], arch: Arch, batch: int,
                    protocol: timing.Protocol = timing.MODEL) -> dict[str, timing.Measurement]:
     """Export and time the models together (interleaved); the models need trained or nontrivial_ weights."""
-    sessions = {}
     with tempfile.TemporaryDirectory() as tmp:
         files = export_first(backend, models, arch, batch, tmp)
-        try:
-            for name, m in models.items():
-                sessions[name] = deployed_session(backend, m, arch, batch, onnx=files.get(name),
-                                                  copies=protocol.sessions)
-            return measure_sessions(sessions, arch, batch, protocol)
-        finally:
-            close_all(sessions)
+        return measure_loaded({k: (backend, m, files.get(k)) for k, m in models.items()}, arch, batch, protocol)
 
 
 class SpecMeasurer:
@@ -172,15 +178,11 @@ class SpecMeasurer:
         from ..slim import build_slim
 
         slims = {str(i): build_slim(s, self.model) for i, s in enumerate(specs)}
-        sessions = {}
         with tempfile.TemporaryDirectory() as tmp:
             files = {**export_first(self.backend, slims, self.arch, self.batch, tmp),
                      **export_first(self.reference, {"dense": self.dense_model}, self.arch, self.batch, tmp)}
-            try:  # the structures first, then the dense model: the order in which verify loads them
-                for name, m in [*slims.items(), ("dense", self.dense_model)]:
-                    backend = self.reference if name == "dense" else self.backend
-                    sessions[name] = deployed_session(backend, m, self.arch, self.batch, onnx=files.get(name))
-                t = measure_sessions(sessions, self.arch, self.batch, timing.MODEL_LONG if long else timing.MODEL)
-            finally:
-                close_all(sessions)
+            # the structures first, then the dense model: the order in which verify loads them
+            models = {**{k: (self.backend, m, files.get(k)) for k, m in slims.items()},
+                      "dense": (self.reference, self.dense_model, files.get("dense"))}
+            t = measure_loaded(models, self.arch, self.batch, timing.MODEL_LONG if long else timing.MODEL)
         return t["dense"], [t[str(i)] for i in range(len(specs))]

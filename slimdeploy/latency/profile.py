@@ -39,7 +39,7 @@ from . import components, timing
 from .backends import Backend
 from .calibration import fit_calibration, pair_record, random_spec, ranked_twins, solver_specs
 from .fingerprint import fingerprint_key
-from .measure import close_all, deployed_session, export_deployed, measure_sessions
+from .measure import export_deployed, measure_loaded
 from .model import (
     RANKINGS,
     LatencyModel,
@@ -293,15 +293,13 @@ class WholeModels:
         log(f"profile: {len(self.files)} whole models exported in {time.perf_counter() - start:.0f} s")
 
     def _measure(self, models: dict[str, SlimSpec], protocol: timing.Protocol) -> dict[str, timing.Measurement]:
-        modules = {"dense": self.model, **{k: build_slim(s, self.model) for k, s in models.items()}}
-        sessions = {}
-        try:  # loaded in the order the models were given, the dense model first, as measure_models does
-            for k, m in modules.items():
-                sessions[k] = deployed_session(self.backend, m, self.arch, self.batch, onnx=self.files.get(k),
-                                               copies=protocol.sessions)
-            return measure_sessions(sessions, self.arch, self.batch, protocol)
-        finally:
-            close_all(sessions)
+        def module(k):  # built only where there is no exported file (the torch backend)
+            if k in self.files:
+                return None
+            return self.model if k == "dense" else build_slim(models[k], self.model)
+        # loaded in the order the models were given, the dense model first, as measure_models does
+        return measure_loaded({k: (self.backend, module(k), self.files.get(k)) for k in ["dense", *models]},
+                              self.arch, self.batch, protocol)
 
     def points(self, raw: LatencyModel, specs: list[SlimSpec], twins: list[tuple[SlimSpec, SlimSpec]]
                ) -> tuple[list[dict], list[dict]]:
