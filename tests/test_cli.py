@@ -34,6 +34,40 @@ def test_every_command_has_help(command):
     assert "Usage" in r.stdout
 
 
+# Runs each argument list through the console entry point in one Python process, so that a table of bad inputs pays
+# for importing torch once, not once a case. What escapes main() is printed as Python would, traceback and all.
+_MANY = """
+import contextlib, io, json, sys, traceback
+from slimdeploy.cli import main
+out = []
+for args in json.loads(sys.argv[1]):
+    so, se, rc = io.StringIO(), io.StringIO(), 0
+    sys.argv = ["slimdeploy", *args]
+    with contextlib.redirect_stdout(so), contextlib.redirect_stderr(se):
+        try:
+            main()
+        except SystemExit as e:
+            rc = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+        except BaseException:
+            traceback.print_exc()
+            rc = 1
+    out.append([rc, so.getvalue(), se.getvalue()])
+print(json.dumps(out))
+"""
+
+
+def slimdeploy_many(*cases: list[str]) -> list[subprocess.CompletedProcess]:
+    import json
+    import os
+
+    env = {**os.environ, "SLIMDEPLOY_QUIET": "1"}
+    r = subprocess.run([sys.executable, "-c", _MANY, json.dumps([list(c) for c in cases])], capture_output=True,
+                       text=True, env=env, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return [subprocess.CompletedProcess(list(args), rc, so, se)
+            for args, (rc, so, se) in zip(cases, json.loads(r.stdout.strip().splitlines()[-1]))]
+
+
 def _one_line_error(r: subprocess.CompletedProcess, needle: str) -> None:
     assert r.returncode == 2, (r.returncode, r.stdout, r.stderr)
     lines = [ln for ln in r.stderr.strip().splitlines() if ln.strip()]
@@ -65,8 +99,10 @@ def test_bad_inputs(tmp_path):
         (["run", "--out", str(tmp_path / "r2"), "--target-macs", "12x"], "cannot read MACs target"),
         (["run", "--out", str(tmp_path / "r2"), "--device", "no-such-device"], "no profile for device"),
     ]
-    for args, needle in cases:
-        _one_line_error(slimdeploy(*args), needle)
+    for r, (_, needle) in zip(slimdeploy_many(*(args for args, _ in cases)), cases):
+        _one_line_error(r, needle)
+    # and one of them as its own process, so that the entry point's exit code is the process's
+    _one_line_error(slimdeploy(*cases[0][0]), cases[0][1])
 
 
 def test_mismatching_checkpoint(tmp_path):

@@ -16,7 +16,7 @@ def test_run_then_tampered_verify_fails(tmp_path):
     common = ["--data", "synthetic", "--val-limit", "128"]
     r = slimdeploy("run", "--out", str(out), *common, "--train-limit", "256", "--train-epochs", "1",
                    "--search-epochs", "1", "--retrain-epochs", "1", "--batch-size", "64", "--target-macs", "14M",
-                   "--max-drop", "100", "--torch-device", "cpu")
+                   "--max-drop", "100", "--torch-device", "cpu", "--recovery-steps", "10")
     assert r.returncode == 0, r.stderr[-3000:]
     assert "parity" in r.stdout and "PASS" in r.stdout and "points of drop" in r.stdout
     d = json.loads((out / "report.json").read_text())

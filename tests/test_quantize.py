@@ -106,7 +106,7 @@ def test_an_int8_profile_measures_quantized_pieces(tmp_path):
     from slimdeploy.types import ModelConfig
 
     p = profile_device("t", get_backend("ort-cpu", precision="int8"), tiny_model("t-demo"), ModelConfig("t-demo"), 1,
-                       tmp_path / "p.json", token_points=2, calibration_models=2)
+                       tmp_path / "p.json", step=32, token_points=2, calibration_models=2)
     assert p.precision == "int8" and p.tables["mlp"]["ms"][-1][-1] > 0
 
 
