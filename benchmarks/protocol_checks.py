@@ -5,12 +5,14 @@ whole-model protocol (`MODEL`), on random structures of a slow model (deit_small
 round's share): slim / dense ratios under each, interleaved repetitions.
 
 `load-order`: the same dense model twice in one chunk, loaded first and last with six random slim models
-between, measured by `MODEL`. `--layout export-first` measures through `measure_models` (every model exported
-in this process, then all loaded); `--layout worker-files` exports in worker processes (as the profile does)
-and loads the files in the same order. dense_last / dense_first should be 1 up to noise.
+between, measured by `MODEL`. `--layout export-first` measures through `measure_models` (as every comparison
+does); the others export once, in the worker processes, and load the files chunk after chunk: `worker-files`
+each model's sessions together (as `measure_loaded` did up to 2026-12-01), `round-robin` every model's first
+session, then every second one (as it does now), `alternate` the two by turns. dense_last / dense_first should be
+1 up to noise.
 
     .venv/bin/python benchmarks/protocol_checks.py calls --model deit_small_patch16_224 --reps 2
-    .venv/bin/python benchmarks/protocol_checks.py load-order --layout export-first --chunks 12
+    .venv/bin/python benchmarks/protocol_checks.py load-order --layout alternate --chunks 16
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from slimdeploy.latency.backends import get_backend
 from slimdeploy.latency.calibration import random_spec
 from slimdeploy.latency.components import nontrivial_
 from slimdeploy.latency.fingerprint import cpu_name
-from slimdeploy.latency.measure import close_all, export_deployed, measure_models, measure_sessions
+from slimdeploy.latency.measure import close_all, export_deployed, load_round_robin, measure_models, measure_sessions
 from slimdeploy.models import arch_of, create_model
 from slimdeploy.slim import build_slim
 from slimdeploy.types import ModelConfig
@@ -61,24 +63,35 @@ def load_order(model, arch, cfg, backend, chunks: int, layout: str) -> dict:
     order = ["dense_first", *specs, "dense_last"]
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        files = export_deployed(model, {"dense": None, **specs}, arch, 1, tmp) if layout == "worker-files" else {}
+        files = export_deployed(model, {"dense": None, **specs}, arch, 1, tmp) if layout != "export-first" else {}
         for c in range(chunks):
-            if layout == "worker-files":
-                sessions = {k: [backend.load_onnx(files["dense" if k.startswith("dense") else k])
-                                for _ in range(timing.MODEL.sessions)] for k in order}
+            # worker-files: each model's sessions loaded together; round-robin: as measure_loaded loads them;
+            # alternate: the two by turns, chunk by chunk, so that the machine's drift falls on both
+            grouped = layout == "worker-files" or (layout == "alternate" and c % 2 == 0)
+            if layout != "export-first":
+                loaders = {k: (lambda k=k: backend.load_onnx(files["dense" if k.startswith("dense") else k]),
+                               timing.MODEL.sessions) for k in order}
+                sessions = ({k: [load() for _ in range(n)] for k, (load, n) in loaders.items()} if grouped
+                            else load_round_robin(loaders))
                 t = measure_sessions(sessions, arch, 1, timing.MODEL)
                 close_all(sessions)
             else:
                 modules = {k: model if k.startswith("dense") else build_slim(specs[k], model) for k in order}
                 t = measure_models(backend, modules, arch, 1, timing.MODEL)
             last_over_first = timing.ratio(t["dense_last"], t["dense_first"]).median_ms
-            rows.append({"last_over_first": last_over_first, "dense_first_ms": t["dense_first"].median_ms,
+            rows.append({"loading": "grouped" if grouped else "round-robin", "last_over_first": last_over_first,
+                         "dense_first_ms": t["dense_first"].median_ms,
                          "dense_last_ms": t["dense_last"].median_ms,
                          "ratios": {k: timing.ratio(t[k], t["dense_first"]).median_ms for k in specs}})
-            print(c, f"dense first {t['dense_first'].median_ms:.3f} ms, last / first {last_over_first:.3f}", flush=True)
-    v = [r["last_over_first"] for r in rows]
-    return {"layout": layout, "rows": rows, "median_last_over_first": statistics.median(v),
-            "chunks_last_faster_by_1pct": sum(x < 0.99 for x in v)}
+            print(c, rows[-1]["loading"], f"dense first {t['dense_first'].median_ms:.3f} ms, last / first "
+                  f"{last_over_first:.3f}", flush=True)
+    out = {"layout": layout, "rows": rows}
+    for loading in sorted({r["loading"] for r in rows}):
+        v = [r["last_over_first"] for r in rows if r["loading"] == loading]
+        out[loading] = {"chunks": len(v), "median_last_over_first": statistics.median(v),
+                        "chunks_last_faster_by_1pct": sum(x < 0.99 for x in v)}
+        print(loading, out[loading], flush=True)
+    return out
 
 
 def main() -> None:
@@ -87,7 +100,8 @@ def main() -> None:
     ap.add_argument("--model", default=None, help="default: deit_small_patch16_224 (calls), fmnist-vit (load-order)")
     ap.add_argument("--reps", type=int, default=2)
     ap.add_argument("--chunks", type=int, default=12)
-    ap.add_argument("--layout", choices=["export-first", "worker-files"], default="export-first")
+    ap.add_argument("--layout", choices=["export-first", "worker-files", "round-robin", "alternate"],
+                    default="export-first")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     cfg = ModelConfig(args.model or ("deit_small_patch16_224" if args.check == "calls" else "fmnist-vit"))

@@ -30,7 +30,7 @@ from .export import slim_of_run
 from .fileio import atomic_write_bytes, read_json, write_json
 from .latency import timing
 from .latency.backends import disable_tf32, get_backend
-from .latency.measure import close_all, deployed_session, export_first, measure_sessions
+from .latency.measure import close_all, export_first, load_round_robin, measure_sessions, session_loader
 from .models import load_dense
 from .types import ModelFigures, Parity, Report, SlimSpec
 
@@ -254,26 +254,30 @@ def _measure(be, reference, run_dir: Path, slim, dense, arch, batch: int, precis
         export = read_json(run_dir / "export.json", "export record") if (run_dir / "export.json").is_file() else {}
         if export.get("batch_size") in (None, batch):
             onnx = run_dir / ("model.int8.onnx" if quantized else "model.onnx")
+    protocol = timing.MODEL
     with tempfile.TemporaryDirectory() as tmp:  # every export before any load (measure.export_first)
         refs = {"dense": dense, **({"twin": slim} if precision != "fp32" else {})}
         files = export_first(reference, refs, arch, batch, tmp)
-        sessions = {}
-        try:
-            if be.name == "trt":
-                from .trt import TrtSession, engine_batch_range
+        if be.name == "trt":
+            from .trt import TrtSession, engine_batch_range
 
-                plan = (run_dir / "model.plan").read_bytes()
-                lo, hi = engine_batch_range(plan)
-                sessions["slim"] = [TrtSession(plan)] if lo <= batch <= hi else deployed_session(
-                    be, slim, arch, batch, export_first(be, {"slim": slim}, arch, batch, tmp).get("slim"))
-            elif quantized and onnx is not None:  # the calibrated graph, as deployed
-                sessions["slim"] = [be.load_onnx(onnx, quantized=True) for _ in range(timing.MODEL.sessions)]
-            else:
-                sessions["slim"] = deployed_session(
-                    be, slim, arch, batch, onnx or export_first(be, {"slim": slim}, arch, batch, tmp).get("slim"))
-            for name, m in refs.items():
-                sessions[name] = deployed_session(reference, m, arch, batch, files.get(name))
-            t = measure_sessions(sessions, arch, batch, timing.MODEL)
+            plan = (run_dir / "model.plan").read_bytes()
+            lo, hi = engine_batch_range(plan)
+            slim_loader = ((lambda: TrtSession(plan)), 1) if lo <= batch <= hi else session_loader(
+                be, slim, arch, batch, export_first(be, {"slim": slim}, arch, batch, tmp).get("slim"),
+                protocol.sessions)
+        elif quantized and onnx is not None:  # the calibrated graph, as deployed
+            slim_loader = (lambda: be.load_onnx(onnx, quantized=True)), protocol.sessions
+        else:
+            slim_loader = session_loader(be, slim, arch, batch,
+                                         onnx or export_first(be, {"slim": slim}, arch, batch, tmp).get("slim"),
+                                         protocol.sessions)
+        loaders = {"slim": slim_loader}
+        for name, m in refs.items():
+            loaders[name] = session_loader(reference, m, arch, batch, files.get(name), protocol.sessions)
+        sessions = load_round_robin(loaders)
+        try:
+            t = measure_sessions(sessions, arch, batch, protocol)
         finally:
             close_all(sessions)
     return t["slim"], t["dense"], t.get("twin")

@@ -543,6 +543,64 @@ def test_comparisons_export_everything_before_loading(monkeypatch):
     assert events == [3] * 3 * fast.sessions  # each model as the protocol's sessions
 
 
+def test_sessions_load_round_robin_and_a_failed_load_closes_the_rest():
+    """Every model's first session before any model's second (the placement of a session's memory depends on
+    what was loaded before it); a one-session loader (the torch backend) loads once; a load that fails closes
+    what was loaded."""
+    from slimdeploy.latency.measure import load_round_robin
+
+    class S:
+        closed = 0
+
+        def __init__(self, name):
+            self.name = name
+
+        def close(self):
+            S.closed += 1
+
+    order = []
+
+    def loader(name, n):
+        return (lambda: order.append(name) or S(name)), n
+
+    got = load_round_robin({"slim": loader("slim", 3), "dense": loader("dense", 3), "torch": loader("torch", 1)})
+    assert order == ["slim", "dense", "torch", "slim", "dense", "slim", "dense"]
+    assert {k: [s.name for s in v] for k, v in got.items()} == {"slim": ["slim"] * 3, "dense": ["dense"] * 3,
+                                                                 "torch": ["torch"]}
+
+    def broken():
+        raise RuntimeError("cannot load")
+
+    with pytest.raises(RuntimeError):
+        load_round_robin({"slim": loader("slim", 2), "bad": (broken, 2)})
+    assert S.closed == 1  # the slim session loaded before the failure
+
+
+def test_verify_loads_the_slim_and_dense_sessions_round_robin(monkeypatch, tmp_path):
+    """verify measures as every comparison does: the deployed file's sessions and the dense model's, in turns."""
+    import slimdeploy.verify as verify_mod
+    from slimdeploy.export import export_onnx
+    from slimdeploy.latency.backends import get_backend
+    from slimdeploy.slim import build_slim
+
+    model = tiny_model("t-demo")
+    a = arch_of(model)
+    slim = build_slim(random_spec(model, 4), model)
+    export_onnx(slim, tmp_path / "model.onnx", (a.in_chans, a.img_size, a.img_size), 1)
+    backend = get_backend("ort-cpu")
+    real_load, loads = backend.load_onnx, []
+
+    def load(onnx, **k):
+        loads.append("slim" if Path(onnx) == tmp_path / "model.onnx" else "dense")
+        return real_load(onnx, **k)
+
+    backend.load_onnx = load
+    monkeypatch.setattr(timing, "MODEL", timing.Protocol(warmup_s=0.0, rounds=2, round_s=0.001, min_calls=1,
+                                                         sessions=2))
+    s, d, twin = verify_mod._measure(backend, backend, tmp_path, slim, model, a, 1)
+    assert loads == ["slim", "dense", "slim", "dense"] and twin is None and s.median_ms > 0 < d.median_ms
+
+
 def test_export_first_falls_back_when_a_model_does_not_pickle(tmp_path, capsys, monkeypatch):
     """A model the worker cannot receive is exported here instead, with one line that says so."""
     from slimdeploy.latency.backends import get_backend

@@ -8,6 +8,7 @@ import multiprocessing
 import os
 import pickle
 import tempfile
+from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
@@ -77,7 +78,8 @@ def export_first(backend: Backend, models: dict[str, nn.Module], arch: Arch, bat
     same dense model loaded first and last in one chunk, six slim models between (fmnist-vit, a 2-core EPYC,
     benchmarks/protocol_checks.py load-order): last / first 0.969 at the median with each model exported then
     loaded in turn (12 of 12 chunks under 0.99), 0.979 with every export in this process before the loads (9 of
-    12), 0.985 with them in a worker (6 of 8), 0.993 loading files exported once by workers (2 of 8)."""
+    12), 0.985 with them in a worker (6 of 8), 0.993 loading files exported once by workers (2 of 8); 1.000 with
+    the worker exports and the sessions loaded round robin (load_round_robin; 3 of 8, on a noisier machine)."""
     if backend.name == "torch":
         return {}
     return _export_all(models, {name: Path(folder) / f"{name.replace('/', '_')}.onnx" for name in models}, arch,
@@ -136,14 +138,42 @@ def _export_module(model: nn.Module, path: Path, shape: tuple[int, int, int], ba
     return export_onnx(model, path, shape, batch)
 
 
+Loader = tuple[Callable[[], Session], int]  # (load one session, how many)
+
+
+def load_round_robin(loaders: dict[str, Loader]) -> dict[str, list[Session]]:
+    """Every model's first session, then every model's second, and so on: where a session's memory lands depends
+    on what was loaded before it (the same model loaded last in a chunk ran ~1.5% faster than loaded first, on a
+    2-core EPYC), so no model may have all its sessions loaded first or last."""
+    sessions: dict[str, list[Session]] = {name: [] for name in loaders}
+    try:
+        for c in range(max((n for _, n in loaders.values()), default=0)):
+            for name, (load, n) in loaders.items():
+                if c < n:
+                    sessions[name].append(load())
+    except BaseException:
+        close_all(sessions)
+        raise
+    return sessions
+
+
+def session_loader(backend: Backend, model: nn.Module | None, arch: Arch, batch: int, onnx: str | Path | None,
+                   copies: int) -> Loader:
+    """How to load a model as deployed: sessions of its exported file, or the module on the torch backend."""
+    if backend.name == "torch":
+        return (lambda: backend.load_module(model.eval(), torch.as_tensor(example_input(arch, batch)))), 1
+    if onnx is None:
+        raise ValueError("an exported file is needed for a session on " + backend.name)
+    return (lambda: backend.load_onnx(Path(onnx))), copies
+
+
 def measure_loaded(models: dict[str, tuple[Backend, nn.Module | None, Path | None]], arch: Arch, batch: int,
                    protocol: timing.Protocol = timing.MODEL) -> dict[str, timing.Measurement]:
-    """Load each (backend, module, exported file) in the order given, as `protocol.sessions` sessions, and time
-    them together; the module is needed only where there is no file (the torch backend)."""
-    sessions = {}
+    """Load each (backend, module, exported file) as `protocol.sessions` sessions, round robin in the order
+    given, and time them together; the module is needed only where there is no file (the torch backend)."""
+    sessions = load_round_robin({name: session_loader(backend, m, arch, batch, onnx, protocol.sessions)
+                                 for name, (backend, m, onnx) in models.items()})
     try:
-        for name, (backend, m, onnx) in models.items():
-            sessions[name] = deployed_session(backend, m, arch, batch, onnx=onnx, copies=protocol.sessions)
         return measure_sessions(sessions, arch, batch, protocol)
     finally:
         close_all(sessions)
@@ -181,7 +211,7 @@ class SpecMeasurer:
         with tempfile.TemporaryDirectory() as tmp:
             files = {**export_first(self.backend, slims, self.arch, self.batch, tmp),
                      **export_first(self.reference, {"dense": self.dense_model}, self.arch, self.batch, tmp)}
-            # the structures first, then the dense model: the order in which verify loads them
+            # the structures first, then the dense model, round robin: as verify loads them
             models = {**{k: (self.backend, m, files.get(k)) for k, m in slims.items()},
                       "dense": (self.reference, self.dense_model, files.get("dense"))}
             t = measure_loaded(models, self.arch, self.batch, timing.MODEL_LONG if long else timing.MODEL)
