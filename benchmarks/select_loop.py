@@ -57,7 +57,13 @@ def main() -> None:
     ap.add_argument("--fractions", type=float, nargs="+", default=[0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9])
     ap.add_argument("--fold", default=None, help="then fold every round into a copy of the profile written here, "
                     "and run the targets again on it (the loop's measurements teach the model its own region)")
+    ap.add_argument("--out", default=None, help="results file (default: benchmarks/results/select_loop_NAME.json, "
+                    "NAME the run's folder or the model); an existing file is not overwritten")
     args = ap.parse_args()
+    name = Path(args.run).name if args.run else args.model
+    out = Path(args.out or f"benchmarks/results/select_loop_{name}.json")
+    if out.exists():
+        raise SystemExit(f"error: {out} exists (earlier results): give another --out")
     kind, _, params = args.family.partition(":")
     family = Family(kind, tuple(float(x) for x in params.split(",")) if params else ())
     if args.run:
@@ -97,8 +103,6 @@ def main() -> None:
         folded = LatencyModel(fold_rounds(args.fold, rounds), path=Path(args.fold))
         again = run_targets(args, folded, solve, measure, be, model, dense_model, arch, dense_spec, p)
         summary["after_fold"] = summarise(args, folded, family, warnings, dense_spec, again, label)
-    name = Path(args.run).name if args.run else args.model
-    out = Path(f"benchmarks/results/select_loop_{name}.json")
     out.write_text(json.dumps(summary, indent=2))
     print(json.dumps({k: v for k, v in summary.items() if k != "rows"}, indent=2, default=str)[:3000])
 
