@@ -31,7 +31,7 @@ import torch
 from slimdeploy.latency import timing
 from slimdeploy.latency.backends import get_backend
 from slimdeploy.latency.fingerprint import cpu_name
-from slimdeploy.latency.measure import close_all, deployed_session, measure_sessions
+from slimdeploy.latency.measure import export_first, measure_loaded
 from slimdeploy.models import arch_of, create_model, load_dense
 from slimdeploy.types import ModelConfig, SlimSpec
 
@@ -68,11 +68,12 @@ def latency(args) -> dict:
     fp32, int8 = get_backend("ort-cpu"), get_backend("ort-cpu", precision="int8")
     t32, tbf = get_backend("torch", torch_device="cpu"), get_backend("torch", precision="bf16", torch_device="cpu")
     for batch in args.batches:
-        sessions = {f"{k}/{name}": deployed_session(be, m, a, batch)
-                    for name, m in (("dense", model), ("slim", slim))
-                    for k, be in (("ort-fp32", fp32), ("ort-int8", int8), ("torch-fp32", t32), ("torch-bf16", tbf))}
-        t = measure_sessions(sessions, a, batch, timing.MODEL)
-        close_all(sessions)
+        with tempfile.TemporaryDirectory() as tmp:  # one fp32 export each; the int8 backend quantizes it to load
+            files = export_first(fp32, {"dense": model, "slim": slim}, a, batch, tmp)
+            t = measure_loaded({f"{k}/{name}": (be, m, files[name])
+                                for name, m in (("dense", model), ("slim", slim))
+                                for k, be in (("ort-fp32", fp32), ("ort-int8", int8), ("torch-fp32", t32),
+                                              ("torch-bf16", tbf))}, a, batch, timing.MODEL)
         row = {k: v.median_ms for k, v in t.items()}
 
         def r(x, y, t=t):

@@ -258,20 +258,21 @@ def _measure(be, reference, run_dir: Path, slim, dense, arch, batch: int, precis
     with tempfile.TemporaryDirectory() as tmp:  # every export before any load (measure.export_first)
         refs = {"dense": dense, **({"twin": slim} if precision != "fp32" else {})}
         files = export_first(reference, refs, arch, batch, tmp)
+
+        def exported_slim():  # where no deployed artifact fits this batch size
+            return export_first(be, {"slim": slim}, arch, batch, tmp).get("slim")
+
         if be.name == "trt":
             from .trt import TrtSession, engine_batch_range
 
             plan = (run_dir / "model.plan").read_bytes()
             lo, hi = engine_batch_range(plan)
             slim_loader = ((lambda: TrtSession(plan)), 1) if lo <= batch <= hi else session_loader(
-                be, slim, arch, batch, export_first(be, {"slim": slim}, arch, batch, tmp).get("slim"),
-                protocol.sessions)
+                be, slim, arch, batch, exported_slim(), protocol.sessions)
         elif quantized and onnx is not None:  # the calibrated graph, as deployed
             slim_loader = (lambda: be.load_onnx(onnx, quantized=True)), protocol.sessions
         else:
-            slim_loader = session_loader(be, slim, arch, batch,
-                                         onnx or export_first(be, {"slim": slim}, arch, batch, tmp).get("slim"),
-                                         protocol.sessions)
+            slim_loader = session_loader(be, slim, arch, batch, onnx or exported_slim(), protocol.sessions)
         loaders = {"slim": slim_loader}
         for name, m in refs.items():
             loaders[name] = session_loader(reference, m, arch, batch, files.get(name), protocol.sessions)

@@ -28,21 +28,6 @@ def example_input(arch: Arch, batch: int, seed: int = 0) -> np.ndarray:
                                                        dtype=np.float32)
 
 
-def deployed_session(backend: Backend, model: nn.Module, arch: Arch, batch: int, onnx: str | Path | None = None,
-                     copies: int = timing.MODEL.sessions) -> list[Session]:
-    """Sessions (`copies`, loaded apart) of the model as deployed: the given ONNX file, else an export at the
-    fixed batch size."""
-    if backend.name == "torch":
-        return [backend.load_module(model.eval(), torch.as_tensor(example_input(arch, batch)))]
-    if onnx is not None:
-        return [backend.load_onnx(Path(onnx)) for _ in range(copies)]
-    from ..export import export_onnx
-
-    with tempfile.TemporaryDirectory() as tmp:
-        path = export_onnx(model, Path(tmp) / "m.onnx", (arch.in_chans, arch.img_size, arch.img_size), batch)
-        return [backend.load_onnx(path) for _ in range(copies)]
-
-
 def close_all(sessions) -> None:
     for group in sessions.values() if isinstance(sessions, dict) else [sessions]:
         for s in group if isinstance(group, list) else [group]:
