@@ -9,6 +9,11 @@ import pytest
 import torch
 
 os.environ.setdefault("SLIMDEPLOY_QUIET", "1")
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # tests run in parallel processes (make test): one thread each, and in the processes they start, so that
+    # they share the cores rather than fight over them
+    os.environ["OMP_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
 
 from slimdeploy.models import arch_of, create_model, register_model  # noqa: E402
 from slimdeploy.types import BlockSpec, ModelConfig, SlimSpec  # noqa: E402
