@@ -248,7 +248,7 @@ def profile(
 ):
     """Measure per-layer latency tables and their calibration on this machine; write a device profile."""
     from .latency.backends import get_backend
-    from .latency.model import user_profiles_dir
+    from .latency.model import steadiness_warning, user_profiles_dir
     from .latency.profile import fold_runs, local_profile_path, profile_device
     from .models import arch_of, resolve_model
 
@@ -283,6 +283,7 @@ def profile(
               f"{prof.precision}) in {prof.seconds:.0f} s -> {path}")
     out.print(f"calibration on {len(cal['points'])} whole models: fit error median "
               f"{100 * cal['fit_median_abs_error']:.1f}%, max {100 * cal['fit_max_abs_error']:.1f}%")
+    _warn(filter(None, [steadiness_warning(prof)]))
     if cal.get("pairs"):
         out.print(f"a ranking adds {1e3 * cal['per_rank']:.1f} us (attentive) and {1e3 * cal['per_fuse']:.1f} us "
                   f"(fused) to its pieces in a whole model ({len(cal['pairs'])} ranked models beside static twins)")

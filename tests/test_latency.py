@@ -11,7 +11,7 @@ import pytest
 
 from slimdeploy.errors import SlimError
 from slimdeploy.latency import timing
-from slimdeploy.latency.calibration import fit_calibration
+from slimdeploy.latency.calibration import FIT, fit_calibration
 from slimdeploy.latency.model import LatencyModel, Table, fingerprint_warning, resolve_profile, spec_sizes
 from slimdeploy.latency.profile import isotonic, monotone, token_grid, width_grid
 from slimdeploy.models import arch_of
@@ -265,6 +265,53 @@ def test_fingerprint_mismatch_warns_naming_both_machines(tmp_path):
     assert len(warnings) == 1 and "AMD EPYC 7B13" in warnings[0]
 
 
+def test_a_profile_measured_on_a_busy_machine_is_loaded_with_a_warning(tmp_path):
+    from slimdeploy.latency.backends import get_backend
+    from slimdeploy.latency.model import steadiness_warning
+    from slimdeploy.latency.profile import load_latency_model
+
+    model = tiny_model("t-cls")
+    prof = staircase_profile(arch_of(model))
+    prof.backend, prof.threads, prof.fingerprint = "ort-cpu", 1, dict(get_backend("ort-cpu").fingerprint())
+    dense = {"features": {}, "measured_ms": 1.0, "halfwidth": 0.0}
+    prof.calibration = {"points": [dense] + [{"features": {}, "measured_ms": 0.5, "halfwidth": hw}
+                                             for hw in (0.01, 0.02, 0.03)], "fit_median_abs_error": 0.02,
+                        "fit": FIT}  # current: not fitted again from these points
+    assert steadiness_warning(prof) is None  # +-2%: a quiet machine
+    prof.calibration["points"][1:] = [{**p, "halfwidth": hw} for p, hw in zip(prof.calibration["points"][1:],
+                                                                               (0.04, 0.15, 0.3))]
+    prof.calibration["fit_median_abs_error"] = 0.07
+    w = steadiness_warning(prof)
+    assert "busy machine" in w and "+-15%" in w and "fit 7% median error" in w and "slimdeploy profile" in w
+    prof.save(tmp_path / "busy.json")
+    _, warnings = load_latency_model(str(tmp_path / "busy.json"), model, ModelConfig("t-cls"))
+    assert warnings == [w]  # the same machine: only the busy measurement is reported
+
+
+def test_profile_measures_a_wide_chunk_of_whole_models_again_and_keeps_the_narrowest(monkeypatch):
+    from slimdeploy.latency.profile import REMEASURE, WholeModels
+
+    def measurement(values):
+        return timing.Measurement.from_values(list(values), 9)
+    dense = [1.0] * 9
+    tight, loose = [0.50] * 4 + [0.51] * 5, [0.3, 0.4, 0.45, 0.5, 0.55, 0.6, 0.7, 0.8, 0.9]
+    for rounds, calls in (([tight], 1), ([loose, tight], 2), ([loose, loose, loose, loose], 1 + REMEASURE)):
+        seen = []
+
+        def fake(models, protocol, rounds=rounds, seen=seen):
+            seen.append(list(models))
+            return {"dense": measurement(dense), **{k: measurement(rounds[len(seen) - 1]) for k in models
+                                                    if k != "dense"}}
+        cache: dict = {}
+        whole = WholeModels(None, None, None, 1, cache, lambda: None, lambda n, info: None)
+        monkeypatch.setattr(whole, "_measure", fake)
+        whole._measure_chunk({"calibration/1": None, "calibration/2": None})
+        assert len(seen) == calls
+        kept = tight if tight in rounds else loose  # the narrowest measurement
+        assert cache["calibration/1"][:2] == (pytest.approx(np.median(kept)),
+                                              pytest.approx(measurement(kept).rel_halfwidth))
+
+
 def test_profile_resolution_order(tmp_path, monkeypatch):
     model = tiny_model("t-cls")
     prof = staircase_profile(arch_of(model))
@@ -314,10 +361,13 @@ def test_replicated_graph_runs_k_distinct_copies():
     assert np.abs(outs[1] - ref).max() > 1e-6 and np.abs(outs[1] - outs[2]).max() > 1e-6  # the others differ
 
 
-def test_interrupted_profile_resumes(tmp_path):
+def test_interrupted_profile_resumes(tmp_path, monkeypatch):
     """A profile killed halfway keeps its measurements and the next call reuses them."""
+    from slimdeploy.latency import profile
     from slimdeploy.latency.backends import get_backend
     from slimdeploy.latency.profile import is_current, profile_device
+
+    monkeypatch.setattr(profile, "REMEASURE", 0)  # loads are counted below: no chunk measured again on a busy machine
 
     model = tiny_model("t-demo")
     out = tmp_path / "p.json"

@@ -106,6 +106,23 @@ def fingerprint_warning(profile: DeviceProfile, here: dict) -> str | None:
             "machine with --device local")
 
 
+UNSTEADY = 0.05  # a median 95% interval of the calibration's ratios wider than +-5%: measured in a busy phase
+
+
+def steadiness_warning(profile: DeviceProfile) -> str | None:
+    """A warning when the profile's whole models were measured on a busy machine (their ratios to dense with a
+    median 95% interval wider than +-UNSTEADY; +-1..4% on a quiet 2-core EPYC or Xeon), else None."""
+    points = (profile.calibration or {}).get("points") or []
+    widths = [p["halfwidth"] for p in points[1:] if p.get("halfwidth") is not None]
+    if not widths or float(np.median(widths)) <= UNSTEADY:
+        return None
+    fit = (profile.calibration or {}).get("fit_median_abs_error")
+    return (f"profile '{profile.device}' was measured on a busy machine (its whole models +-{np.median(widths):.0%}"
+            + (f", calibration fit {fit:.0%} median error" if fit is not None else "")
+            + "): its predictions are that much less certain; measure it again when the machine is quiet (slimdeploy"
+            f" profile --device {'local' if profile.device == 'local' else profile.device})")
+
+
 class Table:
     """A measured table: linear in its first axis (tokens), a staircase in the others."""
 
