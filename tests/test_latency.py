@@ -293,23 +293,31 @@ def test_profile_measures_a_wide_chunk_of_whole_models_again_and_keeps_the_narro
 
     def measurement(values):
         return timing.Measurement.from_values(list(values), 9)
-    dense = [1.0] * 9
     tight, loose = [0.50] * 4 + [0.51] * 5, [0.3, 0.4, 0.45, 0.5, 0.55, 0.6, 0.7, 0.8, 0.9]
-    for rounds, calls in (([tight], 1), ([loose, tight], 2), ([loose, loose, loose, loose], 1 + REMEASURE)):
-        seen = []
+    whole = WholeModels(None, None, None, 1, {}, lambda: None, lambda n, info: None)
+    queue: list[list[float]] = []
 
-        def fake(models, protocol, rounds=rounds, seen=seen):
-            seen.append(list(models))
-            return {"dense": measurement(dense), **{k: measurement(rounds[len(seen) - 1]) for k in models
-                                                    if k != "dense"}}
-        cache: dict = {}
-        whole = WholeModels(None, None, None, 1, cache, lambda: None, lambda n, info: None)
-        monkeypatch.setattr(whole, "_measure", fake)
-        whole._measure_chunk({"calibration/1": None, "calibration/2": None})
-        assert len(seen) == calls
-        kept = tight if tight in rounds else loose  # the narrowest measurement
-        assert cache["calibration/1"][:2] == (pytest.approx(np.median(kept)),
-                                              pytest.approx(measurement(kept).rel_halfwidth))
+    def fake(models):  # each call measures the chunk's models with the next rounds in the queue
+        rounds = queue.pop(0)
+        return {"dense": measurement([1.0] * 9), **{k: measurement(rounds) for k in models if k != "dense"}}
+    monkeypatch.setattr(whole, "_measure", lambda models, protocol: fake(models))
+
+    def chunk(name, *measurements):
+        queue[:] = list(measurements)
+        whole._measure_chunk({f"{name}/1": None, f"{name}/2": None})
+        left = len(queue)
+        return len(measurements) - left, whole.cache[f"{name}/1"][:2]
+
+    def kept(rounds):
+        return pytest.approx(np.median(rounds)), pytest.approx(measurement(rounds).rel_halfwidth)
+    assert REMEASURE >= 2
+    assert chunk("quiet", tight, loose) == (1, kept(tight))  # narrow: measured once
+    assert chunk("blip", loose, tight, loose) == (2, kept(tight))  # a busy moment: measured again, the narrow kept
+    assert whole.remeasures == REMEASURE - 1
+    # wide again after a re-measurement: the machine is busy throughout, and nothing more is measured again
+    assert chunk("busy", loose, loose, tight) == (2, kept(loose))
+    assert whole.remeasures == 0
+    assert chunk("later", loose, tight) == (1, kept(loose))
 
 
 def test_profile_resolution_order(tmp_path, monkeypatch):

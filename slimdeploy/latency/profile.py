@@ -54,9 +54,11 @@ from .model import (
 
 METHOD = 9  # bump when what a table entry means changes: partial profiles of another method are discarded
 GPU_WORKING_SET = 64 << 20  # beyond a GPU's L2 (40-60 MB on A100/H100/H200)
-# A chunk of whole models measured wider than +-UNSTEADY (model.py) is measured again, up to REMEASURE times; a
-# profile whose whole models stay that wide is loaded with a warning (steadiness_warning).
-REMEASURE = 2
+# A chunk of whole models measured wider than +-UNSTEADY (model.py) is measured again: up to REMEASURE times in a
+# profile, and no more after a re-measurement that stays wide (a machine busy throughout: every chunk measured three
+# times would triple the calibration's time for nothing); a profile whose whole models stay that wide is loaded with
+# a warning (steadiness_warning).
+REMEASURE = 3
 
 
 def token_grid(arch: Arch, points: int = 10) -> list[int]:
@@ -287,6 +289,7 @@ class WholeModels:
         self.backend, self.model, self.arch, self.batch = backend, model, arch, batch
         self.cache, self.save, self.advance = cache, save, advance
         self.files: dict[str, Path] = {}
+        self.remeasures = REMEASURE  # left in this profile
 
     def _export(self, models: dict[str, SlimSpec], folder: Path) -> None:
         """Every model still to be measured, and the dense model, exported into `folder` (ONNX backends)."""
@@ -309,9 +312,10 @@ class WholeModels:
     def _measure_chunk(self, chunk: dict[str, SlimSpec]) -> None:
         """Each model's ratio to dense into the cache. A chunk whose intervals came out wide (a busy phase of the
         machine: on a 2-core EPYC one chunk of a profile read +-14..21% while the others read +-1..4%, and the
-        fit's leave-one-out error on its models reached 14%) is measured again, up to REMEASURE times, and each
-        model keeps its narrowest measurement."""
-        for attempt in range(1 + REMEASURE):
+        fit's leave-one-out error on its models reached 14%) is measured again while the profile has
+        re-measurements left (see REMEASURE), and each model keeps its narrowest measurement."""
+        retried = False
+        while True:
             t = self._measure(chunk, timing.CALIBRATION)
             for k in chunk:
                 r = timing.ratio(t[k], t["dense"])
@@ -320,9 +324,13 @@ class WholeModels:
             wide = float(np.median([self.cache[k][1] for k in chunk]))
             if wide <= UNSTEADY:
                 return
-            if attempt < REMEASURE:
-                log(f"profile: whole models measured +-{wide:.0%} (median 95% interval; the machine is busy?): "
-                    "measuring them again")
+            if retried or not self.remeasures:  # busy throughout: more would only cost time
+                self.remeasures = 0
+                return
+            log(f"profile: whole models measured +-{wide:.0%} (median 95% interval; the machine is busy?): "
+                "measuring them again")
+            self.remeasures -= 1
+            retried = True
 
     def points(self, raw: LatencyModel, specs: list[SlimSpec], twins: list[tuple[SlimSpec, SlimSpec]]
                ) -> tuple[list[dict], list[dict]]:
