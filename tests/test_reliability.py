@@ -268,6 +268,29 @@ def test_doctor_catches_both_onnxruntime_packages(monkeypatch):
     assert not check.ok and "slimdeploy[cpu]" in check.fix
 
 
+def test_doctor_names_a_cached_profile_measured_on_a_busy_machine(tmp_path, monkeypatch):
+    from slimdeploy import doctor
+    from slimdeploy.latency.backends import get_backend
+    from slimdeploy.latency.calibration import FIT
+    from slimdeploy.latency.fingerprint import fingerprint_key
+
+    from .synthetic import staircase_profile
+
+    monkeypatch.setenv("SLIMDEPLOY_PROFILES", str(tmp_path))
+    key = fingerprint_key(get_backend("ort-cpu").fingerprint())
+    prof = staircase_profile(arch_of(tiny_model("t-cls")))
+    for name, hw in (("quiet", 0.02), ("busy", 0.15)):
+        prof.calibration = {"points": [{"features": {}, "measured_ms": 1.0, "halfwidth": 0.0}]
+                            + [{"features": {}, "measured_ms": 0.5, "halfwidth": hw}] * 3, "fit": FIT}
+        prof.save(tmp_path / f"local-ort-cpu-{key}-{name}-b1.json")
+    (tmp_path / f"local-ort-cpu-{key}-broken-b1.json").write_text("{not json")  # refused where it is used
+    checks = doctor.check_profiles()
+    assert checks[0].ok and "busy" in checks[0].detail and "quiet" in checks[0].detail
+    (busy,) = checks[1:]
+    assert not busy.ok and busy.name == f"profile local-ort-cpu-{key}-busy-b1.json"
+    assert "busy machine" in busy.detail and "+-15%" in busy.detail and "delete" in busy.fix
+
+
 def test_doctor_runs_here():
     r = slimdeploy("doctor")
     assert r.returncode == 0 and "onnxruntime" in r.stdout and "tensorrt" in r.stdout
