@@ -129,8 +129,8 @@ def main() -> None:
               f"{', '.join(f'{o:.3f}' for o in over)}); predicted {pred_ratio:.3f}x ({100 * r['error']:+5.1f}%), "
               f"{pred:.3f} ms ({100 * r['abs_error']:+5.1f}%)", flush=True)
     summary = {"model": args.model, "device": args.device, "cpu": cpu_name(), "backend": p.backend,
-               "profile_hardware": p.hardware, "batch_size": p.batch_size, "dense_measured_ms": dense_ms,
-               "dense_predicted_ms": dense_pred,
+               "profile_hardware": p.hardware, "profile_warnings": warnings, "batch_size": p.batch_size,
+               "dense_measured_ms": dense_ms, "dense_predicted_ms": dense_pred,
                "date": dt.datetime.now().isoformat(timespec="seconds")}
     groups = {kind: [r for r in rows if r["kind"].startswith(kind)] for kind in ("random", "solver")}
     if args.embed:  # the same statistics over the structures at a narrower embedding width alone
