@@ -120,7 +120,7 @@ def steadiness_warning(profile: DeviceProfile) -> str | None:
     return (f"profile '{profile.device}' was measured on a busy machine (its whole models +-{np.median(widths):.0%}"
             + (f", calibration fit {fit:.0%} median error" if fit is not None else "")
             + "): its predictions are that much less certain; measure it again when the machine is quiet (slimdeploy"
-            f" profile --device {'local' if profile.device == 'local' else profile.device})")
+            f" profile --device {profile.device})")
 
 
 class Table:
