@@ -30,7 +30,7 @@ from .export import slim_of_run
 from .fileio import atomic_write_bytes, read_json, write_json
 from .latency import timing
 from .latency.backends import disable_tf32, get_backend
-from .latency.measure import close_all, export_first, load_round_robin, measure_sessions, session_loader
+from .latency.measure import export_first, measure_loaders, session_loader
 from .models import load_dense
 from .types import ModelFigures, Parity, Report, SlimSpec
 
@@ -276,11 +276,7 @@ def _measure(be, reference, run_dir: Path, slim, dense, arch, batch: int, precis
         loaders = {"slim": slim_loader}
         for name, m in refs.items():
             loaders[name] = session_loader(reference, m, arch, batch, files.get(name), protocol.sessions)
-        sessions = load_round_robin(loaders)
-        try:
-            t = measure_sessions(sessions, arch, batch, protocol)
-        finally:
-            close_all(sessions)
+        t = measure_loaders(loaders, arch, batch, protocol)
     return t["slim"], t["dense"], t.get("twin")
 
 

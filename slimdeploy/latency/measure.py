@@ -152,16 +152,22 @@ def session_loader(backend: Backend, model: nn.Module | None, arch: Arch, batch:
     return (lambda: backend.load_onnx(Path(onnx))), copies
 
 
-def measure_loaded(models: dict[str, tuple[Backend, nn.Module | None, Path | None]], arch: Arch, batch: int,
-                   protocol: timing.Protocol = timing.MODEL) -> dict[str, timing.Measurement]:
-    """Load each (backend, module, exported file) as `protocol.sessions` sessions, round robin in the order
-    given, and time them together; the module is needed only where there is no file (the torch backend)."""
-    sessions = load_round_robin({name: session_loader(backend, m, arch, batch, onnx, protocol.sessions)
-                                 for name, (backend, m, onnx) in models.items()})
+def measure_loaders(loaders: dict[str, Loader], arch: Arch, batch: int, protocol: timing.Protocol = timing.MODEL
+                    ) -> dict[str, timing.Measurement]:
+    """Load every model's sessions round robin in the order given, time them together, and close them."""
+    sessions = load_round_robin(loaders)
     try:
         return measure_sessions(sessions, arch, batch, protocol)
     finally:
         close_all(sessions)
+
+
+def measure_loaded(models: dict[str, tuple[Backend, nn.Module | None, Path | None]], arch: Arch, batch: int,
+                   protocol: timing.Protocol = timing.MODEL) -> dict[str, timing.Measurement]:
+    """Load each (backend, module, exported file) as `protocol.sessions` sessions, round robin in the order
+    given, and time them together; the module is needed only where there is no file (the torch backend)."""
+    return measure_loaders({name: session_loader(backend, m, arch, batch, onnx, protocol.sessions)
+                            for name, (backend, m, onnx) in models.items()}, arch, batch, protocol)
 
 
 def measure_models(backend: Backend, models: dict[str, nn.Module], arch: Arch, batch: int,
