@@ -120,27 +120,23 @@ def check_profiles() -> list[Check]:
     paths = sorted(user_profiles_dir().glob(f"local-ort-cpu-{key}-*.json"))
     cached = [p.name for p in paths]
     detail = f"this machine: {describe(fp)}; cached: {', '.join(cached) or 'none (measured on first use)'}"
-    return [Check("local profiles", True, detail), *map(_busy_profile, filter(_measured_busy, paths))]
+    return [Check("local profiles", True, detail), *filter(None, map(_busy_profile, paths))]
 
 
-def _measured_busy(path) -> bool:
+def _busy_profile(path) -> Check | None:
+    """A failed check for a cached profile measured on a busy machine, else None (an unreadable profile is
+    refused, with its reason, where it is used)."""
     from .errors import SlimError
     from .latency.model import steadiness_warning
     from .types import DeviceProfile
 
     try:
-        return steadiness_warning(DeviceProfile.load(path)) is not None
-    except SlimError:  # an unreadable profile is refused, with its reason, where it is used
-        return False
-
-
-def _busy_profile(path) -> Check:
-    from .latency.model import steadiness_warning
-    from .types import DeviceProfile
-
-    return Check(f"profile {path.name}", False, steadiness_warning(DeviceProfile.load(path)).split(": its")[0],
-                 f"when the machine is quiet, delete {path} (the next run measures it again) or measure it "
-                 "again with slimdeploy profile --device local --model ...")
+        warning = steadiness_warning(DeviceProfile.load(path))
+    except SlimError:
+        return None
+    return warning and Check(f"profile {path.name}", False, warning.split(": its")[0],
+                             f"when the machine is quiet, delete {path} (the next run measures it again) or measure "
+                             "it again with slimdeploy profile --device local --model ...")
 
 
 def run_checks() -> list[Check]:

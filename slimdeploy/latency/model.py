@@ -114,10 +114,11 @@ def steadiness_warning(profile: DeviceProfile) -> str | None:
     median 95% interval wider than +-UNSTEADY; +-1..4% on a quiet 2-core EPYC or Xeon), else None."""
     points = (profile.calibration or {}).get("points") or []
     widths = [p["halfwidth"] for p in points[1:] if p.get("halfwidth") is not None]
-    if not widths or float(np.median(widths)) <= UNSTEADY:
+    width = float(np.median(widths)) if widths else 0.0
+    if width <= UNSTEADY:
         return None
     fit = (profile.calibration or {}).get("fit_median_abs_error")
-    return (f"profile '{profile.device}' was measured on a busy machine (its whole models +-{np.median(widths):.0%}"
+    return (f"profile '{profile.device}' was measured on a busy machine (its whole models +-{width:.0%}"
             + (f", calibration fit {fit:.0%} median error" if fit is not None else "")
             + "): its predictions are that much less certain; measure it again when the machine is quiet (slimdeploy"
             f" profile --device {profile.device})")

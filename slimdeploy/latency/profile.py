@@ -511,14 +511,15 @@ def load_latency_model(device: str, model: nn.Module, source: ModelConfig, backe
         lm = LatencyModel.load(device, profiles_dir)
         check_profile_fits(lm.profile, arch, precision=precision)
     p = lm.profile
+    busy = steadiness_warning(p)
     try:
         here = (backend or get_backend(p.backend, threads=p.threads, precision=p.precision,
                                        torch_device=p.torch_device or "auto",
                                        torch_mode=p.torch_mode or "eager")).fingerprint()
     except SlimError as e:  # the profile's backend cannot run here: nothing to compare with
         return lm, [f"profile '{p.device}' is for {p.backend}, which cannot run here ({e}): its predictions "
-                    "cannot be checked on this machine", *filter(None, [steadiness_warning(p)])]
-    return lm, [w for w in (fingerprint_warning(p, here), steadiness_warning(p)) if w]
+                    "cannot be checked on this machine", *filter(None, [busy])]
+    return lm, [w for w in (fingerprint_warning(p, here), busy) if w]
 
 
 def fold_runs(profile_path: str | Path, run_dirs: list[str | Path]) -> DeviceProfile:
