@@ -307,3 +307,43 @@ def test_the_extras_cannot_install_both_onnxruntimes():
     assert extras["cpu"] == ["onnxruntime>=1.20"] and extras["gpu"] == ["onnxruntime-gpu>=1.20"]
     assert not any("onnxruntime" in d for d in extras["trt"] + extras["dev"] + extras["bench"])
     assert "torch-pruning" not in " ".join(meta["dependencies"])  # a benchmark baseline, never a dependency
+
+
+# ---- progress in a log file --------------------------------------------------------------------------
+
+def test_progress_in_a_log_file_is_a_line_a_minute_with_eta_and_a_last_line(capsys):
+    from slimdeploy.progress import LineProgress
+
+    now = [100.0]
+    with LineProgress(every_s=60, clock=lambda: now[0]) as p:
+        task = p.add_task("train", total=1000, completed=200, info="")  # resumed: 200 done before this process
+        for _ in range(40):  # 10 steps a 15 s: 4 steps a minute
+            now[0] += 15
+            p.update(task, advance=10, info="epoch 2/5")
+        now[0] += 15
+        p.update(task, advance=10)
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == 11  # one a minute for 10 minutes, then the last one
+    assert lines[0] == "train: 240/1000 (24%) 1m00s, eta 19m00s  epoch 2/5"  # 40 steps a minute, 760 to go
+    assert lines[9] == "train: 600/1000 (60%) 10m00s, eta 10m00s  epoch 2/5"
+    assert lines[10] == "train: 610/1000 (61%) 10m15s  epoch 2/5"
+    with LineProgress(every_s=60, clock=lambda: now[0]) as p:
+        task = p.add_task("profile", total=5)
+        now[0] += 60
+        p.update(task, advance=5)
+    assert capsys.readouterr().err == "profile: 5/5 (100%) 1m00s\n"  # printed once: nothing moved after it
+
+
+def test_progress_is_lines_in_a_pipe_a_bar_on_a_terminal_and_nothing_when_quiet(monkeypatch):
+    from rich.progress import Progress
+
+    from slimdeploy import progress
+
+    monkeypatch.delenv("SLIMDEPLOY_QUIET", raising=False)  # conftest quiets the suite
+    assert isinstance(progress.make_progress(), progress.LineProgress)  # pytest captures stderr: not a terminal
+    assert isinstance(progress.make_progress(enabled=False), Progress)  # off rank 0: rich's, disabled
+    monkeypatch.setattr(progress.console, "_force_terminal", True)
+    assert isinstance(progress.make_progress(), Progress)
+    monkeypatch.setattr(progress.console, "_force_terminal", False)
+    monkeypatch.setenv("SLIMDEPLOY_QUIET", "1")
+    assert progress.make_progress().disable
