@@ -127,14 +127,14 @@ def _busy_profile(path) -> Check | None:
     """A failed check for a cached profile measured on a busy machine, else None (an unreadable profile is
     refused, with its reason, where it is used)."""
     from .errors import SlimError
-    from .latency.model import steadiness_warning
+    from .latency.model import busy_measurement
     from .types import DeviceProfile
 
     try:
-        warning = steadiness_warning(DeviceProfile.load(path))
+        busy = busy_measurement(DeviceProfile.load(path))
     except SlimError:
         return None
-    return warning and Check(f"profile {path.name}", False, warning.split(": its")[0],
+    return busy and Check(f"profile {path.name}", False, f"measured on a busy machine ({busy})",
                              f"when the machine is quiet, delete {path} (the next run measures it again) or measure "
                              "it again with slimdeploy profile --device local --model ...")
 

@@ -109,19 +109,25 @@ def fingerprint_warning(profile: DeviceProfile, here: dict) -> str | None:
 UNSTEADY = 0.05  # a median 95% interval of the calibration's ratios wider than +-5%: measured in a busy phase
 
 
-def steadiness_warning(profile: DeviceProfile) -> str | None:
-    """A warning when the profile's whole models were measured on a busy machine (their ratios to dense with a
-    median 95% interval wider than +-UNSTEADY; +-1..4% on a quiet 2-core EPYC or Xeon), else None."""
+def busy_measurement(profile: DeviceProfile) -> str | None:
+    """How a profile's whole models were measured on a busy machine ("whole models +-9%, calibration fit 7% median
+    error": their ratios to dense with a median 95% interval wider than +-UNSTEADY; +-1..4% on a quiet 2-core EPYC
+    or Xeon), else None."""
     points = (profile.calibration or {}).get("points") or []
     widths = [p["halfwidth"] for p in points[1:] if p.get("halfwidth") is not None]
     width = float(np.median(widths)) if widths else 0.0
     if width <= UNSTEADY:
         return None
     fit = (profile.calibration or {}).get("fit_median_abs_error")
-    return (f"profile '{profile.device}' was measured on a busy machine (its whole models +-{width:.0%}"
-            + (f", calibration fit {fit:.0%} median error" if fit is not None else "")
-            + "): its predictions are that much less certain; measure it again when the machine is quiet (slimdeploy"
-            f" profile --device {profile.device})")
+    return f"whole models +-{width:.0%}" + (f", calibration fit {fit:.0%} median error" if fit is not None else "")
+
+
+def steadiness_warning(profile: DeviceProfile) -> str | None:
+    """A warning when the profile was measured on a busy machine (busy_measurement), else None."""
+    busy = busy_measurement(profile)
+    return busy and (f"profile '{profile.device}' was measured on a busy machine ({busy}): its predictions are that"
+                     f" much less certain; measure it again when the machine is quiet (slimdeploy profile --device"
+                     f" {profile.device})")
 
 
 class Table:
