@@ -11,8 +11,15 @@ each model's sessions together (as `measure_loaded` did up to 2026-12-01), `roun
 session, then every second one (as it does now), `alternate` the two by turns. dense_last / dense_first should be
 1 up to noise.
 
+`mlp-widths`: whole models whose every block keeps m MLP units (all else dense), m on the profile's MLP grid and
+half way between its points, each with the dense model, by `MODEL`. The latency model reads a width between two
+grid points as a staircase (the cost of the next point up); `position` says where a half-way model measured
+between its two neighbours: 1 for a staircase, 0.5 for linear. On deit_small the grid steps by 128 above 1024
+units, so a random width is priced up to 8% of its MLP too high if the staircase is wrong.
+
     .venv/bin/python benchmarks/protocol_checks.py calls --model deit_small_patch16_224 --reps 2
     .venv/bin/python benchmarks/protocol_checks.py load-order --layout alternate --chunks 16
+    .venv/bin/python benchmarks/protocol_checks.py mlp-widths --model deit_small_patch16_224 --from 1024 --reps 3
 """
 
 from __future__ import annotations
@@ -34,7 +41,7 @@ from slimdeploy.latency.fingerprint import cpu_name
 from slimdeploy.latency.measure import close_all, export_deployed, load_round_robin, measure_models, measure_sessions
 from slimdeploy.models import arch_of, create_model
 from slimdeploy.slim import build_slim
-from slimdeploy.types import ModelConfig
+from slimdeploy.types import ModelConfig, SlimSpec
 
 
 def calls(model, arch, cfg, backend, reps: int) -> dict:
@@ -94,22 +101,66 @@ def load_order(model, arch, cfg, backend, chunks: int, layout: str) -> dict:
     return out
 
 
+def mlp_widths(model, arch, cfg, backend, reps: int, low: int) -> dict:
+    from slimdeploy.latency.profile import load_latency_model
+
+    lm, _ = load_latency_model("local", model, cfg)
+    grid = [w for w in lm.tables["mlp"].widths(1) if w >= low]
+    widths = sorted(set(grid) | {(a + b) // 2 // 8 * 8 for a, b in zip(grid, grid[1:])})
+    specs = {}
+    for m in widths:
+        spec = SlimSpec.dense(cfg, arch)
+        for b in spec.blocks:
+            b.mlp = list(range(m))
+        specs[m] = spec.validate()
+    dense = lm.predict(SlimSpec.dense(cfg, arch))
+    measured: dict[int, list[float]] = {m: [] for m in widths}
+    for rep in range(reps):
+        order = widths if rep % 2 == 0 else widths[::-1]  # the load order alternates
+        t = measure_models(backend, {"dense": model, **{f"m{m}": build_slim(specs[m], model) for m in order}},
+                           arch, 1, timing.MODEL)
+        for m in widths:
+            measured[m].append(timing.ratio(t[f"m{m}"], t["dense"]).median_ms)
+        print(rep, f"dense {t['dense'].median_ms:.3f} ms (+-{t['dense'].rel_halfwidth:.1%})", flush=True)
+    rows = []
+    for m in widths:
+        r = statistics.median(measured[m])
+        row = {"mlp": m, "on_grid": m in grid, "measured": measured[m], "median": r,
+               "predicted": lm.predict(specs[m]) / dense}
+        if m not in grid:
+            lo, hi = max(g for g in grid if g < m), min(g for g in grid if g > m)
+            r_lo, r_hi = statistics.median(measured[lo]), statistics.median(measured[hi])
+            row.update(linear=(m - lo) / (hi - lo), position=(r - r_lo) / (r_hi - r_lo) if r_hi != r_lo else None)
+        rows.append(row)
+        print(f"m={m:5d} measured {r:.4f} ({' '.join(f'{x:.4f}' for x in measured[m])}) predicted "
+              f"{row['predicted']:.4f}" + (f"  position {row['position']:+.2f} (linear {row['linear']:.2f})"
+                                           if row.get("position") is not None else ""), flush=True)
+    positions = [r["position"] for r in rows if r.get("position") is not None]
+    return {"rows": rows, "median_position": statistics.median(positions) if positions else None,
+            "profile": str(lm.path)}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("check", choices=["calls", "load-order"])
+    ap.add_argument("check", choices=["calls", "load-order", "mlp-widths"])
     ap.add_argument("--model", default=None, help="default: deit_small_patch16_224 (calls), fmnist-vit (load-order)")
     ap.add_argument("--reps", type=int, default=2)
     ap.add_argument("--chunks", type=int, default=12)
     ap.add_argument("--layout", choices=["export-first", "worker-files", "round-robin", "alternate"],
                     default="export-first")
+    ap.add_argument("--from", dest="low", type=int, default=0, help="mlp-widths: the narrowest grid width")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     cfg = ModelConfig(args.model or ("deit_small_patch16_224" if args.check == "calls" else "fmnist-vit"))
     model = nontrivial_(create_model(cfg)).eval()
     arch = arch_of(model)
     backend = get_backend("ort-cpu", threads=1)
-    result = (calls(model, arch, cfg, backend, args.reps) if args.check == "calls"
-              else load_order(model, arch, cfg, backend, args.chunks, args.layout))
+    if args.check == "calls":
+        result = calls(model, arch, cfg, backend, args.reps)
+    elif args.check == "load-order":
+        result = load_order(model, arch, cfg, backend, args.chunks, args.layout)
+    else:
+        result = mlp_widths(model, arch, cfg, backend, args.reps, args.low)
     result.update(check=args.check, model=cfg.name, cpu=cpu_name(),
                   date=dt.datetime.now().isoformat(timespec="seconds"))
     print(json.dumps({k: v for k, v in result.items() if k not in ("rows", "ratios")}, indent=1))
