@@ -15,7 +15,7 @@ session, then every second one (as it does now), `alternate` the two by turns. d
 half way between its points, each with the dense model, by `MODEL`. The latency model reads a width between two
 grid points as a staircase (the cost of the next point up); `position` says where a half-way model measured
 between its two neighbours: 1 for a staircase, 0.5 for linear. On deit_small the grid steps by 128 above 1024
-units, so a random width is priced up to 8% of its MLP too high if the staircase is wrong.
+units, so a random width is priced up to 12% of its MLP too high if the staircase is wrong.
 
     .venv/bin/python benchmarks/protocol_checks.py calls --model deit_small_patch16_224 --reps 2
     .venv/bin/python benchmarks/protocol_checks.py load-order --layout alternate --chunks 16

@@ -21,13 +21,16 @@ from .conftest import random_spec, tiny_model
 from .synthetic import staircase_profile
 
 
-def test_table_is_linear_in_tokens_and_a_staircase_in_width():
-    t = Table({"axes": ["tokens", "w"], "grid": {"tokens": [10, 20], "w": [8, 16, 24]},
-               "ms": [[1.0, 2.0, 3.0], [3.0, 4.0, 5.0]]})
+def test_table_is_linear_in_tokens_and_in_widths_past_the_tile():
+    t = Table({"axes": ["tokens", "w"], "grid": {"tokens": [10, 20], "w": [8, 16, 24, 56]},
+               "ms": [[1.0, 2.0, 3.0, 7.0], [3.0, 4.0, 5.0, 9.0]]}, tile=8)
     assert t(10, 8) == 1.0 and t(20, 24) == 5.0
     assert t(15, 16) == pytest.approx(3.0)  # halfway in tokens
-    assert t(10, 9) == 2.0 and t(10, 16) == 2.0 and t(10, 17) == 3.0  # pays the next step
-    assert t(10, 1) == 1.0  # below the smallest width: the smallest entry
+    assert t(10, 9) == 2.0 and t(10, 16) == 2.0 and t(10, 17) == 3.0  # padded to the tile: pays the next step
+    assert t(10, 40) == pytest.approx(5.0)  # half way between 24 and 56, grid points four tiles apart
+    assert t(10, 26) == pytest.approx(4.0)  # padded to 32 first: a quarter of the way
+    assert t(15, 40) == pytest.approx(6.0)  # both at once
+    assert t(10, 1) == 1.0 and t(10, 64) == 7.0  # outside the widths measured: the nearest entry
     # below the grid the fixed cost stays: linear extrapolation, not a scaling to zero
     assert t(5, 8) == pytest.approx(0.0) and t(8, 24) == pytest.approx(2.6)
     with pytest.raises(SlimError, match="NaN or negative"):
@@ -154,7 +157,7 @@ def test_the_dense_model_anchors_the_fit_and_an_older_fit_is_redone_on_load():
     fit holds it almost exactly, even when its measurement sits off what the other models say. A profile whose
     calibration an older fit made is fitted again from its points when loaded."""
     from slimdeploy.latency.calibration import FIT
-    from slimdeploy.latency.model import calibrated, refit_calibration
+    from slimdeploy.latency.model import calibrated, point_sizes
 
     truth = {"scale_fixed": 1.2, "scale_tokens": 0.85, "per_gather": 0.003, "beta": 0.02}
     rng = np.random.default_rng(7)
@@ -170,12 +173,27 @@ def test_the_dense_model_anchors_the_fit_and_an_older_fit_is_redone_on_load():
     moved = fit_calibration([pts[1], *pts[2:], pts[0]])  # the same points, the dense one no longer first
     assert abs(calibrated(dense["features"], moved, False) / dense["measured_ms"] - 1) > 0.02
 
+    # an older fit, whose points' features an older reading of the tables gave: both are done again on load
     prof = DeviceProfile.load(resolve_profile("xeon-2c-ort1t-b1-fmnist-vit"))
-    old = {**prof.calibration, "fit": FIT - 1, "beta": prof.calibration["beta"] + 1.0}
+    stale = [{**p, "features": {k: 2 * v for k, v in p["features"].items()}} for p in prof.calibration["points"]]
+    stale[1]["ranked_twin"] = True  # a pair's features are its two points' (here: two static models as a pair)
+    pairs = [{"token_mode": "attentive", "ranked": stale[1]["features"], "static": stale[2]["features"],
+              "delta_ms": 0.001}]
+    old = {**prof.calibration, "fit": FIT - 1, "points": stale, "pairs": pairs, "beta": prof.calibration["beta"] + 1}
     prof.calibration = old
-    refit_calibration(prof)
-    assert prof.calibration["fit"] == FIT and prof.calibration["points"] == old["points"]
-    assert prof.calibration["beta"] == pytest.approx(fit_calibration(old["points"], old.get("pairs"))["beta"])
+    lm = LatencyModel(prof)
+    cal = prof.calibration
+    assert cal["fit"] == FIT and len(cal["points"]) == len(stale)
+    n = int(prof.model["num_tokens"])
+    for p in cal["points"]:
+        sizes, embed = point_sizes(p)
+        assert p["features"] == lm.for_tokens(p.get("token_mode") or "static").features(sizes, n, embed)
+    twins = [i for i, p in enumerate(cal["points"]) if p.get("ranked_twin")]
+    assert len(twins) == len(cal["pairs"]) > 0
+    for pair, i in zip(cal["pairs"], twins):
+        assert pair["ranked"] == cal["points"][i]["features"] and pair["static"] == cal["points"][i + 1]["features"]
+    assert lm.cal["beta"] == cal["beta"] == pytest.approx(fit_calibration(cal["points"], cal["pairs"])["beta"])
+    assert LatencyModel(prof).cal == lm.cal  # current now: not fitted again
 
 
 def test_paired_twins_give_a_ranking_its_cost_where_the_regression_cannot():

@@ -17,7 +17,8 @@ model, so the dense model's own error would move every target (held-out models o
 signed error of the ratio to dense went from -3.0..+5.9% to -0.3..+2.4%). Every cost is kept >= 0: a node never
 makes a model faster, and the per-branch and per-gather costs that fitted a few us below zero were noise (held out,
 the p90 error fell on four of the five profiles). FIT says which version of this fit a profile's calibration
-holds: an older one is fitted again from its points when loaded (model.py), with nothing measured again.
+holds: an older one is fitted again from its points when loaded (model.py), their features read again from their
+widths by the current tables, with nothing measured again.
 
 Two scales, not one per table group (one per group overfits: it was 0.3 for attention and 1.8 for the MLP on 16
 random models, and wrong on the solver's structures), but one for what an operator costs whatever its tokens
@@ -38,7 +39,8 @@ from ..errors import SlimError
 from ..types import RANKED_TOKEN_MODES, Arch, ModelConfig, SlimSpec
 from .model import COUNTS, RANKING_TABLE, calibrated
 
-FIT = 2  # the fit's version (see the module's docstring); bump when the same points would fit otherwise
+FIT = 3  # the fit's version (see the module's docstring); bump when the same points would fit otherwise. 3: widths
+# read linearly between grid points further apart than the profile's step, not as a staircase (model.py)
 DENSE_WEIGHT = 30.0  # the dense model (the first point) counts as this many models
 
 

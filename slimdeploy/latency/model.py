@@ -5,12 +5,15 @@ A block with n tokens (n_prev before it), h heads of q and v channels and m MLP 
   + (rest(n) + qkv(n, h*(2q+v)) + core(n, h, q, v) + proj(n, h*v)   if h > 0, else const(n))
   + (rest(n) + mlp(n, m)                                            if m > 0, else const(n))
 and the model is stem_head + the blocks. Tables are read linearly in tokens (they hold the fixed cost of an
-operator at few tokens: nothing scales to zero) and as a staircase in widths (a width between two measured ones
-costs what the next measured one costs: engines pad to tiles). The attention core is factorised over its two
+operator at few tokens: nothing scales to zero). A width is padded to the profile's step (engines pad to tiles:
+a staircase at that step) and read linearly between two measured widths further apart than that: the grids step
+by up to 128 units at large widths (deit_small's MLP above 1024), and whole models there measured half way between
+their neighbours (benchmarks/protocol_checks.py mlp-widths: median position 0.50, not the 1.0 of reading the next
+point up, which priced a random structure's MLP up to 12% too high). The attention core is factorised over its two
 widths: core(n, h, q, v) = core_q(n, h, q) + core_v(n, h, v) - core_q(n, h, head_dim).
 At an embedding width e below the full D, every piece but the attention core (which never touches the stream) is
 scaled by its embedding table's ratio cost(e) / cost(D), read at the same tokens and width on a coarse grid (linear
-in tokens, a staircase in widths and in e): factorised, so the profile measures a few hundred more pieces, not
+in tokens, widths and e read as above): factorised, so the profile measures a few hundred more pieces, not
 every table again at every e.
 
 The sum maps to end-to-end latency by a calibration fitted on whole models measured during profiling:
@@ -26,6 +29,7 @@ from __future__ import annotations
 
 import os
 from bisect import bisect_left
+from itertools import product
 from pathlib import Path
 
 import numpy as np
@@ -131,31 +135,46 @@ def steadiness_warning(profile: DeviceProfile) -> str | None:
 
 
 class Table:
-    """A measured table: linear in its first axis (tokens), a staircase in the others."""
+    """A measured table: linear in its first axis (tokens); in the others (widths), a width is padded to `tile`
+    and read linearly between the grid points around it (see the module's docstring)."""
 
-    def __init__(self, d: dict):
+    def __init__(self, d: dict, tile: int = 8):
         self.axes: list[str] = d["axes"]
         self.grid: list[list[int]] = [list(map(int, d["grid"][a])) for a in self.axes]
         self.ms = np.asarray(d["ms"], dtype=np.float64)
+        self.tile = max(1, tile)
         if self.ms.shape != tuple(len(g) for g in self.grid):
             raise SlimError(f"profile table over {self.axes} has shape {self.ms.shape}, not its grid's")
         if not np.isfinite(self.ms).all() or (self.ms < 0).any():
             raise SlimError(f"profile table over {self.axes} holds NaN or negative entries: re-measure the profile")
 
-    def _stair(self, axis: int, w: int) -> int:
-        """Index of the first grid width >= w (clamped to the largest)."""
+    def at_width(self, axis: int, w: int) -> list[tuple[int, float]]:
+        """Grid indices and weights that read width w on a width axis: w padded to the tile (not past the next
+        grid point), then linear between its two neighbours; clamped to the grid's ends."""
         g = self.grid[axis]
-        return min(bisect_left(g, w), len(g) - 1)
+        j = bisect_left(g, w)
+        if j == 0 or j == len(g):
+            return [(min(j, len(g) - 1), 1.0)]
+        w = min(g[j], -(-w // self.tile) * self.tile)
+        u = (w - g[j - 1]) / (g[j] - g[j - 1])
+        return [(j, 1.0)] if u >= 1.0 else [(j - 1, 1.0 - u), (j, u)]
 
     def __call__(self, n: float, *widths: int) -> float:
-        idx = tuple(self._stair(i + 1, w) for i, w in enumerate(widths))
         g = self.grid[0]
         if len(g) == 1:
-            return float(self.ms[(0, *idx)])
-        j = min(max(bisect_left(g, n), 1), len(g) - 1)
-        lo, hi = g[j - 1], g[j]
-        t = (n - lo) / (hi - lo)  # outside the grid: linear extrapolation from the nearest two points
-        return max(0.0, float((1 - t) * self.ms[(j - 1, *idx)] + t * self.ms[(j, *idx)]))
+            tokens = [(0, 1.0)]
+        else:
+            j = min(max(bisect_left(g, n), 1), len(g) - 1)
+            t = (n - g[j - 1]) / (g[j] - g[j - 1])  # outside the grid: linear extrapolation from the nearest two
+            tokens = [(j - 1, 1.0 - t), (j, t)]
+        total = 0.0
+        for corner in product(tokens, *(self.at_width(i + 1, w) for i, w in enumerate(widths))):
+            weight = 1.0
+            for _, u in corner:
+                weight *= u
+            if weight:
+                total += weight * float(self.ms[tuple(i for i, _ in corner)])
+        return max(0.0, total)
 
     def widths(self, axis: int) -> list[int]:
         return self.grid[axis]
@@ -168,31 +187,33 @@ class LatencyModel:
     """predict(spec) -> ms on the profile's device, backend, precision and batch size."""
 
     def __init__(self, profile: DeviceProfile, correction: tuple[float, float] = (1.0, 0.0),
-                 path: Path | None = None, token_mode: str = "static"):
+                 path: Path | None = None, token_mode: str = "static", refit: bool = True):
         self.profile, self.path = profile, path  # path: the file it was read from
         self.token_mode = token_mode  # of the sizes predict_sizes is given (a spec says its own)
         t = profile.tables
         missing = [k for k in (*TABLES, "stem_head") if k not in t]
         if missing:
             raise SlimError(f"profile '{profile.device}' lacks the tables {missing}: re-measure it")
-        self.tables = {k: Table(t[k]) for k in TABLES}
-        self.embed_tables = {k.removeprefix("embed."): Table(v) for k, v in t.items() if k.startswith("embed.")}
+        tile = int(profile.model.get("step", 8))
+        self.tables = {k: Table(t[k], tile) for k in TABLES}
+        self.embed_tables = {k.removeprefix("embed."): Table(v, tile) for k, v in t.items() if k.startswith("embed.")}
         if token_mode in RANKED_TOKEN_MODES:
             table = RANKING_TABLE[token_mode]
             if table not in t:
                 raise SlimError(f"profile '{profile.device}' has no table of {token_mode} token ranking (measured "
                                 "since this version): re-measure it with slimdeploy profile, or use --device local")
-            self.tables["gather"] = Table(t[table])  # a dropping block pays the ranking (and fusing) instead
-        self.warm = {k: Table(v) for k, v in (t.get("warm") or {}).items()}
+            self.tables["gather"] = Table(t[table], tile)  # a dropping block pays the ranking (and fusing) instead
+        self.warm = {k: Table(v, tile) for k, v in (t.get("warm") or {}).items()}
         self.stem = float(t["stem_head"]["ms"])
         self._ratios: dict[tuple, float] = {}
         self.head_dim = int(profile.model["head_dim"])
         self.embed_dim = int(profile.model["embed_dim"])
         self.bytes_per_param = BYTES_PER_PARAM.get(profile.precision, 4)
-        refit_calibration(profile)
+        self._raw: dict[tuple, tuple[float, float, float]] = {}
+        if refit:
+            self._refit_calibration()
         self.cal = {k: v for k, v in (profile.calibration or {}).items() if k not in ("points", "pairs")}
         self.correction = correction  # (a, b): measured = a * prediction + b, from a closed loop
-        self._raw: dict[tuple, tuple[float, float, float]] = {}
 
     @classmethod
     def load(cls, device: str, profiles_dir: str | Path | None = None) -> LatencyModel:
@@ -208,6 +229,31 @@ class LatencyModel:
         if token_mode == self.token_mode:
             return self
         return LatencyModel(self.profile, self.correction, self.path, token_mode)
+
+    def _refit_calibration(self) -> None:
+        """A calibration made by an older version of the fit is fitted again, in memory, from its points, their
+        features read again from their widths by these tables (the paired twins' with them); nothing is measured
+        again, and `slimdeploy profile --fold` writes a refitted calibration to the file."""
+        from .calibration import FIT, fit_calibration
+
+        cal = self.profile.calibration or {}
+        if not cal.get("points") or cal.get("fit") == FIT:
+            return
+        n_tokens, by_mode, points = int(self.profile.model["num_tokens"]), {}, []
+        for p in cal["points"]:
+            sizes = point_sizes(p)
+            if sizes is not None:
+                mode = p.get("token_mode") or "static"
+                if mode not in by_mode:
+                    by_mode[mode] = LatencyModel(self.profile, path=self.path, token_mode=mode, refit=False)
+                p = {**p, "features": by_mode[mode].features(sizes[0], n_tokens, sizes[1])}
+            points.append(p)
+        pairs = cal.get("pairs") or []
+        twins = [i for i, p in enumerate(points[:-1]) if p.get("ranked_twin")]  # each followed by its static twin
+        if len(twins) == len(pairs):
+            pairs = [{**pair, "ranked": points[i]["features"], "static": points[i + 1]["features"]}
+                     for pair, i in zip(pairs, twins)]
+        self.profile.calibration = fit_calibration(points, pairs)
 
     # ---- embedding width -------------------------------------------------------------------------
     def embed_widths(self) -> list[int]:
@@ -226,7 +272,7 @@ class LatencyModel:
             self.embed_widths()  # the clear error when the tables are missing
             t = self.embed_tables[piece]
             if piece == "stem_head":
-                full, at = t.ms[-1], t.ms[t._stair(0, e)]
+                full, at = t.ms[-1], sum(u * t.ms[i] for i, u in t.at_width(0, e))
             else:
                 full, at = t(n, *widths, self.embed_dim), t(n, *widths, e)
             self._ratios[key] = float(at / full) if full > 0 else 1.0
@@ -333,14 +379,15 @@ class LatencyModel:
         return out
 
 
-def refit_calibration(profile: DeviceProfile) -> None:
-    """Fit a calibration made by an older version of the fit again from its points, in memory (nothing is measured
-    again; `slimdeploy profile --fold` writes a refitted calibration to the file)."""
-    from .calibration import FIT, fit_calibration
-
-    cal = profile.calibration or {}
-    if cal.get("points") and cal.get("fit") != FIT:
-        profile.calibration = fit_calibration(cal["points"], cal.get("pairs"))
+def point_sizes(point: dict) -> tuple[list[tuple[int, int, int, int, int]], int | None] | None:
+    """A calibration point's per-block sizes (n, h, q, v, m) and embedding width, read from its widths (a spec's
+    summary, or a closed loop's sizes), else None."""
+    w = point.get("widths")
+    if not w:
+        return None
+    if isinstance(w[0], dict):
+        return [(b["tokens"], b["heads"], b["qk"], b["v"], b["mlp"]) for b in w], w[0].get("embed")
+    return [tuple(b) for b in w], point.get("embed")
 
 
 def phi(weight_bytes: float, center: float, width: float) -> float:

@@ -550,7 +550,7 @@ def fold_rounds(profile_path: str | Path, rounds: list[dict]) -> DeviceProfile:
         ranked = lm.for_tokens(row.get("token_mode", "static"))
         points.append({"features": ranked.features([tuple(s) for s in row["sizes"]], n_tokens, row.get("embed")),
                        "measured_ms": row["over_dense"] * dense_ref, "halfwidth": row.get("y_halfwidth"),
-                       "widths": row["sizes"], "from": row.get("from", "closed loop")})
+                       "widths": row["sizes"], "embed": row.get("embed"), "from": row.get("from", "closed loop")})
     prof.calibration = fit_calibration(points, prof.calibration.get("pairs"))
     prof.warnings = [*prof.warnings, f"calibration refitted with {len(rounds)} closed-loop measurements"]
     prof.save(path)
