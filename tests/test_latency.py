@@ -31,6 +31,9 @@ def test_table_is_linear_in_tokens_and_in_widths_past_the_tile():
     assert t(10, 26) == pytest.approx(4.0)  # padded to 32 first: a quarter of the way
     assert t(15, 40) == pytest.approx(6.0)  # both at once
     assert t(10, 1) == 1.0 and t(10, 64) == 7.0  # outside the widths measured: the nearest entry
+    kept = Table({"axes": ["tokens", "kept"], "grid": {"tokens": [10, 20], "kept": [2, 5, 15, 40]},
+                  "ms": [[1.0, 2.0, 3.0, 8.0], [1.0, 2.0, 3.0, 8.0]]}, tile=8)
+    assert kept(10, 17) == pytest.approx(3.4)  # a count of tokens is not padded to the tile
     # below the grid the fixed cost stays: linear extrapolation, not a scaling to zero
     assert t(5, 8) == pytest.approx(0.0) and t(8, 24) == pytest.approx(2.6)
     with pytest.raises(SlimError, match="NaN or negative"):

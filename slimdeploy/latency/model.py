@@ -134,28 +134,31 @@ def steadiness_warning(profile: DeviceProfile) -> str | None:
                      f" {profile.device})")
 
 
+COUNT_AXES = ("kept", "heads")  # counted, not padded to a tile: tokens a ranking keeps, heads
+
+
 class Table:
-    """A measured table: linear in its first axis (tokens); in the others (widths), a width is padded to `tile`
-    and read linearly between the grid points around it (see the module's docstring)."""
+    """A measured table: linear in its first axis (tokens); in the others, linear between the grid points around
+    the value, a width padded to `tile` first (see the module's docstring), a count (COUNT_AXES) as it is."""
 
     def __init__(self, d: dict, tile: int = 8):
         self.axes: list[str] = d["axes"]
         self.grid: list[list[int]] = [list(map(int, d["grid"][a])) for a in self.axes]
         self.ms = np.asarray(d["ms"], dtype=np.float64)
-        self.tile = max(1, tile)
+        self.tiles = [1 if a in COUNT_AXES else max(1, tile) for a in self.axes]
         if self.ms.shape != tuple(len(g) for g in self.grid):
             raise SlimError(f"profile table over {self.axes} has shape {self.ms.shape}, not its grid's")
         if not np.isfinite(self.ms).all() or (self.ms < 0).any():
             raise SlimError(f"profile table over {self.axes} holds NaN or negative entries: re-measure the profile")
 
     def at_width(self, axis: int, w: int) -> list[tuple[int, float]]:
-        """Grid indices and weights that read width w on a width axis: w padded to the tile (not past the next
-        grid point), then linear between its two neighbours; clamped to the grid's ends."""
-        g = self.grid[axis]
+        """Grid indices and weights that read w on axis `axis` (not the first): w padded to the axis's tile (not
+        past the next grid point), then linear between its two neighbours; clamped to the grid's ends."""
+        g, tile = self.grid[axis], self.tiles[axis]
         j = bisect_left(g, w)
         if j == 0 or j == len(g):
             return [(min(j, len(g) - 1), 1.0)]
-        w = min(g[j], -(-w // self.tile) * self.tile)
+        w = min(g[j], -(-w // tile) * tile)
         u = (w - g[j - 1]) / (g[j] - g[j - 1])
         return [(j, 1.0)] if u >= 1.0 else [(j - 1, 1.0 - u), (j, u)]
 

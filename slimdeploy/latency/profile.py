@@ -244,7 +244,7 @@ def assemble(cache: dict, grids: dict, with_warm: bool) -> dict:
 
     def ranking_table(name):
         """Over (tokens in, tokens kept): linear in what is ranked (on the coarse token grid: scoring and TopK grow
-        smoothly with it; the full grid squared took DeiT-S's profile to 628 s against 528 s), a staircase in what is
+        smoothly with it; the full grid squared took DeiT-S's profile to 628 s against 528 s), and linear in what is
         kept. A ranking keeps fewer than it gets; where the grid asks for more, the entry is that of the most it can
         keep (the row of the fewest tokens in, which keeps nothing, is the next row's)."""
         ns, nin = grids["tokens"], grids["tokens_coarse"]
