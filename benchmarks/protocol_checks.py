@@ -12,10 +12,11 @@ session, then every second one (as it does now), `alternate` the two by turns. d
 1 up to noise.
 
 `mlp-widths`: whole models whose every block keeps m MLP units (all else dense), m on the profile's MLP grid and
-half way between its points, each with the dense model, by `MODEL`. The latency model reads a width between two
-grid points as a staircase (the cost of the next point up); `position` says where a half-way model measured
-between its two neighbours: 1 for a staircase, 0.5 for linear. On deit_small the grid steps by 128 above 1024
-units, so a random width is priced up to 12% of its MLP too high if the staircase is wrong.
+half way between its points, each with the dense model, by `MODEL`. `position` says where a half-way model
+measured between its two neighbours: 1 for a staircase (the cost of the next point up, how the latency model read
+such a width up to calibration version 2), 0.5 for linear (how it reads it since). On deit_small the grid steps by
+128 above 1024 units, so the staircase priced a random MLP width up to 12% too high. `--from`: the narrowest grid
+width to include (the whole grid is ~60 models a chunk on deit_small).
 
     .venv/bin/python benchmarks/protocol_checks.py calls --model deit_small_patch16_224 --reps 2
     .venv/bin/python benchmarks/protocol_checks.py load-order --layout alternate --chunks 16
@@ -143,7 +144,8 @@ def mlp_widths(model, arch, cfg, backend, reps: int, low: int) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("check", choices=["calls", "load-order", "mlp-widths"])
-    ap.add_argument("--model", default=None, help="default: deit_small_patch16_224 (calls), fmnist-vit (load-order)")
+    ap.add_argument("--model", default=None,
+                    help="default: deit_small_patch16_224 (calls), fmnist-vit (load-order, mlp-widths)")
     ap.add_argument("--reps", type=int, default=2)
     ap.add_argument("--chunks", type=int, default=12)
     ap.add_argument("--layout", choices=["export-first", "worker-files", "round-robin", "alternate"],

@@ -533,6 +533,19 @@ def test_folded_loop_rows_are_priced_in_their_token_mode(tmp_path):
     points = fold_rounds(path, rows).calibration["points"]
     assert [p["features"]["rank"] for p in points[-2:]] == [1, 0]
     assert [p["features"]["gather"] for p in points[-2:]] == [1, 1]
+    assert [p["token_mode"] for p in points[-2:]] == ["attentive", "static"]
+
+    # folded by an older version (no token mode, no embedding width kept) and fitted by an older fit: read again on
+    # load in the mode and at the width their features were computed with
+    narrow = a.embed_dim // 2
+    old_row = {"features": lm.for_tokens("attentive").features([tuple(s) for s in sizes], a.num_tokens, narrow),
+               "measured_ms": 0.5, "widths": sizes}
+    cal = {**prof.calibration, "fit": FIT - 1,
+           "points": [*({k: v for k, v in p.items() if k not in ("token_mode", "embed")} for p in points), old_row]}
+    prof.calibration = cal
+    again = LatencyModel(prof).profile.calibration["points"]
+    assert [p["features"]["rank"] for p in again[-3:]] == [1, 0, 1]
+    assert again[-1]["features"] == pytest.approx(old_row["features"])  # the same tables: the same features
 
 
 def test_export_deployed_writes_each_model_as_deployed(tmp_path):

@@ -40,7 +40,8 @@ from ..types import RANKED_TOKEN_MODES, Arch, ModelConfig, SlimSpec
 from .model import COUNTS, RANKING_TABLE, calibrated
 
 FIT = 3  # the fit's version (see the module's docstring); bump when the same points would fit otherwise. 3: widths
-# read linearly between grid points further apart than the profile's step, not as a staircase (model.py)
+# read linearly between grid points further apart than the profile's step, and the tokens a ranking keeps linearly,
+# not as a staircase (model.py)
 DENSE_WEIGHT = 30.0  # the dense model (the first point) counts as this many models
 
 

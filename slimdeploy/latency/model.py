@@ -152,7 +152,7 @@ class Table:
             raise SlimError(f"profile table over {self.axes} holds NaN or negative entries: re-measure the profile")
 
     def at_width(self, axis: int, w: int) -> list[tuple[int, float]]:
-        """Grid indices and weights that read w on axis `axis` (not the first): w padded to the axis's tile (not
+        """Grid indices and weights that read w on axis `axis` (a width or a count): w padded to the axis's tile (not
         past the next grid point), then linear between its two neighbours; clamped to the grid's ends."""
         g, tile = self.grid[axis], self.tiles[axis]
         j = bisect_left(g, w)
@@ -246,10 +246,17 @@ class LatencyModel:
         for p in cal["points"]:
             sizes = point_sizes(p)
             if sizes is not None:
-                mode = p.get("token_mode") or "static"
+                old = p.get("features") or {}
+                # closed-loop points folded before they kept their token mode and embedding width: from the counts
+                # and the weight bytes their features were computed with
+                mode = p.get("token_mode") or next((m for m, k in RANKING_TABLE.items() if old.get(k)), "static")
+                embed = sizes[1]
+                per_width = self.bytes_per_param * sum(h * (2 * q + v) + h * v + 2 * m for _, h, q, v, m in sizes[0])
+                if embed is None and old.get("bytes") and per_width:
+                    embed = round(old["bytes"] / per_width)
                 if mode not in by_mode:
                     by_mode[mode] = LatencyModel(self.profile, path=self.path, token_mode=mode, refit=False)
-                p = {**p, "features": by_mode[mode].features(sizes[0], n_tokens, sizes[1])}
+                p = {**p, "features": by_mode[mode].features(sizes[0], n_tokens, embed)}
             points.append(p)
         pairs = cal.get("pairs") or []
         twins = [i for i, p in enumerate(points[:-1]) if p.get("ranked_twin")]  # each followed by its static twin

@@ -433,7 +433,7 @@ def profile_device(device: str, backend: Backend, model: nn.Module, source: Mode
         save()
         log(f"profile: {len(jobs)} pieces in {time.perf_counter() - start:.0f} s")
         tables = assemble(cache, grids, warm)
-        raw = LatencyModel(_profile(device, backend, batch_size, arch, tables, {}, "", 0.0))
+        raw = LatencyModel(_profile(device, backend, batch_size, arch, tables, {}, "", 0.0, step))
         rng = random.Random(seed)
         specs = [SlimSpec.dense(source, arch)]
         specs += [random_spec(arch, source, rng, step, size=0.1 + 0.9 * i / max(1, n_random - 1),
@@ -449,18 +449,17 @@ def profile_device(device: str, backend: Backend, model: nn.Module, source: Mode
         points, pairs = whole.points(raw, specs, twins)
     prof = _profile(device, backend, batch_size, arch, tables, fit_calibration(points, pairs),
                     " ".join(shlex.quote(a) for a in ["slimdeploy", *sys.argv[1:]]),
-                    elapsed_before + time.perf_counter() - t_start)
-    prof.model["step"] = step
+                    elapsed_before + time.perf_counter() - t_start, step)
     prof.measurements = len(cache)
     prof.save(out)
     partial.unlink(missing_ok=True)
     return prof
 
 
-def _profile(device, backend, batch, arch, tables, calibration, command, seconds) -> DeviceProfile:
+def _profile(device, backend, batch, arch, tables, calibration, command, seconds, step: int) -> DeviceProfile:
     return DeviceProfile(device=device, hardware=backend.hardware(), backend=backend.name,
                          backend_version=backend.version(), precision=backend.precision, batch_size=batch,
-                         threads=backend.threads, model=model_signature(arch), tables=tables,
+                         threads=backend.threads, model={**model_signature(arch), "step": step}, tables=tables,
                          calibration=calibration, fingerprint=backend.fingerprint(),
                          torch_device=str(getattr(backend, "device", "")) if backend.name == "torch" else None,
                          torch_mode=getattr(backend, "mode", None) if backend.name == "torch" else None,
@@ -550,7 +549,8 @@ def fold_rounds(profile_path: str | Path, rounds: list[dict]) -> DeviceProfile:
         ranked = lm.for_tokens(row.get("token_mode", "static"))
         points.append({"features": ranked.features([tuple(s) for s in row["sizes"]], n_tokens, row.get("embed")),
                        "measured_ms": row["over_dense"] * dense_ref, "halfwidth": row.get("y_halfwidth"),
-                       "widths": row["sizes"], "embed": row.get("embed"), "from": row.get("from", "closed loop")})
+                       "widths": row["sizes"], "embed": row.get("embed"), "token_mode": row.get("token_mode", "static"),
+                       "from": row.get("from", "closed loop")})
     prof.calibration = fit_calibration(points, prof.calibration.get("pairs"))
     prof.warnings = [*prof.warnings, f"calibration refitted with {len(rounds)} closed-loop measurements"]
     prof.save(path)

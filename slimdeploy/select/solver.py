@@ -4,8 +4,9 @@ Global across blocks and dimensions: start from the dense model and repeatedly t
 importance lost per unit of cost saved (a width of one block down to the next width that is strictly cheaper, a
 head fewer, fewer tokens from a block on, the embedding width of every block down a step), until the cost meets
 the budget. Then climb back: take any widening
-that still fits, best importance per unit first. A widening that costs nothing is always taken, so every width
-ends at the widest point of its step of the latency staircase.
+that still fits, best importance per unit first. A widening that costs nothing is always taken. Under a latency
+cost the widths are the profile's grid widths, where its tables were measured: the model reads a width between
+two of them linearly (model.py), and the solver keeps to measured points rather than to interpolated ones.
 
 Costs: latency (the profile's model, with the gather a block pays when it drops tokens), MACs or parameters.
 Within a kind, which head, channel, unit or token goes first comes from the search's importance; across kinds
