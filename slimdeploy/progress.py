@@ -74,7 +74,7 @@ class LineProgress:
         if "info" in fields:
             t.info = str(fields["info"])
         now = self.clock()
-        if now - t.printed_at >= self.every_s:
+        if now - t.printed_at >= self.every_s and t.completed != t.printed_completed:
             self._print(t, now)
 
     def _print(self, t: _Task, now: float, final: bool = False) -> None:

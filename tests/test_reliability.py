@@ -331,6 +331,8 @@ def test_progress_in_a_log_file_is_a_line_a_minute_with_eta_and_a_last_line(caps
         task = p.add_task("profile", total=5)
         now[0] += 60
         p.update(task, advance=5)
+        now[0] += 60
+        p.update(task, info="still")  # only the text changed: no line
     assert capsys.readouterr().err == "profile: 5/5 (100%) 1m00s\n"  # printed once: nothing moved after it
 
 
