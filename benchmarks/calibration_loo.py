@@ -1,0 +1,80 @@
+"""How well a profile's latency model predicts whole models it was not fitted on, computed from stored
+measurements (nothing is timed).
+
+For each profile: leave-one-out over its calibration's static whole models (each predicted as a ratio to the
+dense model by the fit of all the others, with the tables as this version reads them); with --rows, also the
+random specs and solver picks of latency_fidelity.py result files, predicted by the profile as it stands and
+compared with their measured ratios to dense. Run at two commits to compare two versions of the model on the
+same measurements (profiles of earlier sessions: benchmarks/results/profiles/).
+
+    .venv/bin/python benchmarks/calibration_loo.py benchmarks/results/profiles/*.json profiles/xeon-*deit_small.json
+    .venv/bin/python benchmarks/calibration_loo.py benchmarks/results/profiles/deit_small_epyc_0833.json \\
+        --rows benchmarks/results/latency_fidelity_deit_small_epyc.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+from pathlib import Path
+
+from slimdeploy.latency.calibration import fit_calibration
+from slimdeploy.latency.model import LatencyModel, calibrated
+from slimdeploy.types import DeviceProfile
+
+
+def summary(errors: list[float]) -> dict:
+    a = sorted(abs(e) for e in errors)
+    return {"n": len(a), "median": statistics.median(a), "p90": a[int(0.9 * (len(a) - 1))], "max": a[-1],
+            "signed_median": statistics.median(errors)}
+
+
+def leave_one_out(lm: LatencyModel) -> dict:
+    cal = lm.profile.calibration
+    points, pairs, warm = cal["points"], cal.get("pairs"), bool(lm.warm)
+    errors = []
+    for i, p in enumerate(points[1:], 1):
+        if p.get("ranked_twin") or (p.get("token_mode") or "static") != "static":
+            continue
+        fit = fit_calibration(points[:i] + points[i + 1:], pairs)
+        predicted = calibrated(p["features"], fit, warm) / calibrated(points[0]["features"], fit, warm)
+        errors.append(predicted / (p["measured_ms"] / points[0]["measured_ms"]) - 1)
+    return summary(errors)
+
+
+def rows_error(lm: LatencyModel, path: Path) -> dict:
+    a = lm.profile.model
+    dense = lm.predict_sizes([(a["num_tokens"], a["num_heads"], a["head_dim"], a["head_dim"], a["mlp_dim"])]
+                             * a["depth"])
+    out = {}
+    for kind in ("random", "solver"):
+        errors = [lm.for_tokens(r.get("token_mode") or "static").predict_sizes(
+                      [(b["tokens"], b["heads"], b["qk"], b["v"], b["mlp"]) for b in r["widths"]],
+                      r["widths"][0].get("embed")) / dense / r["measured_over_dense"] - 1
+                  for r in json.loads(path.read_text())["rows"] if r["kind"].startswith(kind)]
+        if errors:
+            out[kind] = summary(errors)
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("profiles", nargs="+")
+    ap.add_argument("--rows", nargs="*", default=[], help="latency_fidelity.py results to predict")
+    args = ap.parse_args()
+    for path in args.profiles:
+        lm = LatencyModel(DeviceProfile.load(path))
+        cal = lm.profile.calibration
+        loo = leave_one_out(lm)
+        print(f"{path}: fit {cal['fit_median_abs_error']:.1%} / {cal['fit_max_abs_error']:.1%}; leave-one-out "
+              f"(n={loo['n']}) median {loo['median']:.1%}, p90 {loo['p90']:.1%}, max {loo['max']:.1%}, "
+              f"signed {loo['signed_median']:+.1%}", flush=True)
+        for rows in args.rows:
+            for kind, s in rows_error(lm, Path(rows)).items():
+                print(f"  {Path(rows).name} {kind} (n={s['n']}): median {s['median']:.1%}, p90 {s['p90']:.1%}, "
+                      f"signed {s['signed_median']:+.1%}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
