@@ -127,11 +127,10 @@ def _busy_profile(path) -> Check | None:
     """A failed check for a cached profile measured on a busy machine, else None (an unreadable profile is
     refused, with its reason, where it is used)."""
     from .errors import SlimError
-    from .latency.model import busy_measurement
-    from .types import DeviceProfile
+    from .latency.model import LatencyModel, busy_measurement
 
     try:
-        busy = busy_measurement(DeviceProfile.load(path))
+        busy = busy_measurement(LatencyModel.load(str(path)).profile)  # its fit as loaded: refitted if older
     except SlimError:
         return None
     return busy and Check(f"profile {path.name}", False, f"measured on a busy machine ({busy})",
