@@ -42,6 +42,28 @@ def test_table_is_linear_in_tokens_and_in_widths_past_the_tile():
         Table({"axes": ["tokens"], "grid": {"tokens": [1, 2]}, "ms": [0.1, -1.0]})
 
 
+def test_a_matmul_table_is_read_as_a_line_in_width_where_its_grid_is_coarse():
+    """Where the width grid turns coarse, a matmul's entries (each a piece timed in a few ms) are replaced by their
+    least-squares line at each token count; the fine part is read as measured."""
+    widths = [8, 16, 128, 256, 384, 512]
+    line = [0.1 + 0.01 * w for w in widths]
+    noisy = [[v * (1 + e) for v, e in zip(line, (0.05, -0.05, 0.2, -0.2, 0.2, -0.1))], line]
+    d = {"axes": ["tokens", "hidden"], "grid": {"tokens": [5, 17], "hidden": widths}, "ms": noisy}
+    t = Table(d, tile=8, affine_from=128)
+    assert t(5, 8) == pytest.approx(noisy[0][0]) and t(5, 16) == pytest.approx(noisy[0][1])  # the fine part
+    coarse = np.array(widths[2:], dtype=float)
+    slope, icpt = np.polyfit(coarse, noisy[0][2:], 1)
+    assert [t(5, w) for w in widths[2:]] == pytest.approx(list(icpt + slope * coarse))
+    assert [t(17, w) for w in widths[2:]] == pytest.approx(line[2:])  # a line stays itself
+    assert Table(d, tile=8)(5, 256) == pytest.approx(noisy[0][3])  # without it: as measured
+    prof = DeviceProfile.load(resolve_profile("xeon-2c-ort1t-b1-deit_small"))  # the MLP grid reaches 1536
+    lm, stored = LatencyModel(prof), np.array(prof.tables["mlp"]["ms"])
+    fine = np.array(prof.tables["mlp"]["grid"]["hidden"]) < 16 * prof.model["step"]
+    assert np.array_equal(lm.tables["mlp"].ms[:, fine], stored[:, fine])
+    assert not np.allclose(lm.tables["mlp"].ms[:, ~fine], stored[:, ~fine])  # measured entries are not a line
+    assert np.array_equal(lm.tables["rest"].ms, np.array(prof.tables["rest"]["ms"]))  # not a matmul
+
+
 def _features_by_hand(lm: LatencyModel, spec: SlimSpec) -> float:
     """The model's formula written out: stem + per block (gather, both branches), uncalibrated."""
     t = lm.tables

@@ -9,7 +9,12 @@ operator at few tokens: nothing scales to zero). A width is padded to the profil
 a staircase at that step) and read linearly between two measured widths further apart than that: the grids step
 by up to 128 units at large widths (deit_small's MLP above 1024), and whole models there measured half way between
 their neighbours (benchmarks/protocol_checks.py mlp-widths: median position 0.50, not the 1.0 of reading the next
-point up, which priced a random structure's MLP up to 12% too high). The attention core is factorised over its two
+point up, which priced a random structure's MLP up to 12% too high). Where the grid is coarse (from AFFINE_FROM
+steps on), a matmul's table (qkv, proj, mlp) is read as its least-squares line in width at each token count: a
+matmul costs close to an affine function of its width, and these entries, each a piece timed in a few ms, were
+the noisiest of the profiles (+8% to +34% for the same 128 units of deit_small's MLP, in two profiles measured
+11 minutes apart); on six stored profiles the line took the leave-one-out median error of the deit_small ones from
+2.7-7.2% to 1.8-2.3% (benchmarks/RESULTS.md). The attention core is factorised over its two
 widths: core(n, h, q, v) = core_q(n, h, q) + core_v(n, h, v) - core_q(n, h, head_dim).
 At an embedding width e below the full D, every piece but the attention core (which never touches the stream) is
 scaled by its embedding table's ratio cost(e) / cost(D), read at the same tokens and width on a coarse grid (linear
@@ -40,6 +45,9 @@ from .fingerprint import describe, differences
 
 SHIPPED_PROFILES = Path(__file__).resolve().parent.parent.parent / "profiles"
 TABLES = ("rest", "const", "gather", "qkv", "proj", "mlp", "core_q", "core_v")
+MATMULS = ("qkv", "proj", "mlp")  # tables over (tokens, width) of one matmul (two for the MLP)
+AFFINE_FROM = 16  # in profile steps: where the width grids turn coarse (profile.width_grid) and a matmul table is
+# read as its least-squares line in width, at each token count (see the module's docstring)
 RANKING_TABLE = {"attentive": "rank", "fused": "fuse"}  # what a dropping block pays instead of the gather
 RANKINGS = tuple(RANKING_TABLE.values())
 # structural counts with their own per-operator cost; "rank" and "fuse" count the drops made by a ranking in
@@ -134,6 +142,20 @@ def steadiness_warning(profile: DeviceProfile) -> str | None:
                      f" {profile.device})")
 
 
+def affine_in_width(ms: np.ndarray, widths: list[int], start: int) -> np.ndarray:
+    """A (tokens, width) table with its entries at widths >= start replaced, at each token count, by their
+    least-squares line in width (kept >= 0); unchanged with fewer than three such widths."""
+    w = np.asarray(widths, dtype=np.float64)
+    sel = w >= start
+    if sel.sum() < 3:
+        return ms
+    out = ms.copy()
+    A = np.stack([np.ones(int(sel.sum())), w[sel]], axis=1)
+    coef, *_ = np.linalg.lstsq(A, ms[:, sel].T, rcond=None)  # one line per token count
+    out[:, sel] = np.maximum((A @ coef).T, 0.0)
+    return out
+
+
 COUNT_AXES = ("kept", "heads")  # counted, not padded to a tile: tokens a ranking keeps, heads
 
 
@@ -141,7 +163,7 @@ class Table:
     """A measured table: linear in its first axis (tokens); in the others, linear between the grid points around
     the value, a width padded to `tile` first (see the module's docstring), a count (COUNT_AXES) as it is."""
 
-    def __init__(self, d: dict, tile: int = 8):
+    def __init__(self, d: dict, tile: int = 8, affine_from: int | None = None):
         self.axes: list[str] = d["axes"]
         self.grid: list[list[int]] = [list(map(int, d["grid"][a])) for a in self.axes]
         self.ms = np.asarray(d["ms"], dtype=np.float64)
@@ -150,6 +172,8 @@ class Table:
             raise SlimError(f"profile table over {self.axes} has shape {self.ms.shape}, not its grid's")
         if not np.isfinite(self.ms).all() or (self.ms < 0).any():
             raise SlimError(f"profile table over {self.axes} holds NaN or negative entries: re-measure the profile")
+        if affine_from is not None and len(self.axes) == 2:
+            self.ms = affine_in_width(self.ms, self.grid[1], affine_from)
 
     def at_width(self, axis: int, w: int) -> list[tuple[int, float]]:
         """Grid indices and weights that read w on axis `axis` (a width or a count): w padded to the axis's tile (not
@@ -198,7 +222,8 @@ class LatencyModel:
         if missing:
             raise SlimError(f"profile '{profile.device}' lacks the tables {missing}: re-measure it")
         tile = int(profile.model.get("step", 8))
-        self.tables = {k: Table(t[k], tile) for k in TABLES}
+        affine = {k: AFFINE_FROM * tile for k in MATMULS}
+        self.tables = {k: Table(t[k], tile, affine.get(k)) for k in TABLES}
         self.embed_tables = {k.removeprefix("embed."): Table(v, tile) for k, v in t.items() if k.startswith("embed.")}
         if token_mode in RANKED_TOKEN_MODES:
             table = RANKING_TABLE[token_mode]
@@ -206,7 +231,7 @@ class LatencyModel:
                 raise SlimError(f"profile '{profile.device}' has no table of {token_mode} token ranking (measured "
                                 "since this version): re-measure it with slimdeploy profile, or use --device local")
             self.tables["gather"] = Table(t[table], tile)  # a dropping block pays the ranking (and fusing) instead
-        self.warm = {k: Table(v, tile) for k, v in (t.get("warm") or {}).items()}
+        self.warm = {k: Table(v, tile, affine.get(k)) for k, v in (t.get("warm") or {}).items()}
         self.stem = float(t["stem_head"]["ms"])
         self._ratios: dict[tuple, float] = {}
         self.head_dim = int(profile.model["head_dim"])
