@@ -44,13 +44,15 @@ def test_never_exceeds_target(setup, frac):
 
 
 def test_lands_on_step_starts(setup):
-    """No kept width can grow to the next grid width without paying more latency."""
+    """No kept width can grow to the next grid width without paying more latency. (The synthetic profile's tile-32
+    staircase is read as measured only where the grid is fine, below 128 units, which this selection's MLP widths
+    never reach; above, a matmul table is read as a line: test_latency checks both readings.)"""
     arch, lm, imp, sel, dense = setup
     spec = sel.select(0.5 * dense).spec
     sizes = [[b.num_tokens, b.num_heads, b.qk_dim, b.v_dim, b.mlp_dim] for b in spec.blocks]
     base = lm.predict_sizes(sizes)
     checked = 0
-    for i, (_, h, _, _, m) in enumerate(sizes):
+    for i, (_, h, _, _, _) in enumerate(sizes):
         for dim, grid in ((2, sel.c.qk), (3, sel.c.v), (4, sel.c.mlp)):
             w = sizes[i][dim]
             full = arch.mlp_dim if dim == 4 else arch.head_dim
@@ -59,8 +61,6 @@ def test_lands_on_step_starts(setup):
                 bigger[i][dim] = min(g for g in grid if g > w)
                 assert lm.predict_sizes(bigger) > base
                 checked += 1
-        if 0 < m < arch.mlp_dim:
-            assert m % 32 == 0  # the synthetic tile: a step ends at a multiple of 32
     assert checked > 0
 
 
