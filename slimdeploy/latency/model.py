@@ -276,9 +276,9 @@ class LatencyModel:
                 # and the weight bytes their features were computed with
                 mode = p.get("token_mode") or next((m for m, k in RANKING_TABLE.items() if old.get(k)), "static")
                 embed = sizes[1]
-                per_width = self.bytes_per_param * sum(h * (2 * q + v) + h * v + 2 * m for _, h, q, v, m in sizes[0])
-                if embed is None and old.get("bytes") and per_width:
-                    embed = round(old["bytes"] / per_width)
+                if embed is None and old.get("bytes"):
+                    per_width = sum(self.block_bytes(h, q, v, m, 1) for _, h, q, v, m in sizes[0])  # bytes at e = 1
+                    embed = round(old["bytes"] / per_width) if per_width else None
                 if mode not in by_mode:
                     by_mode[mode] = LatencyModel(self.profile, path=self.path, token_mode=mode, refit=False)
                 p = {**p, "features": by_mode[mode].features(sizes[0], n_tokens, embed)}

@@ -546,10 +546,10 @@ def fold_rounds(profile_path: str | Path, rounds: list[dict]) -> DeviceProfile:
         raise SlimError(f"profile {path} has no calibration points to fold into")
     dense_ref = points[0]["measured_ms"]  # the dense model; every point is its ratio to dense times this
     for row in rounds:
-        ranked = lm.for_tokens(row.get("token_mode", "static"))
-        points.append({"features": ranked.features([tuple(s) for s in row["sizes"]], n_tokens, row.get("embed")),
+        mode, embed = row.get("token_mode", "static"), row.get("embed")
+        points.append({"features": lm.for_tokens(mode).features([tuple(s) for s in row["sizes"]], n_tokens, embed),
                        "measured_ms": row["over_dense"] * dense_ref, "halfwidth": row.get("y_halfwidth"),
-                       "widths": row["sizes"], "embed": row.get("embed"), "token_mode": row.get("token_mode", "static"),
+                       "widths": row["sizes"], "embed": embed, "token_mode": mode,
                        "from": row.get("from", "closed loop")})
     prof.calibration = fit_calibration(points, prof.calibration.get("pairs"))
     prof.warnings = [*prof.warnings, f"calibration refitted with {len(rounds)} closed-loop measurements"]
