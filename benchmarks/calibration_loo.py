@@ -16,8 +16,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 from pathlib import Path
+
+import numpy as np
 
 from slimdeploy.latency.calibration import fit_calibration
 from slimdeploy.latency.model import LatencyModel, calibrated
@@ -25,9 +26,10 @@ from slimdeploy.types import DeviceProfile
 
 
 def summary(errors: list[float]) -> dict:
-    a = sorted(abs(e) for e in errors)
-    return {"n": len(a), "median": statistics.median(a), "p90": a[int(0.9 * (len(a) - 1))], "max": a[-1],
-            "signed_median": statistics.median(errors)}
+    """|error| statistics as latency_fidelity.py reports them (p90 interpolated, numpy's default)."""
+    a = np.abs(errors)
+    return {"n": len(a), "median": float(np.median(a)), "p90": float(np.percentile(a, 90)), "max": float(a.max()),
+            "signed_median": float(np.median(errors))}
 
 
 def leave_one_out(lm: LatencyModel) -> dict:
