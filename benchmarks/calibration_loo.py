@@ -35,14 +35,38 @@ def summary(errors: list[float]) -> dict:
 def leave_one_out(lm: LatencyModel) -> dict:
     cal = lm.profile.calibration
     points, pairs, warm = cal["points"], cal.get("pairs"), bool(lm.warm)
-    errors = []
+    errors, held = [], []
     for i, p in enumerate(points[1:], 1):
         if p.get("ranked_twin") or (p.get("token_mode") or "static") != "static":
             continue
         fit = fit_calibration(points[:i] + points[i + 1:], pairs)
         predicted = calibrated(p["features"], fit, warm) / calibrated(points[0]["features"], fit, warm)
         errors.append(predicted / (p["measured_ms"] / points[0]["measured_ms"]) - 1)
-    return summary(errors)
+        held.append(p)
+    return {**summary(errors), "errors": errors, "held": held}
+
+
+def structure(p: dict, model: dict) -> dict:
+    """What a held-out point is made of, each as a fraction of dense (gathers: a count)."""
+    w = p["widths"]
+    return {"tokens": np.mean([b["tokens"] for b in w]) / model["num_tokens"],
+            "mlp": np.mean([b["mlp"] for b in w]) / model["mlp_dim"],
+            "attention": np.mean([b["heads"] * (b["qk"] + b["v"]) for b in w]) / (2 * model["num_heads"]
+                                                                                  * model["head_dim"]),
+            "embed": w[0].get("embed", model["embed_dim"]) / model["embed_dim"],
+            "gathers": p["features"]["gather"], "halfwidth": p.get("halfwidth", 0.0)}
+
+
+def residual_structure(lm: LatencyModel, loo: dict) -> dict:
+    """The correlation of the held-out errors with what the models are made of: a pattern would say what the fit
+    misses; correlations that change sign from profile to profile say the errors are the measurements' noise."""
+    rows = [structure(p, lm.profile.model) for p in loo["held"]]
+    out = {}
+    for key in rows[0]:
+        x = np.array([r[key] for r in rows], float)
+        if x.std() > 0:
+            out[key] = float(np.corrcoef(x, loo["errors"])[0, 1])
+    return out
 
 
 def rows_error(lm: LatencyModel, path: Path) -> dict:
@@ -64,6 +88,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("profiles", nargs="+")
     ap.add_argument("--rows", nargs="*", default=[], help="latency_fidelity.py results to predict")
+    ap.add_argument("--residuals", action="store_true", help="correlate the held-out errors with the structures")
     args = ap.parse_args()
     for path in args.profiles:
         lm = LatencyModel(DeviceProfile.load(path))
@@ -72,6 +97,9 @@ def main() -> None:
         print(f"{path}: fit {cal['fit_median_abs_error']:.1%} / {cal['fit_max_abs_error']:.1%}; leave-one-out "
               f"(n={loo['n']}) median {loo['median']:.1%}, p90 {loo['p90']:.1%}, max {loo['max']:.1%}, "
               f"signed {loo['signed_median']:+.1%}", flush=True)
+        if args.residuals:
+            print("  error correlates with: " + ", ".join(f"{k} {v:+.2f}"
+                                                          for k, v in residual_structure(lm, loo).items()))
         for rows in args.rows:
             for kind, s in rows_error(lm, Path(rows)).items():
                 print(f"  {Path(rows).name} {kind} (n={s['n']}): median {s['median']:.1%}, p90 {s['p90']:.1%}, "
