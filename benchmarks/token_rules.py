@@ -1,0 +1,177 @@
+"""Which tokens to keep, per image or fixed, at equal counts: accuracy only, nothing timed (issue 16).
+
+Every rule keeps the same number of tokens in each block (ViT-Slim's token fraction rule on the static search,
+every head, channel and unit kept, block 0 keeping every token), so only the choice of tokens differs:
+  static        the static search's positions (slimdeploy's static token mode)
+  attentive     per image, the class token's attention in the last block before, averaged over heads (the
+                attentive mode as shipped)
+  value         the same attention weighted by each token's value norm, per head (ATS, Fayyaz et al. 2022)
+  prior w       per image, (1 - w) x the attention above + w x a per-position prior, both normalised over the
+                patches; the prior is the static search's importance of each position from that block on (what the
+                static mode ranks by). The positions ride along with the tokens, so a later ranking still knows them.
+  mean-attn w   the same with the prior from data: the dense model's class-token attention in the block before,
+                averaged over 4,096 training images
+Ranked rules run on the attentive search's weights and on the dense model's; static on the static search's and the
+dense model's. The ranked rules here are built by wrapping the slim model's blocks (no change to slimdeploy).
+
+    .venv/bin/python benchmarks/token_rules.py --static-run runs/tokens-plain-static \\
+        --attentive-run runs/tokens-plain-attentive --out benchmarks/results/token_rules_plain.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from equal_latency import top1  # noqa: E402
+
+from slimdeploy.data import load_data, make_loader  # noqa: E402
+from slimdeploy.latency.fingerprint import cpu_name  # noqa: E402
+from slimdeploy.models import arch_of, data_config, load_dense  # noqa: E402
+from slimdeploy.prune import searched_model  # noqa: E402
+from slimdeploy.select.importance import load_importance  # noqa: E402
+from slimdeploy.select.vitslim import fraction_spec  # noqa: E402
+from slimdeploy.slim import RankedBlocks, build_slim, keep_top_tokens  # noqa: E402
+from slimdeploy.types import SlimSpec  # noqa: E402
+
+
+class ValueScored(nn.Module):
+    """A SlimAttention whose token scores weight each head's class-token attention by the value norms (ATS)."""
+
+    def __init__(self, attn: nn.Module):
+        super().__init__()
+        self.inner = attn
+
+    def forward(self, x: torch.Tensor, scores: str | None = None):
+        a = self.inner
+        if scores is None:
+            return a(x)
+        B, N, _ = x.shape
+        H, Q, V = a.num_heads, a.qk_dim, a.v_dim
+        q, k, v = a.qkv(x).split([H * Q, H * Q, H * V], dim=-1)
+        q = a.q_norm(q.reshape(B, N, H, Q).transpose(1, 2))
+        k = a.k_norm(k.reshape(B, N, H, Q).transpose(1, 2))
+        v = v.reshape(B, N, H, V).transpose(1, 2)
+        out = a.proj(F.scaled_dot_product_attention(q, k, v, scale=a.scale).transpose(1, 2).reshape(B, N, H * V))
+        p = ((q[:, :, :1] * a.scale) @ k.transpose(-2, -1)).softmax(-1)[:, :, 0] * v.norm(dim=-1)  # (B, H, N)
+        return out, (p / p.sum(-1, keepdim=True).clamp_min(1e-12)).mean(1)
+
+
+class PriorRanked(nn.Module):
+    """RankedBlocks whose rankings mix the per-image scores with a per-position prior (depth, tokens)."""
+
+    def __init__(self, blocks: RankedBlocks, prior: torch.Tensor, w: float):
+        super().__init__()
+        self.blocks, self.prior, self.w = blocks, prior, w
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, N, _ = x.shape
+        pos = torch.arange(N).expand(B, N)
+        scores = None
+        for i, blk in enumerate(self.blocks):
+            keep, blk.rank_keep = blk.rank_keep, None
+            if keep is not None:
+                P = blk.prefix
+                s = scores[:, P:] / scores[:, P:].sum(1, keepdim=True).clamp_min(1e-12)
+                pr = self.prior[i][pos[:, P:]]
+                mixed = (1 - self.w) * s + self.w * pr / pr.sum(1, keepdim=True).clamp_min(1e-12)
+                xp = torch.cat([x, pos.unsqueeze(-1).to(x.dtype)], -1)
+                xp, scores = keep_top_tokens(xp, torch.cat([scores[:, :P], mixed], 1), keep, P, blk.fuse)
+                x, pos = xp[..., :-1], xp[..., -1].long()
+            try:
+                x, scores = blk.forward_ranked(x, scores)
+            finally:
+                blk.rank_keep = keep
+        return x
+
+
+def search_prior(imp, a) -> torch.Tensor:
+    """The static search's importance of each position from block i on (the static mode's drop order)."""
+    R = np.flip(np.cumsum(np.flip(imp.tok, 0), 0), 0)
+    prior = torch.zeros(a.depth, a.num_tokens)
+    prior[:, a.num_prefix_tokens:] = torch.tensor(R - R.min(1, keepdims=True) + 1e-6, dtype=torch.float32)
+    return prior
+
+
+@torch.no_grad()
+def attention_prior(teacher, bundle, a, images: int = 4096) -> torch.Tensor:
+    """The dense model's class-token attention (mean over heads and images) of the block before each block."""
+    acc, n = torch.zeros(a.depth, a.num_tokens), 0
+    for xb, _ in make_loader(bundle.train, bundle.transform, 256, False):
+        x = teacher.norm_pre(teacher._pos_embed(teacher.patch_embed(xb)))
+        for i, blk in enumerate(teacher.blocks):
+            at, y = blk.attn, blk.norm1(x)
+            q, k, _ = at.qkv(y).reshape(*y.shape[:2], 3, at.num_heads, -1).permute(2, 0, 3, 1, 4)
+            p = ((at.q_norm(q)[:, :, :1] * at.scale) @ at.k_norm(k).transpose(-2, -1)).softmax(-1)
+            acc[i] += p[:, :, 0].mean(1).sum(0)
+            x = blk(x)
+        n += xb.shape[0]
+        if n >= images:
+            break
+    prior = torch.zeros(a.depth, a.num_tokens)
+    prior[1:, a.num_prefix_tokens:] = acc[:-1, a.num_prefix_tokens:] / n
+    return prior
+
+
+def ranked(spec: SlimSpec, weights, rule: str, prior: torch.Tensor | None = None, w: float = 0.0) -> nn.Module:
+    model = build_slim(spec, weights).eval()
+    if rule == "value":
+        for blk in model.blocks:
+            if blk.scores is not None:
+                blk.attn = ValueScored(blk.attn)
+    elif rule == "prior":
+        model.blocks = PriorRanked(model.blocks, prior, w)
+    return model
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--data", default="fashion-mnist")
+    ap.add_argument("--static-run", required=True, help="a trained dense model with a static search")
+    ap.add_argument("--attentive-run", required=True, help="an attentive search of the same dense model")
+    ap.add_argument("--keep-tokens", type=float, nargs="+", default=[0.75, 0.5, 0.3])
+    ap.add_argument("--mix", type=float, nargs="+", default=[0.5, 0.8, 1.0], help="prior weights w")
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
+    teacher, cfg = load_dense(args.static_run)
+    a = arch_of(teacher)
+    bundle = load_data(args.data, data_config(teacher), a.num_classes)
+    dense_spec = SlimSpec.dense(cfg, a)
+    imp, _ = load_importance(args.static_run)
+    weights = {"static": searched_model(args.static_run, dense_spec),
+               "attentive": searched_model(args.attentive_run, dense_spec), "dense": teacher}
+    priors = {"prior": search_prior(imp, a), "mean-attn": attention_prior(teacher.eval(), bundle, a)}
+    out = {"data": args.data, "cpu": cpu_name(), "static_run": args.static_run,
+           "attentive_run": args.attentive_run, "dense_top1": top1(teacher, bundle), "rows": {}}
+    for keep in args.keep_tokens:
+        spec = fraction_spec(a, cfg, imp, 1.0, 1.0, keep)
+        spec.blocks[0].tokens = list(range(a.num_tokens))  # ranked rules have no attention before block 0
+        att = SlimSpec.from_dict({**spec.to_dict(), "token_mode": "attentive",
+                                  "blocks": [{**b, "tokens": list(range(len(b["tokens"])))}
+                                             for b in spec.to_dict()["blocks"]]})
+        row = {"counts": spec.token_counts()}
+        for on in ("search", "dense"):
+            row[f"static/{on}"] = top1(build_slim(spec, weights["static" if on == "search" else "dense"]), bundle)
+            wts = weights["attentive" if on == "search" else "dense"]
+            for rule in ("attentive", "value"):
+                row[f"{rule}/{on}"] = top1(ranked(att, wts, rule), bundle)
+            for name, prior in priors.items():
+                for w in args.mix:
+                    row[f"{name} {w:g}/{on}"] = top1(ranked(att, wts, "prior", prior, w), bundle)
+        out["rows"][str(keep)] = row
+        print(f"keep {keep:g}: " + ", ".join(f"{k} {v}" if k == "counts" else f"{k} {v:.2f}"
+                                             for k, v in row.items()), flush=True)
+    if args.out:
+        Path(args.out).write_text(json.dumps(out, indent=1))
+
+
+if __name__ == "__main__":
+    main()
