@@ -77,8 +77,8 @@ class PriorRanked(nn.Module):
         pos = torch.arange(N).expand(B, N)
         scores = None
         for i, blk in enumerate(self.blocks):
-            keep, blk.rank_keep = blk.rank_keep, None
-            if keep is not None:
+            keep = blk.rank_keep
+            if keep is not None:  # ranked here, by the mixed scores; the block itself then ranks nothing
                 P = blk.prefix
                 s = scores[:, P:] / scores[:, P:].sum(1, keepdim=True).clamp_min(1e-12)
                 pr = self.prior[i][pos[:, P:]]
@@ -86,6 +86,7 @@ class PriorRanked(nn.Module):
                 xp = torch.cat([x, pos.unsqueeze(-1).to(x.dtype)], -1)
                 xp, scores = keep_top_tokens(xp, torch.cat([scores[:, :P], mixed], 1), keep, P, blk.fuse)
                 x, pos = xp[..., :-1], xp[..., -1].long()
+            blk.rank_keep = None
             try:
                 x, scores = blk.forward_ranked(x, scores)
             finally:
