@@ -54,13 +54,8 @@ class ValueScored(nn.Module):
         a = self.inner
         if scores is None:
             return a(x)
-        B, N, _ = x.shape
-        H, Q, V = a.num_heads, a.qk_dim, a.v_dim
-        q, k, v = a.qkv(x).split([H * Q, H * Q, H * V], dim=-1)
-        q = a.q_norm(q.reshape(B, N, H, Q).transpose(1, 2))
-        k = a.k_norm(k.reshape(B, N, H, Q).transpose(1, 2))
-        v = v.reshape(B, N, H, V).transpose(1, 2)
-        out = a.proj(F.scaled_dot_product_attention(q, k, v, scale=a.scale).transpose(1, 2).reshape(B, N, H * V))
+        q, k, v = a.heads(x)
+        out = a.proj(F.scaled_dot_product_attention(q, k, v, scale=a.scale).transpose(1, 2).flatten(2))
         p = ((q[:, :, :1] * a.scale) @ k.transpose(-2, -1)).softmax(-1)[:, :, 0] * v.norm(dim=-1)  # (B, H, N)
         return out, (p / p.sum(-1, keepdim=True).clamp_min(1e-12)).mean(1)
 

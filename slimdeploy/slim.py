@@ -66,22 +66,27 @@ class SlimAttention(nn.Module):
         self.proj_drop = nn.Dropout(proj_drop)
         self.fused_attn = use_fused_attn()
 
-    def forward(self, x: torch.Tensor, scores: str | None = None):
-        """The attention output; with scores="cls" or "mean", also the token scores (B, N) a later block ranks
-        by (see token_scores)."""
+    def heads(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """q, k (normed) and v per head: (B, H, N, qk_dim), (B, H, N, qk_dim), (B, H, N, v_dim)."""
         B, N, _ = x.shape
         H, Q, V = self.num_heads, self.qk_dim, self.v_dim
         q, k, v = self.qkv(x).split([H * Q, H * Q, H * V], dim=-1)
         q = self.q_norm(q.reshape(B, N, H, Q).transpose(1, 2))
         k = self.k_norm(k.reshape(B, N, H, Q).transpose(1, 2))
-        v = v.reshape(B, N, H, V).transpose(1, 2)
+        return q, k, v.reshape(B, N, H, V).transpose(1, 2)
+
+    def forward(self, x: torch.Tensor, scores: str | None = None):
+        """The attention output; with scores="cls" or "mean", also the token scores (B, N) a later block ranks
+        by (see token_scores)."""
+        B, N, _ = x.shape
+        q, k, v = self.heads(x)
         if self.fused_attn:
             x = F.scaled_dot_product_attention(q, k, v, dropout_p=self.attn_drop.p if self.training else 0.0,
                                                scale=self.scale)
         else:
             attn = (q * self.scale) @ k.transpose(-2, -1)
             x = self.attn_drop(attn.softmax(dim=-1)) @ v
-        x = x.transpose(1, 2).reshape(B, N, H * V)
+        x = x.transpose(1, 2).reshape(B, N, self.num_heads * self.v_dim)
         out = self.proj_drop(self.proj(x))
         if scores is None:
             return out
