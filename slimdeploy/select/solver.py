@@ -7,7 +7,7 @@ the budget. Then climb back: take any widening
 that still fits, best importance per unit first. A widening that costs nothing is always taken. Under a latency
 cost the widths are the profile's grid widths, where its tables were measured: the model reads a width between
 two of them linearly (model.py), and the solver keeps to measured points rather than to interpolated ones: the
-climb-back already spends all but ~0.04% of a budget on them, and finer widths kept no more importance
+climb-back already spends all but 0.04-0.2% of a budget on them (medians), and finer widths kept no more importance
 (benchmarks/solver_widths.py).
 
 Costs: latency (the profile's model, with the gather a block pays when it drops tokens), MACs or parameters.
