@@ -39,7 +39,7 @@ from slimdeploy.models import arch_of, data_config, load_dense  # noqa: E402
 from slimdeploy.prune import searched_model  # noqa: E402
 from slimdeploy.select.importance import load_importance  # noqa: E402
 from slimdeploy.select.vitslim import fraction_spec  # noqa: E402
-from slimdeploy.slim import RankedBlocks, build_slim, keep_top_tokens  # noqa: E402
+from slimdeploy.slim import RankedBlocks, build_slim, keep_top_tokens, token_scores  # noqa: E402
 from slimdeploy.types import SlimSpec  # noqa: E402
 
 
@@ -106,8 +106,7 @@ def attention_prior(teacher, bundle, a, images: int = 4096) -> torch.Tensor:
         for i, blk in enumerate(teacher.blocks):
             at, y = blk.attn, blk.norm1(x)
             q, k, _ = at.qkv(y).reshape(*y.shape[:2], 3, at.num_heads, -1).permute(2, 0, 3, 1, 4)
-            p = ((at.q_norm(q)[:, :, :1] * at.scale) @ at.k_norm(k).transpose(-2, -1)).softmax(-1)
-            acc[i] += p[:, :, 0].mean(1).sum(0)
+            acc[i] += token_scores(at.q_norm(q), at.k_norm(k), at.scale, "cls").sum(0)
             x = blk(x)
         n += xb.shape[0]
         if n >= images:

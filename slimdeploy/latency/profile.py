@@ -41,6 +41,7 @@ from .calibration import fit_calibration, pair_record, random_spec, ranked_twins
 from .fingerprint import fingerprint_key
 from .measure import export_deployed, measure_loaded
 from .model import (
+    AFFINE_FROM,
     RANKINGS,
     UNSTEADY,
     LatencyModel,
@@ -74,12 +75,13 @@ def token_grid(arch: Arch, points: int = 10) -> list[int]:
 
 
 def width_grid(limit: int, step: int) -> list[int]:
-    """Widths to measure: multiples of `step` up to 16 steps, then of 2 steps up to 32 more, and so on (a
-    resolution of 1/16 to 1/8 of the width), always ending at `limit`."""
+    """Widths to measure: multiples of `step` up to AFFINE_FROM (16) steps, then of 2 steps up to 32 more, and so
+    on (a resolution of 1/16 to 1/8 of the width), always ending at `limit`. The model reads the matmul tables as
+    lines where this grid turns coarse, so both take the turn from the same constant."""
     out, w, s = [], step, step
     while w <= limit:
         out.append(w)
-        if w >= 16 * s:
+        if w >= AFFINE_FROM * s:
             s *= 2
         w += s
     return out if out and out[-1] == limit else [*out, limit]
