@@ -44,7 +44,8 @@ def main() -> None:
         if mode in ("static", *RANKED_TOKEN_MODES) and row.get("spec"):
             specs[mode] = SlimSpec.from_dict(row["spec"])
             if mode in RANKED_TOKEN_MODES:
-                specs[f"{mode} as static"] = replace(specs[mode], token_mode="static")
+                specs[f"{mode} as static"] = replace(specs[mode], token_mode="static", rank_prior=None,
+                                                     prior_weight=0.0)
     models = {k: build_slim(s, teacher) for k, s in specs.items()} | {"dense": teacher}
     backend = get_backend(lm.profile.backend, threads=lm.profile.threads)
     ms = {k: [] for k in models}

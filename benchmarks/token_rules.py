@@ -11,11 +11,18 @@ every head, channel and unit kept, block 0 keeping every token), so only the cho
                 static mode ranks by). The positions ride along with the tokens, so a later ranking still knows them.
   mean-attn w   the same with the prior from data: the dense model's class-token attention in the block before,
                 averaged over 4,096 training images
+  own w         the same with the attentive search's own prior (slimdeploy's attentive mode since it ranks with
+                one, SlimSpec.rank_prior): the first-order importance of each position on the searched weights
+                (search.position_importance; taken from the search when it recorded it, else computed here)
+Every prior is a SlimSpec.rank_prior, so these are slimdeploy's attentive models.
 Ranked rules run on the attentive search's weights and on the dense model's; static on the static search's and the
-dense model's. The ranked rules here are built by wrapping the slim model's blocks (no change to slimdeploy).
+dense model's. The value rule is built by wrapping the slim model's attention.
 
     .venv/bin/python benchmarks/token_rules.py --static-run runs/tokens-plain-static \\
         --attentive-run runs/tokens-plain-attentive --out benchmarks/results/token_rules_plain.json
+
+With --retrain-epochs N, static, attentive and own 0.5 are then retrained at each kept fraction (the pipeline's
+recipe, one retraining seed), on the weights they were pruned from; results already in --out are kept.
 """
 
 from __future__ import annotations
@@ -23,6 +30,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -31,15 +39,16 @@ import torch.nn.functional as F
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from equal_latency import top1  # noqa: E402
+from equal_latency import retrain_job, top1  # noqa: E402
 
 from slimdeploy.data import load_data, make_loader  # noqa: E402
 from slimdeploy.latency.fingerprint import cpu_name  # noqa: E402
 from slimdeploy.models import arch_of, data_config, load_dense  # noqa: E402
 from slimdeploy.prune import searched_model  # noqa: E402
+from slimdeploy.search import position_importance  # noqa: E402
 from slimdeploy.select.importance import load_importance  # noqa: E402
 from slimdeploy.select.vitslim import fraction_spec  # noqa: E402
-from slimdeploy.slim import RankedBlocks, build_slim, keep_top_tokens, token_scores  # noqa: E402
+from slimdeploy.slim import build_slim, token_scores  # noqa: E402
 from slimdeploy.types import SlimSpec  # noqa: E402
 
 
@@ -58,35 +67,6 @@ class ValueScored(nn.Module):
         out = a.proj(F.scaled_dot_product_attention(q, k, v, scale=a.scale).transpose(1, 2).flatten(2))
         p = ((q[:, :, :1] * a.scale) @ k.transpose(-2, -1)).softmax(-1)[:, :, 0] * v.norm(dim=-1)  # (B, H, N)
         return out, (p / p.sum(-1, keepdim=True).clamp_min(1e-12)).mean(1)
-
-
-class PriorRanked(nn.Module):
-    """RankedBlocks whose rankings mix the per-image scores with a per-position prior (depth, tokens)."""
-
-    def __init__(self, blocks: RankedBlocks, prior: torch.Tensor, w: float):
-        super().__init__()
-        self.blocks, self.prior, self.w = blocks, prior, w
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        B, N, _ = x.shape
-        pos = torch.arange(N).expand(B, N)
-        scores = None
-        for i, blk in enumerate(self.blocks):
-            keep = blk.rank_keep
-            if keep is not None:  # ranked here, by the mixed scores; the block itself then ranks nothing
-                P = blk.prefix
-                s = scores[:, P:] / scores[:, P:].sum(1, keepdim=True).clamp_min(1e-12)
-                pr = self.prior[i][pos[:, P:]]
-                mixed = (1 - self.w) * s + self.w * pr / pr.sum(1, keepdim=True).clamp_min(1e-12)
-                xp = torch.cat([x, pos.unsqueeze(-1).to(x.dtype)], -1)
-                xp, scores = keep_top_tokens(xp, torch.cat([scores[:, :P], mixed], 1), keep, P, blk.fuse)
-                x, pos = xp[..., :-1], xp[..., -1].long()
-            blk.rank_keep = None
-            try:
-                x, scores = blk.forward_ranked(x, scores)
-            finally:
-                blk.rank_keep = keep
-        return x
 
 
 def search_prior(imp, a) -> torch.Tensor:
@@ -116,14 +96,25 @@ def attention_prior(teacher, bundle, a, images: int = 4096) -> torch.Tensor:
     return prior
 
 
+def own_prior(attentive_run: str, weights, bundle, a) -> torch.Tensor:
+    """The attentive search's own position importance, as the product ranks with (Importance.ranking)."""
+    imp, _ = load_importance(attentive_run)
+    pos = imp.pos if imp.pos is not None else position_importance(weights, bundle, 256, "cpu").numpy()
+    prior = torch.zeros(a.depth, a.num_tokens)
+    prior[:, a.num_prefix_tokens:] = torch.tensor(replace(imp, pos=pos).ranking()["rank_prior"])
+    return prior
+
+
 def ranked(spec: SlimSpec, weights, rule: str, prior: torch.Tensor | None = None, w: float = 0.0) -> nn.Module:
+    if rule == "prior":  # every row valid (a block that does not rank ignores its row)
+        rows = prior[:, spec.arch.num_prefix_tokens:].clone()
+        rows[rows.sum(1) <= 0] = 1.0
+        spec = SlimSpec.from_dict({**spec.to_dict(), "rank_prior": rows.tolist(), "prior_weight": w})
     model = build_slim(spec, weights).eval()
     if rule == "value":
         for blk in model.blocks:
             if blk.scores is not None:
                 blk.attn = ValueScored(blk.attn)
-    elif rule == "prior":
-        model.blocks = PriorRanked(model.blocks, prior, w)
     return model
 
 
@@ -134,7 +125,10 @@ def main() -> None:
     ap.add_argument("--attentive-run", required=True, help="an attentive search of the same dense model")
     ap.add_argument("--keep-tokens", type=float, nargs="+", default=[0.75, 0.5, 0.3])
     ap.add_argument("--mix", type=float, nargs="+", default=[0.5, 0.8, 1.0], help="prior weights w")
-    ap.add_argument("--out", default=None)
+    ap.add_argument("--out", default=None, help="results (json); kept fractions already in it are not evaluated again")
+    ap.add_argument("--retrain-epochs", type=int, default=0, help="then retrain static, attentive and own 0.5 at "
+                    "each kept fraction (the pipeline's recipe: soft distillation from the dense model)")
+    ap.add_argument("--work", default="runs/token_rules", help="retraining checkpoints (resumed)")
     args = ap.parse_args()
     teacher, cfg = load_dense(args.static_run)
     a = arch_of(teacher)
@@ -143,15 +137,21 @@ def main() -> None:
     imp, _ = load_importance(args.static_run)
     weights = {"static": searched_model(args.static_run, dense_spec),
                "attentive": searched_model(args.attentive_run, dense_spec), "dense": teacher}
-    priors = {"prior": search_prior(imp, a), "mean-attn": attention_prior(teacher.eval(), bundle, a)}
-    out = {"data": args.data, "cpu": cpu_name(), "static_run": args.static_run,
-           "attentive_run": args.attentive_run, "dense_top1": top1(teacher, bundle), "rows": {}}
+    priors = {"prior": search_prior(imp, a), "mean-attn": attention_prior(teacher.eval(), bundle, a),
+              "own": own_prior(args.attentive_run, weights["attentive"], bundle, a)}
+    done = json.loads(Path(args.out).read_text()) if args.out and Path(args.out).is_file() else None
+    out = done or {"data": args.data, "cpu": cpu_name(), "static_run": args.static_run,
+                   "attentive_run": args.attentive_run, "dense_top1": top1(teacher, bundle), "rows": {}}
+    specs = {}
     for keep in args.keep_tokens:
         spec = fraction_spec(a, cfg, imp, 1.0, 1.0, keep)
         spec.blocks[0].tokens = list(range(a.num_tokens))  # ranked rules have no attention before block 0
         att = SlimSpec.from_dict({**spec.to_dict(), "token_mode": "attentive",
                                   "blocks": [{**b, "tokens": list(range(len(b["tokens"])))}
                                              for b in spec.to_dict()["blocks"]]})
+        specs[keep] = spec, att
+        if str(keep) in out["rows"]:
+            continue
         row = {"counts": spec.token_counts()}
         for on in ("search", "dense"):
             row[f"static/{on}"] = top1(build_slim(spec, weights["static" if on == "search" else "dense"]), bundle)
@@ -166,6 +166,22 @@ def main() -> None:
                                              for k, v in row.items()), flush=True)
     if args.out:
         Path(args.out).write_text(json.dumps(out, indent=1))
+    if args.retrain_epochs:
+        args.epochs = args.retrain_epochs
+        for keep, (spec, att) in specs.items():
+            row = out["rows"][str(keep)]
+            for rule in ("static", "attentive", "own 0.5"):
+                if rule in row.get("retrained", {}):
+                    continue
+                student = (build_slim(spec, weights["static"]) if rule == "static" else
+                           ranked(att, weights["attentive"], "attentive") if rule == "attentive" else
+                           ranked(att, weights["attentive"], "prior", priors["own"], 0.5))
+                work = Path(args.work) / f"{Path(args.attentive_run).name}-{keep:g}-{rule.replace(' ', '')}"
+                res = retrain_job(args, student, teacher, bundle, work, keep, rule, 0)
+                row.setdefault("retrained", {})[rule] = res["top1"]
+                print(f"keep {keep:g}: {rule} retrained {args.epochs} epochs: {res['top1']:.2f}", flush=True)
+                if args.out:
+                    Path(args.out).write_text(json.dumps(out, indent=1))
 
 
 if __name__ == "__main__":

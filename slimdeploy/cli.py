@@ -16,7 +16,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from .defaults import RETRAIN, RUN, SEARCH, SELECT, TRAIN
+from .defaults import RETRAIN, RUN, SEARCH, SELECT, TOKENS, TRAIN
 from .errors import SlimError
 
 try:  # typer >= 0.25 vendors its own click
@@ -71,6 +71,9 @@ PrecisionOpt = Annotated[Optional[str], typer.Option("--precision", help="fp32, 
                                                      "best structure scores best); default: the profile's")]
 CalibrationMethodOpt = Annotated[str, typer.Option("--calibration-method", help="int8 calibration: minmax, entropy "
                                                    "or percentile")]
+PriorWeightOpt = Annotated[float, typer.Option("--prior-weight", min=0.0, max=1.0, help="attentive tokens: weight "
+                                               "of the search's per-position importance against the attention "
+                                               "when a block ranks its tokens (0: attention alone)")]
 QuantImagesOpt = Annotated[int, typer.Option("--quant-images", min=1, help="training images int8 is calibrated on")]
 
 
@@ -335,6 +338,7 @@ def select(
     recovery_steps: Annotated[int, typer.Option(min=0, help="distillation steps before scoring (for a model that "
                                                 "will be retrained); 0: score right after pruning")] = 0,
     precision: PrecisionOpt = None,
+    prior_weight: PriorWeightOpt = TOKENS["prior_weight"],
 ):
     """Choose the slim structure for a target: candidates solved against the cost model, scored by their
     distillation loss on training images, checked on the device with --verify-latency."""
@@ -349,7 +353,7 @@ def select(
         bundle = _data(dense, data, train_limit, None) if target.kind != "fractions" else None
         res = select_run(run, target, bundle, device, profiles_dir,
                          SelectOptions(importance, verify_latency, rounds, calibration_images, recovery_steps,
-                                       precision=precision))
+                                       precision=precision, prior_weight=prior_weight))
     s = res["spec"]
     _warn(res.get("warnings", []))
     msg = f"selected ({res.get('chosen')}): {s.meta['macs'] / 1e6:.1f} MMACs, {s.meta['params'] / 1e6:.3f} M params"
@@ -552,6 +556,7 @@ def run(
     token_mode: TokenModeOpt = "static",
     embed: EmbedOpt = False,
     importance: Annotated[str, typer.Option(help="auto, taylor or magnitude")] = "auto",
+    prior_weight: PriorWeightOpt = TOKENS["prior_weight"],
     verify_latency: Annotated[bool, typer.Option("--verify-latency/--no-verify-latency",
                                                  help="closed loop on the profile's backend")] = True,
     recovery_steps: Annotated[Optional[int], typer.Option(min=0, help="distillation steps before candidates are "
@@ -584,7 +589,7 @@ def run(
                       in_chans=in_chans, data=data, train_limit=train_limit, val_limit=val_limit,
                       batch_size=batch_size, train_epochs=train_epochs, search_epochs=search_epochs,
                       retrain_epochs=retrain_epochs, w_attn=w_attn, w_mlp=w_mlp, w_tok=w_tok, token_mode=token_mode,
-                      w_embed=w_embed, search_embed=embed, importance=importance,
+                      w_embed=w_embed, search_embed=embed, importance=importance, prior_weight=prior_weight,
                       verify_latency=verify_latency, recovery_steps=recovery_steps,
                       calibration_images=calibration_images, distill=distill, trt=trt,
                       precision="fp16" if fp16 else precision, backend=backend, max_drop=max_drop, seed=seed,

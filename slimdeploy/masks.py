@@ -288,7 +288,7 @@ def _channel_mask(a: Arch, heads: list[int], channels: list[list[int]]) -> torch
 
 
 @torch.no_grad()
-def fold_masks(masked: MaskedViT, spec: SlimSpec) -> VisionTransformer:
+def fold_masks(masked: MaskedViT) -> VisionTransformer:
     """The timm model with the kept channels' learned mask values folded into its weights.
 
     Searched weights were trained with soft masks (e.g. 0.7) on the kept channels; folding them

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from . import dist
-from .defaults import RETRAIN, RUN, SEARCH, SELECT, TRAIN
+from .defaults import RETRAIN, RUN, SEARCH, SELECT, TOKENS, TRAIN
 from .progress import log
 from .select.target import Target
 
@@ -48,6 +48,7 @@ class RunOptions:
     search_embed: bool = False  # the embedding width (selection follows what the search searched)
     token_mode: str = "static"  # static | attentive (search, and so selection, pruning and export)
     importance: str = "auto"
+    prior_weight: float = TOKENS["prior_weight"]  # attentive mode: the positions' prior in the ranking
     verify_latency: bool = True
     rounds: int = SELECT["rounds"]
     calibration_images: int | None = None  # default: SELECT's, at most half the training images
@@ -102,7 +103,8 @@ def run_pipeline(o: RunOptions) -> dict | None:
         recovery = o.recovery_steps if o.recovery_steps is not None else (
             SELECT["recovery_steps"] if o.retrain_epochs > 0 else 0)
         _on_main(lambda: select_run(o.out, o.target, data, o.device, o.profiles_dir, SelectOptions(
-            o.importance, o.verify_latency, o.rounds, o.calibration_images, recovery, precision=o.precision),
+            o.importance, o.verify_latency, o.rounds, o.calibration_images, recovery, precision=o.precision,
+            prior_weight=o.prior_weight),
             measure=o.measure))
         step("prune")
         _on_main(lambda: prune_run(o.out, first_batch(data, 16)))

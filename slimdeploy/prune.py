@@ -1,8 +1,9 @@
 """Stage: physical pruning. SlimSpec + dense (or searched) weights -> a dense, smaller model.
 
 The pruned model is checked against its masked twin (the same weights with the spec's masks set
-hard to 0/1) on a batch; pruning refuses to write a model that differs beyond tolerance. A fused-mode model is
-checked as its attentive twin (the masks have no fused token).
+hard to 0/1) on a batch; pruning refuses to write a model that differs beyond tolerance. A fused-mode model, or
+one that ranks with the positions' prior, is checked as its attentive twin ranking by attention (the masks have no
+fused token and no prior).
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ def searched_model(run_dir: str | Path, spec: SlimSpec) -> VisionTransformer:
     with torch.no_grad():
         for kind, p in masked.mask_params().items():
             p.copy_(masks[kind])
-    return fold_masks(masked, spec)
+    return fold_masks(masked)
 
 
 def equivalence(dense: VisionTransformer, slim: VisionTransformer, spec: SlimSpec, x: torch.Tensor) -> dict:
@@ -59,11 +60,14 @@ def prune(spec: SlimSpec, dense: VisionTransformer, out_dir: str | Path, x: torc
     out_dir = Path(out_dir)
     dense = dense.cpu().eval()
     slim = build_slim(spec, dense)
-    if spec.token_mode == "fused":
-        # the masks have no fused token (fused mode searches as attentive mode does): what they prove is every
-        # kept head, channel, unit and rank, on the attentive twin; the fusion itself is tested on its own
-        twin = SlimSpec.from_dict({**spec.to_dict(), "token_mode": "attentive"})
-        check = {**equivalence(dense, build_slim(twin, dense), twin, x), "checked_as": "attentive twin"}
+    if spec.token_mode == "fused" or spec.rank_prior is not None:
+        # the masks have no fused token and rank by attention alone (fused mode and the positions' prior search
+        # as attentive mode does): what they prove is every kept head, channel, unit and rank, on the attentive
+        # twin that ranks by attention; the fusion and the prior are tested on their own
+        twin = SlimSpec.from_dict({**spec.to_dict(), "token_mode": "attentive", "rank_prior": None,
+                                   "prior_weight": 0.0})
+        check = {**equivalence(dense, build_slim(twin, dense), twin, x),
+                 "checked_as": "attentive twin" + ("" if spec.rank_prior is None else ", ranking by attention")}
     else:
         check = equivalence(dense, slim, spec, x)
     params = count_params(slim)

@@ -5,6 +5,8 @@ Weights and masks train together; loss = task loss + w_attn * |qk, v masks|_1 + 
 the number of processes).
 Besides the mask values we record a first-order (Taylor) importance |m * dL_task/dm| averaged over
 the last search epoch: it is in units of loss, so it compares across mask kinds (see select.py).
+An attentive search also records `taylor.pos`: how much each patch position matters in each block, on the
+searched weights, which the ranking mixes with the attention (SlimSpec.rank_prior).
 
 Writes in the run directory: search/masks.safetensors, search/weights.safetensors (the searched
 model), search/history.json, search/structure.png, search/checkpoint.pt (resume).
@@ -23,10 +25,11 @@ from safetensors.torch import load_file
 from timm.models.vision_transformer import VisionTransformer
 
 from . import dist
-from .data import DataBundle
+from .data import DataBundle, make_loader
+from .defaults import TOKENS
 from .errors import SlimError
 from .fileio import save_weights, write_json
-from .masks import UNIT_KINDS, MaskedViT, SearchDims
+from .masks import UNIT_KINDS, MaskedViT, SearchDims, fold_masks
 from .runs import Run
 from .trainer import Hooks, TrainConfig, fit
 from .types import Arch
@@ -132,6 +135,8 @@ def search(model: VisionTransformer, data: DataBundle, tcfg: TrainConfig, scfg: 
                   param_groups=_param_groups(masked, tcfg.weight_decay), hooks=hooks, desc="search",
                   torch_device=torch_device)
     masks = export_masks(masked, hooks.last)
+    if dist.setup().is_main and masked.attentive:
+        masks["taylor.pos"] = position_importance(fold_masks(masked), data, tcfg.batch_size, torch_device)
     if dist.setup().is_main:
         meta = {"config": json.dumps(config_record(scfg)),
                 "arch": json.dumps(masked.arch.to_dict())}
@@ -143,6 +148,32 @@ def search(model: VisionTransformer, data: DataBundle, tcfg: TrainConfig, scfg: 
         plot_search_structure(masks, masked.arch, out / "structure.png")
     dist.barrier()
     return {"history": history, "masks": masks}
+
+
+def position_importance(vit: VisionTransformer, data: DataBundle, batch_size: int, torch_device: str = "auto",
+                        images: int = TOKENS["prior_images"]) -> torch.Tensor:
+    """(depth, num_patches): |dL/dg| of a gate at 1 on each patch token at each block's input (cross-entropy on
+    the labels), summed over about `images` training images. First-order, like the masks' Taylor scores; it
+    needs no mask of its own, so the search is unchanged."""
+    device = dist.resolve_device(torch_device)
+    vit = vit.to(device).eval()
+    P, depth = vit.num_prefix_tokens, len(vit.blocks)
+    gate = torch.ones(depth, vit.patch_embed.num_patches + P, device=device, requires_grad=True)
+    total = torch.zeros(depth, gate.shape[1])
+    seen = 0
+    for xb, yb in make_loader(data.train, data.transform, batch_size, True):
+        xb, yb = xb.to(device), yb.to(device)
+        x = vit.norm_pre(vit._pos_embed(vit.patch_embed(xb)))
+        for i, blk in enumerate(vit.blocks):
+            x = blk(x * gate[i][None, :, None])
+        logits = vit.forward_head(vit.norm(x))
+        loss = F.cross_entropy(logits, yb) if yb.ndim == 1 else -(yb * F.log_softmax(logits, -1)).sum(-1).mean()
+        (g,) = torch.autograd.grad(loss, gate)
+        total += g.abs().cpu()
+        seen += xb.shape[0]
+        if seen >= images:
+            break
+    return total[:, P:].contiguous()
 
 
 def config_record(scfg: SearchConfig) -> dict:
@@ -187,7 +218,8 @@ def export_masks(masked: MaskedViT, taylor: dict[str, torch.Tensor]) -> dict[str
 
 def mask_shapes(a: Arch) -> dict[str, tuple[int, ...]]:
     return {"qk": (a.depth, a.num_heads, a.head_dim), "v": (a.depth, a.num_heads, a.head_dim),
-            "mlp": (a.depth, a.mlp_dim), "tok": (a.depth, a.num_patches), "embed": (a.embed_dim,)}
+            "mlp": (a.depth, a.mlp_dim), "tok": (a.depth, a.num_patches), "embed": (a.embed_dim,),
+            "pos": (a.depth, a.num_patches)}
 
 
 def load_masks(run_dir: str | Path, arch: Arch | None = None) -> tuple[dict[str, torch.Tensor], dict]:

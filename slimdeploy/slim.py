@@ -13,6 +13,8 @@ tokens that the class token attended to most (averaged over heads) in the last b
 it; without a class token, the tokens that received the most attention on average. The count k is fixed,
 so the graph stays static: TopK with a constant k, then GatherElements. The blocks then run in
 RankedBlocks, which carries those scores from the block that computes them to the one that ranks by them.
+With a rank prior (spec.rank_prior, from the search) the ranking mixes that attention with a per-position
+importance; the patches' positions then travel with them.
 Fused token mode is attentive mode where the patches a block drops are fused into one token in the last of its
 places (EViT): what the dropped tokens carried stays in the sequence, at one token's cost.
 """
@@ -118,30 +120,41 @@ def score_kind(vit: VisionTransformer) -> str:
     return "cls" if vit.num_prefix_tokens > 0 and vit.cls_token is not None else "mean"
 
 
-def keep_top_tokens(x: torch.Tensor, scores: torch.Tensor, keep: int, prefix: int, fuse: bool = False
-                    ) -> tuple[torch.Tensor, torch.Tensor]:
-    """x (B, N, C) reduced to the prefix tokens and the keep - prefix best-scored others, per image; the
-    scores of the kept tokens with it. Static shapes: TopK with a constant k, GatherElements.
+def keep_top_tokens(x: torch.Tensor, scores: torch.Tensor, keep: int, prefix: int, fuse: bool = False,
+                    rank: torch.Tensor | None = None, pos: torch.Tensor | None = None
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """x (B, N, C) reduced to the prefix tokens and the keep - prefix best-ranked others, per image; the
+    scores of the kept tokens, and their patch positions `pos` (B, N - prefix) when given, with it. The patches
+    are ranked by `rank` (B, N - prefix), by default their scores. Static shapes: TopK with a constant k,
+    GatherElements.
 
     fuse (EViT): the last of the keep places holds the tokens dropped, fused into one: their mean weighted by
     their scores, with the sum of their scores as its own (the attention it stands for, if it is ranked again).
     TopK then sorts every patch (k = N - prefix, still constant) and the dropped ones are a fixed slice of it."""
     B, N, C = x.shape
     if not fuse and keep == prefix:  # no patch token left
-        return x[:, :prefix], scores[:, :prefix]
+        return x[:, :prefix], scores[:, :prefix], None if pos is None else pos[:, :0]
     top = keep - prefix - int(fuse)
-    order = scores[:, prefix:].topk(N - prefix if fuse else top, dim=1).indices + prefix
+    order = (scores[:, prefix:] if rank is None else rank).topk(N - prefix if fuse else top, dim=1).indices
+    kept_pos = None if pos is None else pos.gather(1, order[:, :top])
+    order = order + prefix
     idx = order[:, :top]
     if prefix:
         idx = torch.cat([torch.arange(prefix, device=x.device).expand(B, prefix), idx], 1)
     out, out_scores = x.gather(1, idx.unsqueeze(-1).expand(B, idx.shape[1], C)), scores.gather(1, idx)
     if not fuse:
-        return out, out_scores
+        return out, out_scores, kept_pos
     gone = order[:, top:]
     s = scores.gather(1, gone)  # (B, dropped)
     w = s / s.sum(1, keepdim=True).clamp_min(1e-12)
     fused = (x.gather(1, gone.unsqueeze(-1).expand(B, gone.shape[1], C)) * w.unsqueeze(-1)).sum(1, keepdim=True)
-    return torch.cat([out, fused], 1), torch.cat([out_scores, s.sum(1, keepdim=True)], 1)
+    return torch.cat([out, fused], 1), torch.cat([out_scores, s.sum(1, keepdim=True)], 1), None
+
+
+def mix_prior(attention: torch.Tensor, prior: torch.Tensor, weight: float) -> torch.Tensor:
+    """(1 - weight) x the attention + weight x the positions' prior, each normalised over the patches ranked."""
+    a = attention / attention.sum(1, keepdim=True).clamp_min(1e-12)
+    return (1 - weight) * a + weight * prior / prior.sum(1, keepdim=True).clamp_min(1e-12)
 
 
 class ConstantBranch(nn.Module):
@@ -167,6 +180,9 @@ class SlimBlock(nn.Module):
         # (cls / mean) this block's attention computes the scores a later block ranks by
         self.rank_keep: int | None = None
         self.prefix, self.scores, self.fuse = 0, None, False
+        # with a rank prior (spec.rank_prior): the importance of each patch position when this block ranks
+        self.register_buffer("prior", None, persistent=False)
+        self.prior_weight = 0.0
         self.norm1, self.ls1, self.drop_path1 = dense.norm1, dense.ls1, dense.drop_path1
         self.norm2, self.ls2, self.drop_path2 = dense.norm2, dense.ls2, dense.drop_path2
         self.attn, self.mlp = attn, mlp
@@ -178,26 +194,32 @@ class SlimBlock(nn.Module):
         x = x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
         return x
 
-    def forward_ranked(self, x: torch.Tensor, scores: torch.Tensor | None):
-        """Attentive mode: (x, scores) in and out."""
+    def forward_ranked(self, x: torch.Tensor, scores: torch.Tensor | None, pos: torch.Tensor | None = None):
+        """Attentive mode: (x, scores, the patches' positions or None) in and out."""
         if self.rank_keep is not None:
-            x, scores = keep_top_tokens(x, scores, self.rank_keep, self.prefix, self.fuse)
+            rank = None if self.prior is None else mix_prior(scores[:, self.prefix:], self.prior[pos],
+                                                                self.prior_weight)
+            x, scores, pos = keep_top_tokens(x, scores, self.rank_keep, self.prefix, self.fuse, rank, pos)
         if self.scores is not None:
             o, scores = self.attn(self.norm1(x), scores=self.scores)
         else:
             o = self.attn(self.norm1(x))
         x = x + self.drop_path1(self.ls1(o))
         x = x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
-        return x, scores
+        return x, scores, pos
 
 
 class RankedBlocks(nn.Sequential):
-    """The blocks of an attentive-mode slim model: they pass the token scores along with the tokens."""
+    """The blocks of an attentive-mode slim model: they pass the token scores along with the tokens, and the
+    patches' positions when a block ranks with a prior."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        scores = None
+        scores, pos = None, None
+        if any(blk.prior is not None for blk in self):
+            P = self[0].prefix
+            pos = torch.arange(x.shape[1] - P, device=x.device).expand(x.shape[0], -1)
         for blk in self:
-            x, scores = blk.forward_ranked(x, scores)
+            x, scores, pos = blk.forward_ranked(x, scores, pos)
         return x
 
 
@@ -389,6 +411,9 @@ def _ranked_blocks(spec: SlimSpec, model: VisionTransformer, copy_weights: bool)
         blk.rank_keep = b.num_tokens if b.num_tokens < prev else None
         blk.prefix, blk.scores = a.num_prefix_tokens, how if i in scorers else None
         blk.fuse = spec.token_mode == "fused"
+        if spec.rank_prior is not None and blk.rank_keep is not None:
+            blk.prior = torch.tensor(spec.rank_prior[i], dtype=torch.float32)
+            blk.prior_weight = float(spec.prior_weight)
         blocks.append(blk)
         prev = b.num_tokens
     return RankedBlocks(*blocks)

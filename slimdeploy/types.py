@@ -7,6 +7,7 @@ and without unpickling anything.
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -171,6 +172,11 @@ class SlimSpec:
                  count is structure. The first block keeps every token (there is no earlier attention to rank by).
       fused      attentive, and (like EViT) the patches a block drops are not lost: they are fused into one token,
                  their mean weighted by the same attention scores, which takes the last of the len(tokens) places.
+
+    rank_prior (attentive mode only; None: attention alone): per block, a non-negative importance of each patch
+    position (depth x num_patches) from the search. A block that drops tokens then ranks them by
+    (1 - prior_weight) x the attention + prior_weight x the prior of the token's position, each normalised over
+    the patches it ranks. The positions ride along with the tokens, so every ranking knows them.
     """
 
     source: ModelConfig
@@ -180,6 +186,8 @@ class SlimSpec:
     schema: int = SPEC_SCHEMA
     token_mode: str = "static"
     embed: list[int] | None = None
+    rank_prior: list[list[float]] | None = None
+    prior_weight: float = 0.0
 
     def __post_init__(self):
         if self.embed is None:
@@ -244,7 +252,24 @@ class SlimSpec:
             _check_index_list(b.mlp, a.mlp_dim, f"{where} mlp units")
         if self.token_mode in RANKED_TOKEN_MODES:
             self._validate_attentive()
+        if self.rank_prior is not None:
+            self._validate_prior()
+        elif self.prior_weight:
+            raise SlimError("spec: prior_weight without a rank_prior (set both, or neither)")
         return self
+
+    def _validate_prior(self) -> None:
+        a, p = self.arch, self.rank_prior
+        if self.token_mode != "attentive":
+            raise SlimError(f"spec: a rank_prior serves attentive token mode only, not {self.token_mode}")
+        if not isinstance(p, list) or len(p) != a.depth or not all(
+                isinstance(r, list) and len(r) == a.num_patches for r in p):
+            raise SlimError(f"spec: rank_prior must be {a.depth} rows of {a.num_patches} numbers (one per patch)")
+        if not all(isinstance(v, (int, float)) and math.isfinite(v) and v >= 0 for r in p for v in r) \
+                or not all(sum(r) > 0 for r in p):
+            raise SlimError("spec: rank_prior holds a negative or non-finite number, or a row of zeros")
+        if not isinstance(self.prior_weight, (int, float)) or not 0 < self.prior_weight <= 1:
+            raise SlimError(f"spec: prior_weight must be in (0, 1] with a rank_prior, not {self.prior_weight}")
 
     def _validate_attentive(self) -> None:
         a = self.arch
@@ -270,13 +295,15 @@ class SlimSpec:
     def to_dict(self) -> dict[str, Any]:
         return {"schema": self.schema, "source": self.source.to_dict(), "arch": self.arch.to_dict(),
                 "token_mode": self.token_mode, "embed": list(self.embed), "blocks": [asdict(b) for b in self.blocks],
+                **({"rank_prior": self.rank_prior, "prior_weight": self.prior_weight} if self.rank_prior else {}),
                 "meta": self.meta}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> SlimSpec:
         if not isinstance(d, dict) or "blocks" not in d or "arch" not in d or "source" not in d:
             raise SlimError("spec: expected an object with 'source', 'arch' and 'blocks'")
-        unknown = set(d) - {"schema", "source", "arch", "blocks", "meta", "token_mode", "embed"}
+        unknown = set(d) - {"schema", "source", "arch", "blocks", "meta", "token_mode", "embed", "rank_prior",
+                            "prior_weight"}
         if unknown:
             raise SlimError(f"spec: unknown keys {sorted(unknown)}")
         if not isinstance(d["blocks"], list) or not isinstance(d.get("meta", {}), dict):
@@ -294,7 +321,8 @@ class SlimSpec:
         blocks = [_from_dict(BlockSpec, b, f"spec block {i}") for i, b in enumerate(d["blocks"])]
         return cls(source=ModelConfig.from_dict(d["source"]), arch=Arch.from_dict(d["arch"]), blocks=blocks,
                    meta=d.get("meta", {}), schema=schema, token_mode=d.get("token_mode", "static"),
-                   embed=d.get("embed")).validate()
+                   embed=d.get("embed"), rank_prior=d.get("rank_prior"),
+                   prior_weight=d.get("prior_weight", 0.0)).validate()
 
     def save(self, path: str | Path) -> None:
         write_json(path, self.to_dict())

@@ -78,12 +78,12 @@ def test_the_token_the_class_token_ignores_is_dropped():
     with torch.no_grad():
         h = model.norm_pre(model.patch_drop(model._pos_embed(model.patch_embed(x))))
         reference = _class_attention(model.blocks[0], h)  # from timm's own modules
-        after0, scores = slim.blocks[0].forward_ranked(h, None)
+        after0, scores, _ = slim.blocks[0].forward_ranked(h, None)
         assert torch.allclose(scores, reference, atol=1e-6)
         # mark each token by its position: which ones does block 1 keep?
         marked = after0.clone()
         marked[..., 0] = torch.arange(a.num_tokens, dtype=h.dtype)
-        out, _ = keep_top_tokens(marked, scores, slim.blocks[1].rank_keep, slim.blocks[1].prefix)
+        out, _, _ = keep_top_tokens(marked, scores, slim.blocks[1].rank_keep, slim.blocks[1].prefix)
     for i in range(len(x)):
         rows = {int(v) for v in out[i, :, 0]}
         ignored = int(reference[i, 1:].argmin()) + 1
@@ -100,10 +100,10 @@ def test_tokens_are_chosen_per_image():
     x = torch.randn(8, 3, 16, 16)
     with torch.no_grad():
         h = model.norm_pre(model._pos_embed(model.patch_embed(x)))
-        after0, scores = slim.blocks[0].forward_ranked(h, None)
+        after0, scores, _ = slim.blocks[0].forward_ranked(h, None)
         marked = after0.clone()
         marked[..., 0] = torch.arange(after0.shape[1], dtype=h.dtype)
-        out, _ = keep_top_tokens(marked, scores, slim.blocks[1].rank_keep, slim.blocks[1].prefix)
+        out, _, _ = keep_top_tokens(marked, scores, slim.blocks[1].rank_keep, slim.blocks[1].prefix)
     kept = {tuple(sorted(int(v) for v in out[i, :, 0])) for i in range(len(x))}
     assert all(0 in k and len(k) == 5 for k in kept)  # the class token and four patches, in every image
     assert len(kept) > 1  # different images keep different patches
@@ -259,9 +259,9 @@ def test_shifted_fashion_mnist_is_fixed_per_image_and_off_centre():
 def test_fused_token_is_the_score_weighted_mean_of_the_dropped_ones():
     g = torch.Generator().manual_seed(0)
     x, scores = torch.randn(3, 9, 5, generator=g), torch.rand(3, 9, generator=g)
-    out, out_scores = keep_top_tokens(x, scores, keep=5, prefix=1, fuse=True)
+    out, out_scores, _ = keep_top_tokens(x, scores, keep=5, prefix=1, fuse=True)
     assert out.shape == (3, 5, 5) and out_scores.shape == (3, 5)
-    plain, _ = keep_top_tokens(x, scores, keep=4, prefix=1)
+    plain, _, _ = keep_top_tokens(x, scores, keep=4, prefix=1)
     assert torch.equal(out[:, :4], plain)  # the prefix and the top 3 patches, as attentive mode keeps them
     for i in range(3):
         gone = sorted(set(range(1, 9)) - {int(t) for t in scores[i, 1:].argsort(descending=True)[:3] + 1})
@@ -287,9 +287,9 @@ def test_fused_mode_keeps_what_attentive_mode_drops():
         assert outs[mode].blocks[1].fuse == (mode == "fused")
     with torch.no_grad():
         h = model.norm_pre(model._pos_embed(model.patch_embed(x)))
-        after0, scores = outs["fused"].blocks[0].forward_ranked(h, None)
-        fused, _ = outs["fused"].blocks[1].forward_ranked(after0, scores)
-        kept, _ = outs["attentive"].blocks[1].forward_ranked(after0, scores)
+        after0, scores, _ = outs["fused"].blocks[0].forward_ranked(h, None)
+        fused, _, _ = outs["fused"].blocks[1].forward_ranked(after0, scores)
+        kept, _, _ = outs["attentive"].blocks[1].forward_ranked(after0, scores)
     assert fused.shape == kept.shape == (4, 4, a.embed_dim)
     assert not torch.allclose(fused, kept)  # the last place holds the fused token, not the fourth-ranked one
 

@@ -460,6 +460,10 @@ def test_interrupted_profile_resumes(tmp_path, monkeypatch):
     unpaired = DeviceProfile.from_dict(prof.to_dict())
     del unpaired.calibration["pairs"]
     assert not is_current(unpaired)  # nor one whose rankings were fitted without pairs
+    assert prof.tables["rank"]["with_prior"]
+    no_prior = DeviceProfile.from_dict(prof.to_dict())
+    del no_prior.tables["rank"]["with_prior"]
+    assert not is_current(no_prior)  # nor one whose attentive rankings were timed without the positions' prior
     LatencyModel(prof).predict(SlimSpec.dense(ModelConfig("t-demo"), arch_of(model)))
 
 
@@ -498,6 +502,8 @@ def test_ranked_twins_keep_the_sizes_and_rank_every_drop():
     twins = [t for t, _ in pairs]
     assert len(twins) == 6 and [t.token_mode for t in twins[:2]] == ["attentive", "fused"]
     assert all(s.token_mode == "static" and spec_sizes(s) == spec_sizes(t) for t, s in pairs)
+    # attentive twins rank with a positions' prior, as attentive models from a search do: its cost is in the pair
+    assert all((t.rank_prior is not None) == (t.token_mode == "attentive") and s.rank_prior is None for t, s in pairs)
     widths = {tuple(x[1:] for x in spec_sizes(s)) for s in specs}
     for t in twins:
         assert tuple(x[1:] for x in spec_sizes(t)) in widths  # the widths of a spec; its counts where it can rank

@@ -200,7 +200,11 @@ def test_attentive_token_mode_end_to_end(tmp_path, mode):
     assert spec.token_mode == mode and counts[0] == spec.arch.num_tokens > counts[-1]
     assert all(b.tokens == list(range(b.num_tokens)) for b in spec.blocks)
     pruned = json.loads((opts.out / "prune.json").read_text())
-    assert pruned["passed"] and pruned.get("checked_as") == ("attentive twin" if mode == "fused" else None)
+    assert (spec.rank_prior is None) == (mode == "fused")  # attentive mode ranks with the positions' prior
+    masks = __import__("safetensors.torch").torch.load_file(str(opts.out / "search" / "masks.safetensors"))
+    assert masks["taylor.pos"].shape == (spec.arch.depth, spec.arch.num_patches) and (masks["taylor.pos"] > 0).any()
+    assert pruned["passed"] and pruned.get("checked_as") == (
+        "attentive twin" if mode == "fused" else "attentive twin, ranking by attention")
     ops = {n.op_type for n in onnx.load(str(opts.out / "model.onnx")).graph.node}
     assert "TopK" in ops
     assert report["parity"]["max_abs_diff"] <= 1e-4 and report["parity"]["top1_agreement"] == 1.0

@@ -35,6 +35,7 @@ from dataclasses import replace
 
 import numpy as np
 
+from ..defaults import TOKENS
 from ..errors import SlimError
 from ..types import RANKED_TOKEN_MODES, Arch, ModelConfig, SlimSpec
 from .model import COUNTS, RANKING_TABLE, calibrated
@@ -139,12 +140,22 @@ def ranked_twins(specs: list[SlimSpec], count: int) -> list[tuple[SlimSpec, Slim
         counts = [s.arch.num_tokens] + [b.num_tokens for b in blocks]
         if all(n == p for p, n in zip(counts, counts[1:])):
             continue
-        twin = replace(s, token_mode=RANKED_TOKEN_MODES[len(out) % len(RANKED_TOKEN_MODES)], blocks=blocks)
+        mode = RANKED_TOKEN_MODES[len(out) % len(RANKED_TOKEN_MODES)]
+        prior = uniform_prior(s.arch) if mode == "attentive" else {}  # attentive mode ranks with the search's
+        twin = replace(s, token_mode=mode, blocks=blocks, **prior)
         try:
-            out.append((twin.validate(), replace(twin, token_mode="static").validate()))
+            out.append((twin.validate(), replace(twin, token_mode="static", rank_prior=None,
+                                                 prior_weight=0.0).validate()))
         except SlimError:  # leaves no place for the fused token
             continue
     return out
+
+
+def uniform_prior(arch: Arch) -> dict:
+    """A rank prior for timing (values do not change the cost): rising over the patches, the default weight."""
+    n = arch.num_patches
+    return {"rank_prior": [[1.0 + j / n for j in range(n)] for _ in range(arch.depth)],
+            "prior_weight": TOKENS["prior_weight"]}
 
 
 def pair_record(ranked_features: dict, static_features: dict, token_mode: str, static_ms: float,

@@ -37,7 +37,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..slim import ConstantBranch, SlimAttention, keep_top_tokens, token_scores
+from ..defaults import TOKENS
+from ..slim import ConstantBranch, SlimAttention, keep_top_tokens, mix_prior, token_scores
 from ..types import Arch
 
 MAX_COPIES = 16
@@ -89,19 +90,28 @@ class Gather(nn.Module):
 
 class Rank(nn.Module):
     """Attentive mode's extra work where a block drops tokens: the scores from the incoming tokens (their first
-    H * head_dim channels serve as queries and keys: the cost is the same as the ranking block's), TopK, and
-    the gather that keeps n of them per image; fused mode's also fuses the dropped ones into the last place."""
+    H * head_dim channels serve as queries and keys: the cost is the same as the ranking block's), the mix with
+    the positions' prior (the search's, which attentive mode ranks with), TopK, and the gathers that keep n
+    tokens per image (the gather of their positions, for a later ranking, is priced with the rankings' paired
+    calibration); fused mode's (no prior) also fuses the dropped ones into the last place."""
 
     def __init__(self, arch: Arch, n_in: int, n: int, fuse: bool = False):
         super().__init__()
         self.heads, self.hd, self.n, self.prefix = arch.num_heads, arch.head_dim, n, arch.num_prefix_tokens
         self.how, self.fuse = ("cls" if arch.num_prefix_tokens > 0 else "mean"), fuse
+        prior = None if fuse else torch.linspace(1.0, 2.0, arch.num_patches)
+        self.register_buffer("prior", prior, persistent=False)
 
     def forward(self, x):
         B, N, _ = x.shape
         k = x[..., : self.heads * self.hd].reshape(B, N, self.heads, self.hd).transpose(1, 2)
         scores = token_scores(k, k, self.hd ** -0.5, self.how)
-        return keep_top_tokens(x, scores, self.n, self.prefix, self.fuse)[0]
+        if self.prior is None:
+            return keep_top_tokens(x, scores, self.n, self.prefix, self.fuse)[0]
+        # the positions of the incoming patches (a model's first ranking has every patch in order)
+        pos = torch.arange(N - self.prefix, device=x.device).expand(B, -1)
+        rank = mix_prior(scores[:, self.prefix:], self.prior[pos], TOKENS["prior_weight"])
+        return keep_top_tokens(x, scores, self.n, self.prefix, False, rank)[0]
 
 
 def core(arch: Arch, h: int, q: int, v: int) -> nn.Module:

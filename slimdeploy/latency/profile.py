@@ -42,6 +42,7 @@ from .fingerprint import fingerprint_key
 from .measure import export_deployed, measure_loaded
 from .model import (
     AFFINE_FROM,
+    RANKING_TABLE,
     RANKINGS,
     UNSTEADY,
     LatencyModel,
@@ -53,7 +54,7 @@ from .model import (
     user_profiles_dir,
 )
 
-METHOD = 9  # bump when what a table entry means changes: partial profiles of another method are discarded
+METHOD = 10  # bump when what a table entry means changes: partial profiles of another method are discarded
 GPU_WORKING_SET = 64 << 20  # beyond a GPU's L2 (40-60 MB on A100/H100/H200)
 # A chunk of whole models measured wider than +-UNSTEADY (model.py) is measured again: up to REMEASURE times in a
 # profile, and no more after a re-measurement that stays wide (a machine busy throughout: every chunk measured three
@@ -255,7 +256,8 @@ def assemble(cache: dict, grids: dict, with_warm: bool) -> dict:
             for j, n in enumerate(ns):
                 raw[i, j] = cache[f"{name}/{n_in}/{n}"][0] if n < n_in else raw[i, j - 1]
         raw[0] = raw[1, 0] if len(nin) > 1 else 0.0
-        return as_table(["tokens", "kept"], {"tokens": nin, "kept": ns}, raw)
+        out = as_table(["tokens", "kept"], {"tokens": nin, "kept": ns}, raw)
+        return {**out, "with_prior": True} if name == RANKING_TABLE["attentive"] else out
 
     embed = {f"embed.{k}": table(f"embed.{k}", ["tokens", *axes, "embed"],
                                  ["tokens_coarse", *[f"{k}_coarse" for _ in axes], "embed"])
@@ -481,10 +483,11 @@ def local_profile_path(backend: Backend, arch: Arch, batch: int, profiles_dir: s
 
 def is_current(prof: DeviceProfile) -> bool:
     """Whether a cached profile has every table and calibration term this version prices with: the rankings over
-    the tokens they get, the embedding widths, the per-ranking costs measured on paired twins."""
+    the tokens they get (attentive ones with the positions' prior), the embedding widths, the per-ranking costs
+    measured on paired twins."""
     t = prof.tables
     return (all(len(t.get(k, {}).get("axes", [])) == 2 for k in RANKINGS) and "embed.qkv" in t
-            and "pairs" in (prof.calibration or {}))
+            and "pairs" in (prof.calibration or {}) and t[RANKING_TABLE["attentive"]].get("with_prior", False))
 
 
 def load_latency_model(device: str, model: nn.Module, source: ModelConfig, backend: Backend | None = None,
@@ -502,8 +505,8 @@ def load_latency_model(device: str, model: nn.Module, source: ModelConfig, backe
         cached = DeviceProfile.load(path) if path.is_file() else None
         stale = cached is not None and not is_current(cached)
         if stale:  # kept until the new one is written
-            log(f"the cached profile {path} predates the ranking tables over the tokens they get, the embedding "
-                "tables or the calibration of rankings: measuring this machine again")
+            log(f"the cached profile {path} predates the ranking tables over the tokens they get (or with the "
+                "positions' prior), the embedding tables or the calibration of rankings: measuring this machine again")
         if stale or not path.is_file():
             log(f"profiling this machine for {source.name} on {backend.name} (once; cached in {path})")
             profile_device("local", backend, model, source, batch_size, path)

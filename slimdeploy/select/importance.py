@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..defaults import TOKENS
 from ..errors import SlimError
 from ..types import RANKED_TOKEN_MODES, SlimSpec
 
@@ -34,6 +35,8 @@ class Importance:
     mode: str = "taylor"
     token_mode: str = "static"
     embed: np.ndarray | None = None  # (embed_dim,): the residual stream's channels, shared by every block
+    pos: np.ndarray | None = None  # (depth, num_patches): attentive search, each patch position's importance
+    prior_weight: float = TOKENS["prior_weight"]  # of `pos` in attentive mode's ranking (0: attention alone)
 
     def __post_init__(self):
         if self.token_mode in RANKED_TOKEN_MODES and self.tok is not None:
@@ -70,6 +73,18 @@ class Importance:
         return replace(self, qk=scale(self.qk, attn), v=scale(self.v, attn), mlp=scale(self.mlp, mlp),
                        tok=scale(self.tok, tok), embed=scale(self.embed, embed))
 
+    def ranking(self) -> dict:
+        """SlimSpec fields for attentive mode's ranking: the positions' prior, each block's importance of a patch
+        position from that block on (what a token dropped there loses), shifted so that the least is about 0,
+        per block summing to 1. Empty (attention alone) outside attentive mode, without a recorded `pos` (a
+        search made before it was recorded), or at weight 0."""
+        if self.token_mode != "attentive" or self.pos is None or self.prior_weight <= 0:
+            return {}
+        R = np.flip(np.cumsum(np.flip(self.pos, 0), 0), 0)
+        R = R - R.min(1, keepdims=True) + 1e-6
+        R = R / R.sum(1, keepdims=True)
+        return {"rank_prior": [[float(f"{v:.6g}") for v in row] for row in R], "prior_weight": self.prior_weight}
+
     @property
     def first_token_block(self) -> int:
         """The first block that may drop tokens (attentive mode ranks by an earlier block's attention)."""
@@ -84,7 +99,8 @@ def load_importance(run_dir: str | Path, mode: str = "auto") -> tuple[Importance
     factors = {"qk": cfg.get("w_attn", 2e-4), "v": cfg.get("w_attn", 2e-4), "mlp": cfg.get("w_mlp", 5e-5),
                "tok": cfg.get("w_tok", 1e-4), "embed": cfg.get("w_embed", 1e-4)}
     imp = Importance.from_masks(masks, factors, mode)
-    return replace(imp, token_mode=(cfg.get("dims") or {}).get("token_mode", "static")), cfg
+    pos = masks["taylor.pos"].double().numpy() if "taylor.pos" in masks else None
+    return replace(imp, token_mode=(cfg.get("dims") or {}).get("token_mode", "static"), pos=pos), cfg
 
 
 def spec_importance(spec: SlimSpec, imp: Importance) -> float:

@@ -185,7 +185,8 @@ class StructureBuilder:
             mlp = top(imp.mlp[i] if imp.mlp is not None else None, m, a.mlp_dim)
             blocks.append(BlockSpec(tokens=tokens, heads=heads, qk=qk, v=vv, mlp=mlp))
         kept = top(imp.embed, embed or a.embed_dim, a.embed_dim)
-        return SlimSpec(source=self.source, arch=a, blocks=blocks, token_mode=imp.token_mode, embed=kept).validate()
+        return SlimSpec(source=self.source, arch=a, blocks=blocks, token_mode=imp.token_mode, embed=kept,
+                        **imp.ranking()).validate()
 
 
 @dataclass

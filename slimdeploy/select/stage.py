@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from ..analysis import spec_macs, spec_params
-from ..defaults import SELECT
+from ..defaults import SELECT, TOKENS
 from ..errors import SlimError
 from ..fileio import read_json, write_json
 from ..latency.model import LatencyModel
@@ -41,6 +41,7 @@ class SelectOptions:
     recovery_top: int = SELECT["recovery_top"]
     tau: float = SELECT["tau"]
     precision: str | None = None  # refuse a profile of another precision (default: the profile's)
+    prior_weight: float = TOKENS["prior_weight"]  # attentive mode: the positions' prior in the ranking (0: none)
 
 
 def rank_candidates(problem: Problem, budget: float, scorer: Scorer, recovery_top: int, lm: LatencyModel | None
@@ -115,6 +116,7 @@ def select_run(run_dir: str | Path, target: Target, data=None, device: str | Non
     if r.current("select", inputs, OUTPUTS):
         return {"spec": r.spec(), **read_json(r / "select.json", "select record")}
     imp, search_cfg = load_importance(run_dir, o.importance)
+    imp = replace(imp, prior_weight=o.prior_weight)
     if lm is not None:  # a block that drops tokens pays the attentive ranking or the static gather
         lm = lm.for_tokens(imp.token_mode)
         options_lms = [m.for_tokens(imp.token_mode) for m in options_lms]

@@ -63,7 +63,8 @@ def fraction_spec(arch: Arch, source: ModelConfig, imp: Importance, keep_attn: f
         kept = list(range(len(tokens))) if imp.token_mode in RANKED_TOKEN_MODES else list(tokens)  # a count
         blocks.append(BlockSpec(tokens=kept, heads=heads, qk=qk, v=v, mlp=mlp))
     embed = top(imp.embed, max(1, int(round(keep_embed * a.embed_dim))), a.embed_dim)
-    return SlimSpec(source=source, arch=a, blocks=blocks, token_mode=imp.token_mode, embed=embed).validate()
+    return SlimSpec(source=source, arch=a, blocks=blocks, token_mode=imp.token_mode, embed=embed,
+                    **imp.ranking()).validate()
 
 
 def uniform_spec(builder: StructureBuilder, keep: float, multiple: int = 8) -> SlimSpec:
