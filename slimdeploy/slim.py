@@ -124,19 +124,19 @@ def keep_top_tokens(x: torch.Tensor, scores: torch.Tensor, keep: int, prefix: in
                     rank: torch.Tensor | None = None, pos: torch.Tensor | None = None
                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """x (B, N, C) reduced to the prefix tokens and the keep - prefix best-ranked others, per image; the
-    scores of the kept tokens, and their patch positions `pos` (B, N - prefix) when given, with it. The patches
-    are ranked by `rank` (B, N - prefix), by default their scores. Static shapes: TopK with a constant k,
-    GatherElements.
+    scores of the kept tokens and their patch positions with it (the incoming ones are `pos` (B, N - prefix), or
+    every patch in order when None; None in fused mode). The patches are ranked by `rank` (B, N - prefix), by
+    default their scores. Static shapes: TopK with a constant k, GatherElements.
 
     fuse (EViT): the last of the keep places holds the tokens dropped, fused into one: their mean weighted by
     their scores, with the sum of their scores as its own (the attention it stands for, if it is ranked again).
     TopK then sorts every patch (k = N - prefix, still constant) and the dropped ones are a fixed slice of it."""
     B, N, C = x.shape
     if not fuse and keep == prefix:  # no patch token left
-        return x[:, :prefix], scores[:, :prefix], None if pos is None else pos[:, :0]
+        return x[:, :prefix], scores[:, :prefix], torch.zeros(B, 0, dtype=torch.long, device=x.device)
     top = keep - prefix - int(fuse)
     order = (scores[:, prefix:] if rank is None else rank).topk(N - prefix if fuse else top, dim=1).indices
-    kept_pos = None if pos is None else pos.gather(1, order[:, :top])
+    kept_pos = None if fuse else order[:, :top] if pos is None else pos.gather(1, order[:, :top])
     order = order + prefix
     idx = order[:, :top]
     if prefix:
@@ -151,10 +151,15 @@ def keep_top_tokens(x: torch.Tensor, scores: torch.Tensor, keep: int, prefix: in
     return torch.cat([out, fused], 1), torch.cat([out_scores, s.sum(1, keepdim=True)], 1), None
 
 
-def mix_prior(attention: torch.Tensor, prior: torch.Tensor, weight: float) -> torch.Tensor:
-    """(1 - weight) x the attention + weight x the positions' prior, each normalised over the patches ranked."""
-    a = attention / attention.sum(1, keepdim=True).clamp_min(1e-12)
-    return (1 - weight) * a + weight * prior / prior.sum(1, keepdim=True).clamp_min(1e-12)
+def rank_with_prior(attention: torch.Tensor, prior: torch.Tensor, weight: float) -> torch.Tensor:
+    """What the patches are ranked by: (1 - w) x attention / its sum + w x prior / its sum, over the patches ranked
+    (attention (B, n); the prior of their positions, (B, n), or at a model's first ranking the block's row (n,)).
+    Computed as attention + prior x w / (1 - w) x sum(attention) / sum(prior), which is that times a positive
+    number per image, so TopK keeps the same patches, in fewer nodes: each node costs about a microsecond on a CPU
+    at these sizes, and at the first ranking the prior's sum is a constant that the export folds away."""
+    if weight >= 1:
+        return prior.expand_as(attention)
+    return attention + prior * (weight / (1 - weight) / prior.sum(-1, keepdim=True)) * attention.sum(1, keepdim=True)
 
 
 class ConstantBranch(nn.Module):
@@ -195,10 +200,12 @@ class SlimBlock(nn.Module):
         return x
 
     def forward_ranked(self, x: torch.Tensor, scores: torch.Tensor | None, pos: torch.Tensor | None = None):
-        """Attentive mode: (x, scores, the patches' positions or None) in and out."""
+        """Attentive mode: (x, scores, the patches' positions: None until a block has ranked) in and out."""
         if self.rank_keep is not None:
-            rank = None if self.prior is None else mix_prior(scores[:, self.prefix:], self.prior[pos],
-                                                                self.prior_weight)
+            rank = None
+            if self.prior is not None:  # before the first ranking (pos None) every patch is in its place
+                rank = rank_with_prior(scores[:, self.prefix:], self.prior if pos is None else self.prior[pos],
+                                       self.prior_weight)
             x, scores, pos = keep_top_tokens(x, scores, self.rank_keep, self.prefix, self.fuse, rank, pos)
         if self.scores is not None:
             o, scores = self.attn(self.norm1(x), scores=self.scores)
@@ -215,9 +222,6 @@ class RankedBlocks(nn.Sequential):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         scores, pos = None, None
-        if any(blk.prior is not None for blk in self):
-            P = self[0].prefix
-            pos = torch.arange(x.shape[1] - P, device=x.device).expand(x.shape[0], -1)
         for blk in self:
             x, scores, pos = blk.forward_ranked(x, scores, pos)
         return x

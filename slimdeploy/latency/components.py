@@ -38,7 +38,7 @@ import torch
 from torch import nn
 
 from ..defaults import TOKENS
-from ..slim import ConstantBranch, SlimAttention, keep_top_tokens, mix_prior, token_scores
+from ..slim import ConstantBranch, SlimAttention, keep_top_tokens, rank_with_prior, token_scores
 from ..types import Arch
 
 MAX_COPIES = 16
@@ -92,8 +92,7 @@ class Rank(nn.Module):
     """Attentive mode's extra work where a block drops tokens: the scores from the incoming tokens (their first
     H * head_dim channels serve as queries and keys: the cost is the same as the ranking block's), the mix with
     the positions' prior (the search's, which attentive mode ranks with), TopK, and the gathers that keep n
-    tokens per image (the gather of their positions, for a later ranking, is priced with the rankings' paired
-    calibration); fused mode's (no prior) also fuses the dropped ones into the last place."""
+    tokens per image; fused mode's (no prior) also fuses the dropped ones into the last place."""
 
     def __init__(self, arch: Arch, n_in: int, n: int, fuse: bool = False):
         super().__init__()
@@ -108,10 +107,12 @@ class Rank(nn.Module):
         scores = token_scores(k, k, self.hd ** -0.5, self.how)
         if self.prior is None:
             return keep_top_tokens(x, scores, self.n, self.prefix, self.fuse)[0]
-        # the positions of the incoming patches (a model's first ranking has every patch in order)
-        pos = torch.arange(N - self.prefix, device=x.device).expand(B, -1)
-        rank = mix_prior(scores[:, self.prefix:], self.prior[pos], TOKENS["prior_weight"])
-        return keep_top_tokens(x, scores, self.n, self.prefix, False, rank)[0]
+        # as a model's first ranking, which gets every patch in its place: the prior is a constant row. A later
+        # ranking also gathers the prior of the positions it gets, and the kept positions for the next one: two
+        # small gathers that the paired calibration (ranked twins beside static ones) prices
+        P = self.prefix
+        rank = rank_with_prior(scores[:, P:], self.prior[: N - P], TOKENS["prior_weight"])
+        return keep_top_tokens(x, scores, self.n, P, False, rank)[0]
 
 
 def core(arch: Arch, h: int, q: int, v: int) -> nn.Module:
