@@ -13,9 +13,10 @@ SEARCH = dict(epochs=2, lr=5e-4, weight_decay=1e-3, w_attn=2e-4, w_mlp=5e-5, w_t
 # retraining to come, the best 3 and ViT-Slim's rule get a short recovery first (200 steps at batch 32).
 SELECT = dict(rounds=4, calibration_images=2048, recovery_steps=200, recovery_top=3, tau=1.0)
 
-# Attentive tokens: rank by half the class token's attention, half the search's per-position importance. On
-# plain Fashion-MNIST at equal counts (3 searches) this was 2.1-2.9 points above attention alone at half the
-# tokens, -0.2 to +7.0 at 0.3 of them (RESULTS.md, "A position prior in the ranking").
+# Attentive tokens: rank by half the class token's attention, half the search's per-position importance (taken
+# on about 5,000 training images at the end of the attentive search). On plain Fashion-MNIST at equal counts
+# (3 searches) this was 2.1-2.9 points above attention alone at half the tokens, -0.2 to +7.0 at 0.3 of them;
+# weights 0.8 and 1 did worse (RESULTS.md, "A position prior in the ranking, built in").
 TOKENS = dict(prior_weight=0.5, prior_images=5120)
 
 # Retraining with distillation from the dense model.

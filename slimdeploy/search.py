@@ -30,6 +30,7 @@ from .defaults import TOKENS
 from .errors import SlimError
 from .fileio import save_weights, write_json
 from .masks import UNIT_KINDS, MaskedViT, SearchDims, fold_masks
+from .progress import log
 from .runs import Run
 from .trainer import Hooks, TrainConfig, fit
 from .types import Arch
@@ -153,15 +154,16 @@ def search(model: VisionTransformer, data: DataBundle, tcfg: TrainConfig, scfg: 
 def position_importance(vit: VisionTransformer, data: DataBundle, batch_size: int, torch_device: str = "auto",
                         images: int = TOKENS["prior_images"]) -> torch.Tensor:
     """(depth, num_patches): |dL/dg| of a gate at 1 on each patch token at each block's input (cross-entropy on
-    the labels), summed over about `images` training images. First-order, like the masks' Taylor scores; it
-    needs no mask of its own, so the search is unchanged."""
+    the labels), summed over about `images` training images (with the evaluation transform). First-order, like
+    the masks' Taylor scores; it needs no mask of its own, so the search is unchanged."""
+    log(f"search: the patch positions' importance, on {images} training images")
     device = dist.resolve_device(torch_device)
     vit = vit.to(device).eval()
     P, depth = vit.num_prefix_tokens, len(vit.blocks)
     gate = torch.ones(depth, vit.patch_embed.num_patches + P, device=device, requires_grad=True)
     total = torch.zeros(depth, gate.shape[1])
     seen = 0
-    for xb, yb in make_loader(data.train, data.transform, batch_size, True):
+    for xb, yb in make_loader(data.train_eval, data.transform, batch_size, True):
         xb, yb = xb.to(device), yb.to(device)
         x = vit.norm_pre(vit._pos_embed(vit.patch_embed(xb)))
         for i, blk in enumerate(vit.blocks):
