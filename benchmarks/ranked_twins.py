@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-from dataclasses import replace
 from pathlib import Path
 
 from slimdeploy.latency import timing
@@ -44,8 +43,7 @@ def main() -> None:
         if mode in ("static", *RANKED_TOKEN_MODES) and row.get("spec"):
             specs[mode] = SlimSpec.from_dict(row["spec"])
             if mode in RANKED_TOKEN_MODES:
-                specs[f"{mode} as static"] = replace(specs[mode], token_mode="static", rank_prior=None,
-                                                     prior_weight=0.0)
+                specs[f"{mode} as static"] = specs[mode].in_mode("static")
     models = {k: build_slim(s, teacher) for k, s in specs.items()} | {"dense": teacher}
     backend = get_backend(lm.profile.backend, threads=lm.profile.threads)
     ms = {k: [] for k in models}

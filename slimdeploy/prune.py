@@ -64,8 +64,7 @@ def prune(spec: SlimSpec, dense: VisionTransformer, out_dir: str | Path, x: torc
         # the masks have no fused token and rank by attention alone (fused mode and the positions' prior search
         # as attentive mode does): what they prove is every kept head, channel, unit and rank, on the attentive
         # twin that ranks by attention; the fusion and the prior are tested on their own
-        twin = SlimSpec.from_dict({**spec.to_dict(), "token_mode": "attentive", "rank_prior": None,
-                                   "prior_weight": 0.0})
+        twin = spec.in_mode("attentive")
         check = {**equivalence(dense, build_slim(twin, dense), twin, x),
                  "checked_as": "attentive twin" + ("" if spec.rank_prior is None else ", ranking by attention")}
     else:

@@ -136,9 +136,9 @@ def search(model: VisionTransformer, data: DataBundle, tcfg: TrainConfig, scfg: 
                   param_groups=_param_groups(masked, tcfg.weight_decay), hooks=hooks, desc="search",
                   torch_device=torch_device)
     masks = export_masks(masked, hooks.last)
-    if dist.setup().is_main and masked.attentive:
-        masks["taylor.pos"] = position_importance(fold_masks(masked), data, tcfg.batch_size, torch_device)
     if dist.setup().is_main:
+        if masked.attentive:
+            masks["taylor.pos"] = position_importance(fold_masks(masked), data, tcfg.batch_size, torch_device)
         meta = {"config": json.dumps(config_record(scfg)),
                 "arch": json.dumps(masked.arch.to_dict())}
         save_weights(masks, out / "masks.safetensors", metadata=meta)

@@ -8,7 +8,7 @@ and without unpickling anything.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -288,6 +288,10 @@ class SlimSpec:
                                 "after the prefix tokens, for the fused token")
             ranked = ranked or b.num_heads > 0
             prev = n
+
+    def in_mode(self, token_mode: str) -> SlimSpec:
+        """The same structure in `token_mode`, ranking (where it ranks) by attention alone: without a rank prior."""
+        return replace(self, token_mode=token_mode, rank_prior=None, prior_weight=0.0).validate()
 
     def token_counts(self) -> list[int]:
         return [b.num_tokens for b in self.blocks]

@@ -144,8 +144,7 @@ def ranked_twins(specs: list[SlimSpec], count: int) -> list[tuple[SlimSpec, Slim
         prior = uniform_prior(s.arch) if mode == "attentive" else {}  # attentive mode ranks with the search's
         twin = replace(s, token_mode=mode, blocks=blocks, **prior)
         try:
-            out.append((twin.validate(), replace(twin, token_mode="static", rank_prior=None,
-                                                 prior_weight=0.0).validate()))
+            out.append((twin.validate(), twin.in_mode("static")))
         except SlimError:  # leaves no place for the fused token
             continue
     return out
