@@ -14,19 +14,21 @@ import argparse
 import json
 import sys
 import time
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from token_rules import own_prior, ranked  # noqa: E402
+
 from slimdeploy.data import load_data  # noqa: E402
+from slimdeploy.defaults import TOKENS  # noqa: E402
 from slimdeploy.latency.backends import get_backend  # noqa: E402
 from slimdeploy.latency.fingerprint import cpu_name  # noqa: E402
 from slimdeploy.latency.measure import measure_models  # noqa: E402
 from slimdeploy.models import arch_of, data_config, load_dense  # noqa: E402
 from slimdeploy.prune import searched_model  # noqa: E402
-from slimdeploy.search import position_importance  # noqa: E402
 from slimdeploy.select.importance import load_importance  # noqa: E402
 from slimdeploy.select.vitslim import fraction_spec  # noqa: E402
 from slimdeploy.slim import build_slim  # noqa: E402
@@ -37,6 +39,7 @@ WAYS = ("static", "attentive", "prior")
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--data", default="fashion-mnist", help="for a search made before it recorded the prior")
     ap.add_argument("--static-run", required=True)
     ap.add_argument("--attentive-run", required=True)
     ap.add_argument("--keep-tokens", type=float, nargs="+", default=[0.5, 0.3])
@@ -47,21 +50,17 @@ def main() -> None:
     a = arch_of(teacher)
     dense_spec = SlimSpec.dense(cfg, a)
     static_imp, _ = load_importance(args.static_run)
-    imp, _ = load_importance(args.attentive_run)
     weights = searched_model(args.attentive_run, dense_spec)
-    if imp.pos is None:  # a search made before it recorded the prior
-        bundle = load_data("fashion-mnist", data_config(teacher), a.num_classes)
-        imp = replace(imp, pos=position_importance(weights, bundle, 256, "cpu").numpy())
+    prior = own_prior(args.attentive_run, weights, load_data(args.data, data_config(teacher), a.num_classes), a)
     models, out = {"dense": teacher}, {"cpu": cpu_name(), "reps": args.reps, "rows": {}}
     for keep in args.keep_tokens:
         spec = fraction_spec(a, cfg, static_imp, 1.0, 1.0, keep)
         spec.blocks[0].tokens = list(range(a.num_tokens))
-        att = SlimSpec.from_dict({**spec.to_dict(), "token_mode": "attentive",
-                                  "blocks": [{**b, "tokens": list(range(len(b["tokens"])))}
-                                             for b in spec.to_dict()["blocks"]]})
-        prior = SlimSpec.from_dict({**att.to_dict(), **imp.ranking()})
-        for way, s in zip(WAYS, (spec, att, prior)):
-            models[f"{keep:g} {way}"] = build_slim(s, weights)
+        att = spec.in_mode("attentive")
+        built = (build_slim(spec, weights), build_slim(att, weights),
+                 ranked(att, weights, "prior", prior, TOKENS["prior_weight"]))
+        for way, m in zip(WAYS, built):
+            models[f"{keep:g} {way}"] = m
         out["rows"][f"{keep:g}"] = {"counts": spec.token_counts()}
     ms = {k: [] for k in models}
     for _ in range(args.reps):

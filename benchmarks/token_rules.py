@@ -146,9 +146,7 @@ def main() -> None:
     for keep in args.keep_tokens:
         spec = fraction_spec(a, cfg, imp, 1.0, 1.0, keep)
         spec.blocks[0].tokens = list(range(a.num_tokens))  # ranked rules have no attention before block 0
-        att = SlimSpec.from_dict({**spec.to_dict(), "token_mode": "attentive",
-                                  "blocks": [{**b, "tokens": list(range(len(b["tokens"])))}
-                                             for b in spec.to_dict()["blocks"]]})
+        att = spec.in_mode("attentive")
         specs[keep] = spec, att
         if str(keep) in out["rows"]:
             continue

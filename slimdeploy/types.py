@@ -290,8 +290,13 @@ class SlimSpec:
             prev = n
 
     def in_mode(self, token_mode: str) -> SlimSpec:
-        """The same structure in `token_mode`, ranking (where it ranks) by attention alone: without a rank prior."""
-        return replace(self, token_mode=token_mode, rank_prior=None, prior_weight=0.0).validate()
+        """The same structure in `token_mode`, ranking (where it ranks) by attention alone: without a rank prior.
+        Into a ranked mode, each block's tokens become its count (range(n)); into static mode, a ranked spec's
+        counts are read as the first n positions."""
+        blocks = self.blocks
+        if token_mode in RANKED_TOKEN_MODES:
+            blocks = [replace(b, tokens=list(range(b.num_tokens))) for b in blocks]
+        return replace(self, token_mode=token_mode, blocks=blocks, rank_prior=None, prior_weight=0.0).validate()
 
     def token_counts(self) -> list[int]:
         return [b.num_tokens for b in self.blocks]

@@ -171,3 +171,24 @@ def test_position_importance_is_first_order_and_shaped_per_block():
     (grad,) = torch.autograd.grad(loss, x0)
     by_hand = (grad * x0).sum((0, 2)).abs()[a.num_prefix_tokens:]
     assert torch.allclose(imp[0], by_hand, rtol=1e-4, atol=1e-7)
+
+
+def test_in_mode_keeps_the_counts_and_drops_the_prior():
+    """A static spec's kept positions become counts in a ranked mode (the same structure, tokens chosen per image),
+    a ranked spec's counts become the first positions in static mode, and the prior goes in both."""
+    model = tiny_model("t-cls", 2)
+    a = arch_of(model)
+    P, n = a.num_prefix_tokens, a.num_patches
+    static = SlimSpec.dense(ModelConfig("t-cls"), a)
+    for i, b in enumerate(static.blocks[1:], 1):
+        b.tokens = list(range(P)) + list(range(P + 3, P + n - i))  # positions, not a prefix of them
+    static.validate()
+    att = static.in_mode("attentive")
+    assert att.token_mode == "attentive" and att.token_counts() == static.token_counts()
+    assert all(b.tokens == list(range(b.num_tokens)) for b in att.blocks)
+    assert static.blocks[1].tokens[P] == P + 3  # the static spec itself is left as it was
+    prior = replace(att, rank_prior=[[1.0] * n] * a.depth, prior_weight=0.5).validate()
+    for mode in ("static", "attentive", "fused"):
+        twin = prior.in_mode(mode)
+        assert twin.token_mode == mode and twin.rank_prior is None and twin.prior_weight == 0.0
+        assert [b.tokens for b in twin.blocks] == [b.tokens for b in att.blocks]
