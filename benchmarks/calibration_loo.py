@@ -20,8 +20,8 @@ from pathlib import Path
 
 import numpy as np
 
-from slimdeploy.latency.calibration import fit_calibration
-from slimdeploy.latency.model import LatencyModel, calibrated
+from slimdeploy.latency.calibration import calibrated, fit_calibration
+from slimdeploy.latency.model import LatencyModel
 from slimdeploy.types import DeviceProfile
 
 

@@ -37,8 +37,8 @@ import numpy as np
 from slimdeploy.analysis import spec_macs
 from slimdeploy.latency import timing
 from slimdeploy.latency.backends import get_backend
-from slimdeploy.latency.calibration import random_spec, synthetic_importance
 from slimdeploy.latency.components import nontrivial_
+from slimdeploy.latency.draws import random_spec, synthetic_importance
 from slimdeploy.latency.fingerprint import cpu_name
 from slimdeploy.latency.measure import measure_models
 from slimdeploy.latency.profile import load_latency_model

@@ -36,8 +36,8 @@ from pathlib import Path
 
 from slimdeploy.latency import timing
 from slimdeploy.latency.backends import get_backend
-from slimdeploy.latency.calibration import random_spec
 from slimdeploy.latency.components import nontrivial_
+from slimdeploy.latency.draws import random_spec
 from slimdeploy.latency.fingerprint import cpu_name
 from slimdeploy.latency.measure import close_all, export_deployed, load_round_robin, measure_models, measure_sessions
 from slimdeploy.models import arch_of, create_model

@@ -42,7 +42,7 @@ def slim_for(model, cfg):
     """A slim model to compare: the solver's pick at half the dense MACs on random importances, pruned from the
     dense weights (not retrained: its int8 drop is what quantization costs a pruned model)."""
     from slimdeploy.analysis import spec_macs
-    from slimdeploy.latency.calibration import synthetic_importance
+    from slimdeploy.latency.draws import synthetic_importance
     from slimdeploy.select.solver import MacsCost, Selector
     from slimdeploy.slim import build_slim
 

@@ -23,8 +23,8 @@ from pathlib import Path
 import numpy as np
 
 from slimdeploy.latency.backends import get_backend
-from slimdeploy.latency.calibration import synthetic_importance
 from slimdeploy.latency.components import nontrivial_
+from slimdeploy.latency.draws import synthetic_importance
 from slimdeploy.latency.fingerprint import cpu_name
 from slimdeploy.latency.measure import SpecMeasurer
 from slimdeploy.latency.profile import load_latency_model

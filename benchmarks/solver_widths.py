@@ -17,7 +17,7 @@ from dataclasses import replace
 
 import numpy as np
 
-from slimdeploy.latency.calibration import synthetic_importance
+from slimdeploy.latency.draws import synthetic_importance
 from slimdeploy.latency.model import LatencyModel
 from slimdeploy.models import arch_of, create_model
 from slimdeploy.select.solver import LatencyCost, Selector, widths_for

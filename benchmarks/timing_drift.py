@@ -27,8 +27,8 @@ from slimdeploy.analysis import spec_macs
 from slimdeploy.export import export_onnx
 from slimdeploy.latency import timing
 from slimdeploy.latency.backends import get_backend
-from slimdeploy.latency.calibration import random_spec
 from slimdeploy.latency.components import nontrivial_
+from slimdeploy.latency.draws import random_spec
 from slimdeploy.latency.fingerprint import cpu_name
 from slimdeploy.latency.measure import example_input
 from slimdeploy.models import arch_of, create_model

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from .errors import SlimError
-from .latency.backends import Session
+from .latency.session import Session
 
 INSTALL_HINT = ("TensorRT is not installed: pip install 'slimdeploy[trt]' "
                 "--extra-index-url https://pypi.nvidia.com (needs an NVIDIA GPU and driver)")

@@ -137,7 +137,7 @@ def test_grids_cover_the_few_token_region_and_end_at_the_full_width():
 
 
 def _cal_points(truth: dict, rng, n: int = 24, warm: bool = False) -> list[dict]:
-    from slimdeploy.latency.model import calibrated
+    from slimdeploy.latency.calibration import calibrated
 
     pts = []
     for _ in range(n):
@@ -181,8 +181,8 @@ def test_the_dense_model_anchors_the_fit_and_an_older_fit_is_redone_on_load():
     """Targets are fractions of the dense model (the first point): its own error would move every target, so the
     fit holds it almost exactly, even when its measurement sits off what the other models say. A profile whose
     calibration an older fit made is fitted again from its points when loaded."""
-    from slimdeploy.latency.calibration import FIT
-    from slimdeploy.latency.model import calibrated, point_sizes
+    from slimdeploy.latency.calibration import FIT, calibrated
+    from slimdeploy.latency.model import point_sizes
 
     truth = {"scale_fixed": 1.2, "scale_tokens": 0.85, "per_gather": 0.003, "beta": 0.02}
     rng = np.random.default_rng(7)
@@ -225,8 +225,7 @@ def test_paired_twins_give_a_ranking_its_cost_where_the_regression_cannot():
     """A ranking costs a few percent of a model: against noise of a few percent per model, the least squares over
     models miss it (here it is fitted at 0), while pairs measured side by side (noise of a fraction of that)
     recover it, and the ranked points then do not bias the rest of the fit."""
-    from slimdeploy.latency.calibration import pair_record
-    from slimdeploy.latency.model import calibrated
+    from slimdeploy.latency.calibration import calibrated, pair_record
 
     truth = {"scale_fixed": 1.2, "scale_tokens": 0.85, "per_gather": 0.003, "per_rank": 0.006, "per_fuse": 0.02}
     rng = np.random.default_rng(5)
@@ -492,7 +491,7 @@ def test_only_the_block_that_drops_pays_the_ranking_in_both_calibrated_parts(mod
 
 
 def test_ranked_twins_keep_the_sizes_and_rank_every_drop():
-    from slimdeploy.latency.calibration import random_spec, ranked_twins
+    from slimdeploy.latency.draws import random_spec, ranked_twins
 
     model = tiny_model("t-cls")
     a = arch_of(model)
@@ -542,7 +541,7 @@ def test_a_ranking_costs_what_it_ranks_and_keeps():
 def test_folded_loop_rows_are_priced_in_their_token_mode(tmp_path):
     """A closed loop's rows fold into the calibration with their rankings counted (rows before the token mode was
     recorded fold as static)."""
-    from slimdeploy.latency.calibration import random_spec as spec_of
+    from slimdeploy.latency.draws import random_spec as spec_of
     from slimdeploy.latency.profile import fold_rounds
 
     model = tiny_model("t-cls")

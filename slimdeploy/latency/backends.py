@@ -15,37 +15,14 @@ import torch
 from torch import nn
 
 from ..errors import SlimError
-from . import timing
 from .fingerprint import cpu_fingerprint, cpu_name, gpu_fingerprint
+from .session import Session
 
 BACKEND_NAMES = ("ort-cpu", "ort-cuda", "trt", "torch")
 PRECISIONS = ("fp32", "fp16", "bf16", "int8")
 # what each backend runs (torch: cpu / cuda)
 SUPPORTED = {"ort-cpu": ("fp32", "int8"), "ort-cuda": ("fp32",), "trt": ("fp32", "fp16", "int8"),
              "torch-cpu": ("fp32", "bf16"), "torch-cuda": ("fp32", "fp16", "bf16")}
-
-
-class Session:
-    """A loaded model: run(x) -> numpy output; timed(x) -> (call, sync) for the timing protocol."""
-
-    def run(self, x: np.ndarray) -> np.ndarray:
-        raise NotImplementedError
-
-    def timed(self, x: np.ndarray) -> timing.Timed:
-        return (lambda: self.run(x)), None
-
-    def time(self, x: np.ndarray, protocol: timing.Protocol = timing.MODEL) -> timing.Measurement:
-        """This session alone, by the protocol (use timing.measure to interleave several)."""
-        return timing.measure({"model": self.timed(x)}, protocol)["model"]
-
-    def close(self) -> None:
-        """Free what the session holds (CUDA streams, contexts)."""
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
 
 
 class Backend:

@@ -1,10 +1,5 @@
-"""Calibration: the whole models a profile measures, and the fit of their latency against the tables.
+"""Calibration: the fit of whole models' measured latency against the tables (the models come from draws.py).
 
-An optimiser drives into a model's errors, so the whole models come from three places: random structures of
-every size (some blocks without heads or MLP, tokens dropped at some blocks), the structures the solver itself
-picks at budgets from 20% to 95% of dense, under random exchange rates between kinds (few tokens, narrow MLPs:
-where fixed per-operator costs dominate), and pairs of ranked-token twins of some of them (their drops made by a
-ranking, and the same sizes static), measured side by side for the cost of a ranking in a whole model.
 The fit, with rows weighted by 1 / measured (relative errors):
 
     measured = scale_fixed * fixed + scale_tokens * tokens + per_attn * n_attn + per_mlp * n_mlp
@@ -30,131 +25,35 @@ far a model with that many bytes of weights runs from a cold cache (a small mode
 
 from __future__ import annotations
 
-import random
-from dataclasses import replace
-
 import numpy as np
-
-from ..defaults import TOKENS
-from ..errors import SlimError
-from ..types import RANKED_TOKEN_MODES, Arch, ModelConfig, SlimSpec
-from .model import COUNTS, RANKING_TABLE, calibrated
 
 FIT = 4  # the fit's version (see the module's docstring); bump when the same points would fit otherwise. 3: widths
 # read linearly between grid points further apart than the profile's step, and the tokens a ranking keeps linearly,
 # not as a staircase; 4: the matmul tables read as a line in width where the grid is coarse (model.py)
 DENSE_WEIGHT = 30.0  # the dense model (the first point) counts as this many models
+RANKING_TABLE = {"attentive": "rank", "fused": "fuse"}  # what a dropping block pays instead of the gather
+RANKINGS = tuple(RANKING_TABLE.values())
+# structural counts with their own per-operator cost; "rank" and "fuse" count the drops made by a ranking in
+# attentive and in fused token mode (their in-context costs differ: 24 and 48 us on the shifted set)
+COUNTS = ("attn", "mlp", "gather", *RANKINGS)
+FEATURES = ("fixed_shared", "fixed_cold", "fixed_warm", "tok_shared", "tok_cold", "tok_warm", "bytes", *COUNTS)
 
 
-def random_spec(arch: Arch, source: ModelConfig, rng: random.Random, step: int = 8, min_keep: float = 0.15,
-                size: float | None = None, empty_branches: float = 0.1, embed_widths: list[int] | None = None
-                ) -> SlimSpec:
-    """A random slim structure of overall size `size` (default: random in [min_keep, 1]), with per block and
-    dimension kept fractions around it, tokens dropped at some blocks (monotone), a branch (all heads or
-    the whole MLP) removed with probability `empty_branches`, and, given embed_widths, half the time one of them
-    near the size as the embedding width."""
-    spec = SlimSpec.dense(source, arch)
-    size = rng.uniform(min_keep, 1.0) if size is None else size
-    if embed_widths and rng.random() < 0.5:
-        near = [w for w in embed_widths if w >= arch.embed_dim * size * rng.uniform(0.7, 1.3)]
-        spec.embed = list(range(near[0] if near else arch.embed_dim))
-    tokens = list(range(arch.num_tokens))
-
-    def width(full: int) -> int:
-        w = full * min(1.0, max(0.05, size * rng.uniform(0.7, 1.3)))
-        return max(1, min(full, int(round(w / step)) * step if full >= step else int(round(w))))
-
-    for b in spec.blocks:
-        if rng.random() < 0.4:
-            patches = [t for t in tokens if t >= arch.num_prefix_tokens]
-            keep = max(1, int(round(len(patches) * rng.uniform(max(0.3, size), 1.0))))
-            tokens = tokens[:arch.num_prefix_tokens] + sorted(rng.sample(patches, keep))
-        h = max(1, min(arch.num_heads, int(round(arch.num_heads * size * rng.uniform(0.7, 1.3)))))
-        q, v, m = width(arch.head_dim), width(arch.head_dim), width(arch.mlp_dim)
-        heads = sorted(rng.sample(range(arch.num_heads), h))
-        if rng.random() < empty_branches:
-            heads = []
-        if rng.random() < empty_branches:
-            m = 0
-        b.tokens, b.heads = list(tokens), heads
-        b.qk = [list(range(q)) for _ in heads]
-        b.v = [list(range(v)) for _ in heads]
-        b.mlp = list(range(m))
-    return spec.validate()
+def phi(weight_bytes: float, center: float, width: float) -> float:
+    """How cold the weighted pieces run (0: warm, 1: cold) in a model of `weight_bytes` bytes of weights."""
+    z = (np.log(max(weight_bytes, 1.0)) - center) / max(width, 1e-6)
+    return float(1.0 / (1.0 + np.exp(-np.clip(z, -50, 50))))
 
 
-def synthetic_importance(arch: Arch, rng: np.random.Generator, embed: bool = False):
-    """Random importances shaped like a search's (deep blocks matter less), with a random exchange rate
-    between kinds: enough to send the solver everywhere it goes with real ones. embed: with the embedding width
-    searched (its channels as important as a block's MLP at a random rate)."""
-    from ..select.importance import Importance
+def calibrated(f: dict[str, float], cal: dict, has_warm: bool) -> float:
+    """End-to-end ms from a model's features and a calibration (see the module's docstring)."""
+    cold = phi(f["bytes"], cal.get("phi_center", 0.0), cal.get("phi_width", 1.0)) if has_warm else 1.0
 
-    depth = np.linspace(1.5, 0.5, arch.depth)[:, None]
-    w = np.exp(rng.uniform(np.log(0.1), np.log(10.0), 4))
-    emb = rng.exponential(1.0, arch.embed_dim) * w[3] * arch.depth * 0.25 if embed else None
-    return Importance(qk=rng.exponential(1.0, (arch.depth, arch.num_heads, arch.head_dim)) * depth[:, :, None] * w[0],
-                      v=rng.exponential(1.0, (arch.depth, arch.num_heads, arch.head_dim)) * depth[:, :, None] * w[0],
-                      mlp=rng.exponential(1.0, (arch.depth, arch.mlp_dim)) * depth * w[1] * 0.25,
-                      tok=rng.exponential(1.0, (arch.depth, arch.num_patches)) * depth * w[2], mode="synthetic",
-                      embed=emb)
+    def part(prefix):
+        return f[f"{prefix}_shared"] + f[f"{prefix}_warm"] + cold * (f[f"{prefix}_cold"] - f[f"{prefix}_warm"])
+    return (cal.get("scale_fixed", 1.0) * part("fixed") + cal.get("scale_tokens", 1.0) * part("tok")
+            + sum(cal.get(f"per_{k}", 0.0) * f.get(k, 0.0) for k in COUNTS) + cal.get("beta", 0.0))
 
-
-def solver_specs(lm, arch: Arch, source: ModelConfig, count: int, seed: int = 0) -> list[SlimSpec]:
-    """What selection picks on `lm` at budgets spread over 20-95% of dense: each a random candidate family
-    (select/candidates.py: the greedy solver under kind weights, channel-only, ViT-Slim fractions, uniform)
-    solved under random importances, so the whole models come from the region selection drives into."""
-    from ..select.candidates import Problem, families
-    from ..select.solver import LatencyCost
-
-    rng = np.random.default_rng(seed)
-    dense = lm.predict(SlimSpec.dense(source, arch))
-    with_embed = "stem_head" in lm.embed_tables
-    out = []
-    for i in range(count * 3):
-        if len(out) == count:
-            break
-        frac = 0.2 + 0.75 * ((i * 0.618) % 1.0)
-        imp = synthetic_importance(arch, rng, embed=with_embed and i % 2 == 1)
-        fams = families(imp)
-        spec = Problem(arch, source, imp, LatencyCost(lm)).solve(fams[int(rng.integers(len(fams)))], frac * dense)
-        if spec is not None:
-            out.append(spec)
-    return out
-
-
-def ranked_twins(specs: list[SlimSpec], count: int) -> list[tuple[SlimSpec, SlimSpec]]:
-    """Up to `count` pairs (ranked, static) from the specs that drop tokens: the ranked one in attentive and fused
-    token mode by turns, each drop made by a ranking; the static one the same sizes with its tokens at fixed
-    positions. Measured side by side, their difference is what the rankings cost in a whole model: more than
-    their nodes timed alone (a 0.3x structure of a 65-token model: 24 us above its static twin, where the piece's
-    table says 16 us), and too little of a whole model's latency for a regression over models to find."""
-    out = []
-    for s in specs:
-        if len(out) == count:
-            break
-        blocks, heads_before = [], False
-        for b in s.blocks:  # a block before any attention has no scores to rank by: it keeps every token
-            n = b.num_tokens if heads_before else s.arch.num_tokens
-            blocks.append(replace(b, tokens=list(range(n))))
-            heads_before = heads_before or b.num_heads > 0
-        counts = [s.arch.num_tokens] + [b.num_tokens for b in blocks]
-        if all(n == p for p, n in zip(counts, counts[1:])):
-            continue
-        mode = RANKED_TOKEN_MODES[len(out) % len(RANKED_TOKEN_MODES)]
-        prior = uniform_prior(s.arch) if mode == "attentive" else {}  # attentive mode ranks with the search's
-        twin = replace(s, token_mode=mode, blocks=blocks, **prior)
-        try:
-            out.append((twin.validate(), twin.in_mode("static")))
-        except SlimError:  # leaves no place for the fused token
-            continue
-    return out
-
-
-def uniform_prior(arch: Arch) -> dict:
-    """A rank prior for timing (values do not change the cost): rising over the patches, the default weight."""
-    n = arch.num_patches
-    return {"rank_prior": [[1.0 + j / n for j in range(n)] for _ in range(arch.depth)],
-            "prior_weight": TOKENS["prior_weight"]}
 
 
 def pair_record(ranked_features: dict, static_features: dict, token_mode: str, static_ms: float,

@@ -41,6 +41,7 @@ import numpy as np
 
 from ..errors import SlimError
 from ..types import RANKED_TOKEN_MODES, Arch, DeviceProfile, SlimSpec
+from .calibration import FEATURES, FIT, RANKING_TABLE, calibrated, fit_calibration
 from .fingerprint import describe, differences
 
 SHIPPED_PROFILES = Path(__file__).resolve().parent.parent.parent / "profiles"
@@ -48,12 +49,6 @@ TABLES = ("rest", "const", "gather", "qkv", "proj", "mlp", "core_q", "core_v")
 MATMULS = ("qkv", "proj", "mlp")  # tables over (tokens, width) of one matmul (two for the MLP)
 AFFINE_FROM = 16  # in profile steps: where the width grids turn coarse (profile.width_grid) and a matmul table is
 # read as its least-squares line in width, at each token count (see the module's docstring)
-RANKING_TABLE = {"attentive": "rank", "fused": "fuse"}  # what a dropping block pays instead of the gather
-RANKINGS = tuple(RANKING_TABLE.values())
-# structural counts with their own per-operator cost; "rank" and "fuse" count the drops made by a ranking in
-# attentive and in fused token mode (their in-context costs differ: 24 and 48 us on the shifted set)
-COUNTS = ("attn", "mlp", "gather", *RANKINGS)
-FEATURES = ("fixed_shared", "fixed_cold", "fixed_warm", "tok_shared", "tok_cold", "tok_warm", "bytes", *COUNTS)
 
 
 def user_profiles_dir() -> Path:
@@ -262,8 +257,6 @@ class LatencyModel:
         """A calibration made by an older version of the fit is fitted again, in memory, from its points, their
         features read again from their widths by these tables (the paired twins' with them); nothing is measured
         again, and `slimdeploy profile --fold` writes a refitted calibration to the file."""
-        from .calibration import FIT, fit_calibration
-
         cal = self.profile.calibration or {}
         if not cal.get("points") or cal.get("fit") == FIT:
             return
@@ -423,22 +416,6 @@ def point_sizes(point: dict) -> tuple[list[tuple[int, int, int, int, int]], int 
     if isinstance(w[0], dict):
         return [(b["tokens"], b["heads"], b["qk"], b["v"], b["mlp"]) for b in w], w[0].get("embed")
     return [tuple(b) for b in w], point.get("embed")
-
-
-def phi(weight_bytes: float, center: float, width: float) -> float:
-    """How cold the weighted pieces run (0: warm, 1: cold) in a model of `weight_bytes` bytes of weights."""
-    z = (np.log(max(weight_bytes, 1.0)) - center) / max(width, 1e-6)
-    return float(1.0 / (1.0 + np.exp(-np.clip(z, -50, 50))))
-
-
-def calibrated(f: dict[str, float], cal: dict, has_warm: bool) -> float:
-    """End-to-end ms from a model's features and a calibration (see calibration.py)."""
-    cold = phi(f["bytes"], cal.get("phi_center", 0.0), cal.get("phi_width", 1.0)) if has_warm else 1.0
-
-    def part(prefix):
-        return f[f"{prefix}_shared"] + f[f"{prefix}_warm"] + cold * (f[f"{prefix}_cold"] - f[f"{prefix}_warm"])
-    return (cal.get("scale_fixed", 1.0) * part("fixed") + cal.get("scale_tokens", 1.0) * part("tok")
-            + sum(cal.get(f"per_{k}", 0.0) * f.get(k, 0.0) for k in COUNTS) + cal.get("beta", 0.0))
 
 
 def spec_sizes(spec: SlimSpec) -> list[tuple[int, int, int, int, int]]:

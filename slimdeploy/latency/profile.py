@@ -5,8 +5,8 @@ the few-token region where the solver goes is dense, plus an even spread) and wi
 attention core over (tokens, heads, q) and (tokens, heads, v); each piece that touches the residual stream again at
 narrower embedding widths, on a coarse sub-grid of tokens and widths (its ratio to the full width is what the model
 reads). Each table is made monotone (isotonic fit), which
-removes timing noise without hiding steps. Then whole models (calibration.py) are measured to fit the
-calibration. Pieces are timed in a shuffled order, so that a slow phase of a shared machine is noise spread
+removes timing noise without hiding steps. Then whole models (draws.py) are measured to fit the calibration
+(calibration.py). Pieces are timed in a shuffled order, so that a slow phase of a shared machine is noise spread
 over every table (which the monotone fits smooth) rather than a bias of one table. Partial results are saved as
 they come: an interrupted profile resumes where it stopped.
 
@@ -37,13 +37,12 @@ from ..slim import build_slim
 from ..types import Arch, DeviceProfile, ModelConfig, SlimSpec
 from . import components, timing
 from .backends import Backend
-from .calibration import fit_calibration, pair_record, random_spec, ranked_twins, solver_specs
+from .calibration import RANKING_TABLE, RANKINGS, fit_calibration, pair_record
+from .draws import random_spec, ranked_twins, solver_specs
 from .fingerprint import fingerprint_key
 from .measure import export_deployed, measure_loaded
 from .model import (
     AFFINE_FROM,
-    RANKING_TABLE,
-    RANKINGS,
     UNSTEADY,
     LatencyModel,
     check_profile_fits,
