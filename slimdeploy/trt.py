@@ -18,7 +18,6 @@ import numpy as np
 import torch
 
 from .errors import SlimError
-from .latency.session import Session
 
 INSTALL_HINT = ("TensorRT is not installed: pip install 'slimdeploy[trt]' "
                 "--extra-index-url https://pypi.nvidia.com (needs an NVIDIA GPU and driver)")
@@ -179,41 +178,3 @@ def engine_batch_range(plan: bytes) -> tuple[int, int]:
         return int(shape[0]), int(shape[0])
     lo, _, hi = engine.get_tensor_profile_shape(name, 0)
     return int(lo[0]), int(hi[0])
-
-
-class TrtSession(Session):
-    """A serialized engine behind polygraphy's TrtRunner (activated once, deactivated on close)."""
-
-    def __init__(self, plan: bytes):
-        from polygraphy.backend.trt import EngineFromBytes, TrtRunner
-
-        self.runner = TrtRunner(EngineFromBytes(plan))
-        self.runner.activate()
-        self.input = next(iter(self.runner.get_input_metadata().keys()))
-
-    def run(self, x: np.ndarray) -> np.ndarray:
-        out = self.runner.infer({self.input: np.ascontiguousarray(x, dtype=np.float32)})
-        return np.asarray(next(iter(out.values())), dtype=np.float32)
-
-    def timed(self, x: np.ndarray):
-        """execute_async_v3 on buffers bound once (polygraphy's infer checks every call, which dominates
-        small engines); the sync waits on the session's own stream."""
-        trt = require_tensorrt()
-        engine, ctx = self.runner.engine, self.runner.context
-        stream = torch.cuda.Stream()
-        self._buffers = []  # kept alive with the session
-        for i in range(engine.num_io_tensors):
-            name = engine.get_tensor_name(i)
-            if engine.get_tensor_mode(name) == trt.TensorIOMode.INPUT:
-                t = torch.as_tensor(np.ascontiguousarray(x, dtype=np.float32)).cuda()
-                ctx.set_input_shape(name, tuple(t.shape))
-            else:
-                t = torch.empty(tuple(ctx.get_tensor_shape(name)), dtype=torch.float32, device="cuda")
-            ctx.set_tensor_address(name, t.data_ptr())
-            self._buffers.append(t)
-        return (lambda: ctx.execute_async_v3(stream.cuda_stream)), stream.synchronize
-
-    def close(self) -> None:
-        if self.runner.is_active:
-            self.runner.deactivate()  # frees its CUDA stream and context
-

@@ -263,7 +263,8 @@ def _measure(be, reference, run_dir: Path, slim, dense, arch, batch: int, precis
             return export_first(be, {"slim": slim}, arch, batch, tmp).get("slim")
 
         if be.name == "trt":
-            from .trt import TrtSession, engine_batch_range
+            from .latency.backends import TrtSession
+            from .trt import engine_batch_range
 
             plan = (run_dir / "model.plan").read_bytes()
             lo, hi = engine_batch_range(plan)

@@ -59,7 +59,8 @@ def tamper(path) -> None:
                     reason=f"TensorRT path not exercised: {tensorrt_missing_reason()}")
 @pytest.mark.parametrize("fp16", [False, True])
 def test_tensorrt_engine_parity(tmp_path, fp16):
-    from slimdeploy.trt import TrtSession, build_engine
+    from slimdeploy.latency.backends import TrtSession
+    from slimdeploy.trt import build_engine
 
     model = tiny_model("t-cls")
     slim = build_slim(random_spec(model, 4), model)

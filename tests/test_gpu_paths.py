@@ -167,7 +167,7 @@ def test_ort_timing_binds_inputs_and_outputs_once():
 def test_a_trt_session_frees_its_runner(monkeypatch):
     import polygraphy.backend.trt as ptrt
 
-    from slimdeploy import trt
+    from slimdeploy.latency import backends
 
     class FakeRunner:
         def __init__(self, engine):
@@ -183,7 +183,7 @@ def test_a_trt_session_frees_its_runner(monkeypatch):
             return {"x": None}
     monkeypatch.setattr(ptrt, "TrtRunner", FakeRunner)
     monkeypatch.setattr(ptrt, "EngineFromBytes", lambda plan: plan)
-    with trt.TrtSession(b"plan") as s:
+    with backends.TrtSession(b"plan") as s:
         assert s.runner.is_active
     assert not s.runner.is_active  # its CUDA stream and context go with it
 

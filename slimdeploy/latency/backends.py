@@ -15,14 +15,37 @@ import torch
 from torch import nn
 
 from ..errors import SlimError
+from . import timing
 from .fingerprint import cpu_fingerprint, cpu_name, gpu_fingerprint
-from .session import Session
 
 BACKEND_NAMES = ("ort-cpu", "ort-cuda", "trt", "torch")
 PRECISIONS = ("fp32", "fp16", "bf16", "int8")
 # what each backend runs (torch: cpu / cuda)
 SUPPORTED = {"ort-cpu": ("fp32", "int8"), "ort-cuda": ("fp32",), "trt": ("fp32", "fp16", "int8"),
              "torch-cpu": ("fp32", "bf16"), "torch-cuda": ("fp32", "fp16", "bf16")}
+
+
+class Session:
+    """A loaded model: run(x) -> numpy output; timed(x) -> (call, sync) for the timing protocol."""
+
+    def run(self, x: np.ndarray) -> np.ndarray:
+        raise NotImplementedError
+
+    def timed(self, x: np.ndarray) -> timing.Timed:
+        return (lambda: self.run(x)), None
+
+    def time(self, x: np.ndarray, protocol: timing.Protocol = timing.MODEL) -> timing.Measurement:
+        """This session alone, by the protocol (use timing.measure to interleave several)."""
+        return timing.measure({"model": self.timed(x)}, protocol)["model"]
+
+    def close(self) -> None:
+        """Free what the session holds (CUDA streams, contexts)."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
 
 
 class Backend:
@@ -271,6 +294,45 @@ class TorchBackend(Backend):
 
 # ---- TensorRT ----------------------------------------------------------------------------------
 
+class TrtSession(Session):
+    """A serialized engine behind polygraphy's TrtRunner (activated once, deactivated on close)."""
+
+    def __init__(self, plan: bytes):
+        from polygraphy.backend.trt import EngineFromBytes, TrtRunner
+
+        self.runner = TrtRunner(EngineFromBytes(plan))
+        self.runner.activate()
+        self.input = next(iter(self.runner.get_input_metadata().keys()))
+
+    def run(self, x: np.ndarray) -> np.ndarray:
+        out = self.runner.infer({self.input: np.ascontiguousarray(x, dtype=np.float32)})
+        return np.asarray(next(iter(out.values())), dtype=np.float32)
+
+    def timed(self, x: np.ndarray):
+        """execute_async_v3 on buffers bound once (polygraphy's infer checks every call, which dominates
+        small engines); the sync waits on the session's own stream."""
+        from ..trt import require_tensorrt
+
+        trt = require_tensorrt()
+        engine, ctx = self.runner.engine, self.runner.context
+        stream = torch.cuda.Stream()
+        self._buffers = []  # kept alive with the session
+        for i in range(engine.num_io_tensors):
+            name = engine.get_tensor_name(i)
+            if engine.get_tensor_mode(name) == trt.TensorIOMode.INPUT:
+                t = torch.as_tensor(np.ascontiguousarray(x, dtype=np.float32)).cuda()
+                ctx.set_input_shape(name, tuple(t.shape))
+            else:
+                t = torch.empty(tuple(ctx.get_tensor_shape(name)), dtype=torch.float32, device="cuda")
+            ctx.set_tensor_address(name, t.data_ptr())
+            self._buffers.append(t)
+        return (lambda: ctx.execute_async_v3(stream.cuda_stream)), stream.synchronize
+
+    def close(self) -> None:
+        if self.runner.is_active:
+            self.runner.deactivate()  # frees its CUDA stream and context
+
+
 class TrtBackend(Backend):
     name = "trt"
 
@@ -290,7 +352,7 @@ class TrtBackend(Backend):
         return gpu_fingerprint(self.name, self.version())
 
     def load_onnx(self, onnx):
-        from ..trt import TrtSession, build_engine
+        from ..trt import build_engine
 
         plan = build_engine(onnx, precision=self.precision, opt_batch=self.opt_batch,
                             timing_cache=self.timing_cache)

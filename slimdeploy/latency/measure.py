@@ -20,8 +20,7 @@ from torch import nn
 from ..progress import log
 from ..types import Arch, SlimSpec
 from . import timing
-from .backends import Backend
-from .session import Session
+from .backends import Backend, Session
 
 
 def example_input(arch: Arch, batch: int, seed: int = 0) -> np.ndarray:
