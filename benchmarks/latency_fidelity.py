@@ -21,6 +21,10 @@ full statistics, the model's error on the cases whose passes agree within 3% (wi
     .venv/bin/python benchmarks/latency_fidelity.py --device local --model deit_small_patch16_224
     --embed: half the random specs at a narrower embedding width, and the solver choosing it too (with --run, a
     search made with --embed)
+    --token-mode attentive|fused (synthetic importances): the solver's picks keep their counts by a ranking (issue
+    16), priced with the rankings' costs; the random specs stay static. With --img-size 56 (the shifted set's
+    65-token fmnist-vit):
+    .venv/bin/python benchmarks/latency_fidelity.py --device local --img-size 56 --token-mode attentive
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ import datetime as dt
 import json
 import random
 import statistics
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -45,7 +50,7 @@ from slimdeploy.latency.profile import load_latency_model
 from slimdeploy.models import arch_of, create_model
 from slimdeploy.select.solver import LatencyCost, Selector
 from slimdeploy.slim import build_slim
-from slimdeploy.types import ModelConfig, SlimSpec
+from slimdeploy.types import RANKED_TOKEN_MODES, TOKEN_MODES, ModelConfig, SlimSpec
 
 STEADY = 0.03  # passes of one case within 3% of each other: the machine repeated itself
 
@@ -62,10 +67,15 @@ def main() -> None:
     ap.add_argument("--profiles-dir", default=None)
     ap.add_argument("--embed", action="store_true", help="embedding widths in the random specs and the solver's")
     ap.add_argument("--passes", type=int, default=2, help="measurements of every case, minutes apart")
+    ap.add_argument("--img-size", type=int, default=None, help="the model's input size (56: the shifted set's)")
+    ap.add_argument("--token-mode", choices=TOKEN_MODES, default="static",
+                    help="how the solver's picks keep tokens (synthetic importances only)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
+    if args.run and args.token_mode != "static":
+        ap.error("--token-mode applies to synthetic importances; a run's search has its own mode")
 
-    cfg = ModelConfig(args.model)
+    cfg = ModelConfig(args.model, img_size=args.img_size)
     model = nontrivial_(create_model(cfg)).eval()
     arch = arch_of(model)
     lm, warnings = load_latency_model(args.device, model, cfg, profiles_dir=args.profiles_dir)
@@ -90,9 +100,13 @@ def main() -> None:
     else:
         nrng = np.random.default_rng(args.seed)
         imps = [(f"synthetic{i}", synthetic_importance(arch, nrng, embed=args.embed)) for i in range(args.rates)]
+        if args.token_mode in RANKED_TOKEN_MODES:  # attentive: with a position prior, as its search records one
+            imps = [(n, replace(imp, token_mode=args.token_mode, pos=nrng.exponential(1.0, imp.tok.shape)
+                                if args.token_mode == "attentive" else None)) for n, imp in imps]
     for f in args.targets:
         for name, imp in imps:
-            sel = Selector(arch, cfg, imp, LatencyCost(lm))
+            # a dropping block pays the ranking of the importance's token mode, as selection prices it
+            sel = Selector(arch, cfg, imp, LatencyCost(lm.for_tokens(imp.token_mode)))
             cases.append((f"solver {f:.1f}x {name}", f, sel.select(max(f * dense_pred, sel.minimum_cost())).spec))
 
     # every case measured in each pass, the passes minutes apart and in another order (other chunk mates): how
@@ -126,12 +140,13 @@ def main() -> None:
                      "predicted_ms": pred, "predicted_over_dense": pred_ratio, "error": pred_ratio / measured - 1,
                      "first_pass_error": pred_ratio / over[0] - 1,
                      "abs_error": pred / ms - 1, "flops_error": macs_ratio / measured - 1,
-                     "embed": spec.embed_dim, "widths": spec.summary()})
+                     "embed": spec.embed_dim, "token_mode": spec.token_mode, "widths": spec.summary()})
         r = rows[-1]
         print(f"{kind:28s} embed {spec.embed_dim:4d} measured {ms:8.3f} ms = {measured:.3f}x dense (passes "
               f"{', '.join(f'{o:.3f}' for o in over)}); predicted {pred_ratio:.3f}x ({100 * r['error']:+5.1f}%), "
               f"{pred:.3f} ms ({100 * r['abs_error']:+5.1f}%)", flush=True)
-    summary = {"model": args.model, "device": args.device, "cpu": cpu_name(), "backend": p.backend,
+    summary = {"model": args.model, "img_size": arch.img_size, "token_mode": args.token_mode,
+               "device": args.device, "cpu": cpu_name(), "backend": p.backend,
                "profile_hardware": p.hardware, "profile_warnings": warnings, "batch_size": p.batch_size,
                "dense_measured_ms": dense_ms, "dense_predicted_ms": dense_pred,
                "date": dt.datetime.now().isoformat(timespec="seconds")}
@@ -159,7 +174,9 @@ def main() -> None:
     summary["per_target_max_abs_repeat_error"] = {
         f"{f:.1f}": max(abs(r["repeat_error"]) for r in rows if r["target"] == f) for f in args.targets}
     summary["median_ratio_halfwidth"] = statistics.median(r["ratio_halfwidth"] for r in rows)
-    out = Path(args.out or f"benchmarks/results/latency_fidelity_{args.model}{'_embed' if args.embed else ''}.json")
+    tag = ("_embed" if args.embed else "") + (f"_{args.img_size}px" if args.img_size else "") + (
+        f"_{args.token_mode}" if args.token_mode != "static" else "")
+    out = Path(args.out or f"benchmarks/results/latency_fidelity_{args.model}{tag}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({**summary, "rows": rows}, indent=2))
     print(json.dumps(summary, indent=2))
