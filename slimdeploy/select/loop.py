@@ -15,8 +15,9 @@ that lands in the window is confirmed by a second, longer measurement with fresh
 it: placement of a session's memory moves small models by several percent); it is kept only if both intervals
 are under the target. Of the structures that land, the one nearest AIM is confirmed, not the largest: two
 measurements of one model differ by up to ~5% on a shared CPU, and verify measures it again. When the
-confirmation refuses it, the next one that landed in the round is confirmed (measured on a Xeon: the one round of
-seven that needed a second had a structure at 0.92 x target beside the refused one). The structure kept
+confirmation refuses it, the next one that landed in the round and measured faster is confirmed (one that
+measured slower would be refused too; measured on a Xeon: the one round of seven that needed a second had a
+structure at 0.92 x target beside the refused one). The structure kept
 is the confirmed one, else the one nearest the target from below whose 95% interval is under it; `met` is
 decided on that interval. A confirmed structure's latency is reported from its confirmation: the longer
 measurement, with fresh sessions, is the one verify repeats.
@@ -135,7 +136,15 @@ def closed_loop(solve: Solve, lm: LatencyModel, measure: Measure, dense_spec: Sl
         # the one nearest AIM first (the margin for the next measurement); when fresh sessions refuse it, the
         # next one that landed is confirmed before another round is solved
         landed.sort(key=lambda i: abs(rows[i]["y"] - aim))
-        if any(_confirm(measure, rows[i], specs[i], dense_ms, fraction, target, window, points) for i in landed):
+        confirmed, ceiling = False, float("inf")
+        for i in landed:
+            if rows[i]["y"] >= ceiling:  # no faster than one that fresh sessions refused: it would fail too
+                continue
+            if _confirm(measure, rows[i], specs[i], dense_ms, fraction, target, window, points):
+                confirmed = True
+                break
+            ceiling = rows[i]["first_measurement"]["y"]
+        if confirmed:
             break
         model = lm.corrected(*refit(points))
     met = [i for i, r in enumerate(rows) if r["y_high"] <= window[1]]
