@@ -134,17 +134,10 @@ def closed_loop(solve: Solve, lm: LatencyModel, measure: Measure, dense_spec: Sl
         landed = [i for i in range(len(rows) - len(measured), len(rows))
                   if rows[i]["y"] >= window[0] and rows[i]["y_high"] <= window[1]]
         # the one nearest AIM first (the margin for the next measurement); when fresh sessions refuse it, the
-        # next one that landed is confirmed before another round is solved
+        # next one that landed and measured faster is confirmed before another round is solved
         landed.sort(key=lambda i: abs(rows[i]["y"] - aim))
-        confirmed, ceiling = False, float("inf")
-        for i in landed:
-            if rows[i]["y"] >= ceiling:  # no faster than one that fresh sessions refused: it would fail too
-                continue
-            if _confirm(measure, rows[i], specs[i], dense_ms, fraction, target, window, points):
-                confirmed = True
-                break
-            ceiling = rows[i]["first_measurement"]["y"]
-        if confirmed:
+        if _confirm_in_turn(landed, lambda i: _confirm(measure, rows[i], specs[i], dense_ms, fraction, target,
+                                                        window, points), rows):
             break
         model = lm.corrected(*refit(points))
     met = [i for i, r in enumerate(rows) if r["y_high"] <= window[1]]
@@ -172,6 +165,18 @@ def _bracket(rows: list[dict], window: tuple[float, float]) -> tuple[float | Non
     under = max((r for r in rows if r["y_high"] <= window[1]), key=lambda r: r["y"], default=None)
     over = min((r for r in rows if r["y_high"] > window[1]), key=lambda r: r["y"], default=None)
     return (under["predicted_ms"] if under else None, over["predicted_ms"] if over else None)
+
+
+def _confirm_in_turn(landed: list[int], confirm: Callable[[int], bool], rows: list[dict]) -> bool:
+    """Confirm the landed structures in the order given until one holds; after a refusal, only those that measured
+    faster than the refused one (a slower one would be refused too)."""
+    ceiling = float("inf")
+    for i in landed:
+        if rows[i]["y"] < ceiling:
+            if confirm(i):
+                return True
+            ceiling = rows[i]["first_measurement"]["y"]
+    return False
 
 
 def _confirm(measure: Measure, row: dict, spec: SlimSpec, dense_ms: float, fraction: float | None, target: float,
