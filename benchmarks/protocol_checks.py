@@ -18,9 +18,17 @@ such a width up to calibration version 2), 0.5 for linear (how it reads it since
 128 above 1024 units, so the staircase priced a random MLP width up to 12% too high. `--from`: the narrowest grid
 width to include (the whole grid is ~60 models a chunk on deit_small).
 
+`interleave`: can the protocol's own settings beat a busy machine's noise? The dense model and two random
+structures (about 0.3 and 0.6 of its size), exported once; every repetition measures them under each setting in
+turn (rotating order), with fresh sessions: `MODEL` as is, shorter rounds (61 x 0.03 s: finer pairing), longer
+rounds (3 x 0.6 s: calls warmer), six sessions a model (more placements), and `MODEL` on the same sessions every
+repetition (`kept`: what is left of the spread without session placement). Per setting: the slim / dense ratio's
+median over repetitions, its spread (sd / median) and the median 95% half-width one measurement reports.
+
     .venv/bin/python benchmarks/protocol_checks.py calls --model deit_small_patch16_224 --reps 2
     .venv/bin/python benchmarks/protocol_checks.py load-order --layout alternate --chunks 16
     .venv/bin/python benchmarks/protocol_checks.py mlp-widths --model deit_small_patch16_224 --from 1024 --reps 3
+    .venv/bin/python benchmarks/protocol_checks.py interleave --reps 10
 """
 
 from __future__ import annotations
@@ -141,11 +149,57 @@ def mlp_widths(model, arch, cfg, backend, reps: int, low: int) -> dict:
             "profile": str(lm.path)}
 
 
+def interleave(model, arch, cfg, backend, reps: int) -> dict:
+    rng = random.Random(0)
+    specs = {f"s{f}": random_spec(arch, cfg, rng, 8, size=f) for f in (0.3, 0.6)}
+    m = timing.MODEL
+    settings = {"MODEL": m, "rounds 61 x 0.03 s": replace(m, rounds=61, round_s=0.03),
+                "rounds 3 x 0.6 s": replace(m, rounds=3, round_s=0.6), "6 sessions": replace(m, sessions=6),
+                "kept sessions": m}
+    ratios: dict[str, dict[str, list[float]]] = {k: {s: [] for s in specs} for k in settings}
+    halfwidths: dict[str, list[float]] = {k: [] for k in settings}
+    dense_ms: dict[str, list[float]] = {k: [] for k in settings}
+    with tempfile.TemporaryDirectory() as tmp:
+        files = export_deployed(model, {"dense": None, **specs}, arch, 1, tmp)
+
+        def load(n: int) -> dict:
+            return load_round_robin({k: (lambda k=k: backend.load_onnx(files[k]), n) for k in files})
+
+        kept = load(m.sessions)
+        names = list(settings)
+        try:
+            for rep in range(reps):
+                for j in range(len(names)):
+                    name = names[(rep + j) % len(names)]
+                    sessions = kept if name == "kept sessions" else load(settings[name].sessions)
+                    t = measure_sessions(sessions, arch, 1, settings[name])
+                    if sessions is not kept:
+                        close_all(sessions)
+                    dense_ms[name].append(t["dense"].median_ms)
+                    for k in specs:
+                        r = timing.ratio(t[k], t["dense"])
+                        ratios[name][k].append(r.median_ms)
+                        halfwidths[name].append(r.rel_halfwidth)
+                print(rep, f"dense {statistics.median(dense_ms['MODEL']):.3f} ms", flush=True)
+        finally:
+            close_all(kept)
+    summary = {}
+    for name in settings:
+        spread = {k: statistics.stdev(v) / statistics.median(v) for k, v in ratios[name].items()}
+        summary[name] = {"median_ratio": {k: statistics.median(v) for k, v in ratios[name].items()},
+                         "ratio_spread": spread, "median_halfwidth": statistics.median(halfwidths[name]),
+                         "dense_spread": statistics.stdev(dense_ms[name]) / statistics.median(dense_ms[name])}
+        print(f"{name:20s} " + " ".join(f"{k} {summary[name]['median_ratio'][k]:.4f} (sd {spread[k]:.1%})"
+                                        for k in specs)
+              + f"  half-width {summary[name]['median_halfwidth']:.1%}  dense sd {summary[name]['dense_spread']:.1%}")
+    return {"summary": summary, "ratios": ratios, "dense_ms": dense_ms}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("check", choices=["calls", "load-order", "mlp-widths"])
+    ap.add_argument("check", choices=["calls", "load-order", "mlp-widths", "interleave"])
     ap.add_argument("--model", default=None,
-                    help="default: deit_small_patch16_224 (calls), fmnist-vit (load-order, mlp-widths)")
+                    help="default: deit_small_patch16_224 (calls), fmnist-vit (the others)")
     ap.add_argument("--reps", type=int, default=2)
     ap.add_argument("--chunks", type=int, default=12)
     ap.add_argument("--layout", choices=["export-first", "worker-files", "round-robin", "alternate"],
@@ -161,6 +215,8 @@ def main() -> None:
         result = calls(model, arch, cfg, backend, args.reps)
     elif args.check == "load-order":
         result = load_order(model, arch, cfg, backend, args.chunks, args.layout)
+    elif args.check == "interleave":
+        result = interleave(model, arch, cfg, backend, args.reps)
     else:
         result = mlp_widths(model, arch, cfg, backend, args.reps, args.low)
     result.update(check=args.check, model=cfg.name, cpu=cpu_name(),
