@@ -348,3 +348,37 @@ def test_a_scoring_block_of_one_head_and_one_query_channel_exports_valid_onnx(tm
     path = export_onnx(slim, tmp_path / "m.onnx", (3, 16, 16), batch)
     onnx.checker.check_model(onnx.load(str(path)))
     assert_onnx_parity(slim, path, batches=(1,) if batch else (1, 8))
+
+
+@pytest.mark.parametrize("mode", ["attentive", "fused"])
+def test_the_solver_keeps_heads_to_rank_the_tokens_it_drops(mode):
+    """Where block 0's heads are worth nothing, a greedy descent drops them first and then, to drop tokens at
+    block 1, needs attention that no earlier block has left: a structure SlimSpec refuses. The solver keeps a
+    ranking block before every drop, and tries the descent that keeps block 0's last head as well: at small
+    budgets that one keeps more importance (tokens can then go from block 1 on)."""
+    from dataclasses import replace
+
+    from slimdeploy.latency.model import LatencyModel
+    from slimdeploy.select.solver import LatencyCost, Selector
+
+    from .synthetic import staircase_profile, synthetic_importance
+
+    arch = _wide()
+    cfg = ModelConfig("t-wide-att")
+    lm = LatencyModel(staircase_profile(arch)).for_tokens(mode)
+    imp = replace(synthetic_importance(arch), token_mode=mode)
+    imp.qk[0] *= 1e-9  # block 0's attention: the first thing to go
+    imp.v[0] *= 1e-9
+    sel = Selector(arch, cfg, imp, LatencyCost(lm))
+    dense = lm.predict(SlimSpec.dense(cfg, arch))
+    gained = 0.0
+    for f in (0.6, 0.4, 0.3, 0.2):
+        found = sel.select(f * dense)  # SlimSpec.validate ran inside
+        counts = found.spec.token_counts()
+        first_drop = next(i for i, n in enumerate(counts) if n < arch.num_tokens)
+        assert any(b.num_heads for b in found.spec.blocks[:first_drop])
+        assert lm.predict(found.spec) <= f * dense + 1e-9
+        free = sel._select(f * dense, keep_first_head=False)
+        assert found.importance >= free.importance
+        gained = max(gained, found.importance - free.importance)
+    assert gained > 0  # the second descent found more somewhere

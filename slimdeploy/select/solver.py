@@ -2,8 +2,8 @@
 
 Global across blocks and dimensions: start from the dense model and repeatedly take the cheapest move in
 importance lost per unit of cost saved (a width of one block down to the next width that is strictly cheaper, a
-head fewer, fewer tokens from a block on, the embedding width of every block down a step), until the cost meets
-the budget. Then climb back: take any widening
+head fewer, fewer tokens from a block on down to the next count that is strictly cheaper, the embedding width of
+every block down a step), until the cost meets the budget. Then climb back: take any widening
 that still fits, best importance per unit first. A widening that costs nothing is always taken. Under a latency
 cost the widths are the profile's grid widths, where its tables were measured: the model reads a width between
 two of them linearly (model.py), and the solver keeps to measured points rather than to interpolated ones: the
@@ -206,6 +206,7 @@ class Selector:
         self.b = StructureBuilder(arch, source, imp)
         self.P = arch.num_prefix_tokens
         self.embed = arch.embed_dim  # the current embedding width, shared by every block
+        self.keep_first_head = False  # a descent that keeps block 0's last head (ranked token modes; see select)
 
     def total(self, state: State, embed: int | None = None) -> float:
         return self.cost.total(state, self.arch.num_tokens, embed or self.embed)
@@ -215,13 +216,52 @@ class Selector:
         return [[a.num_tokens, a.num_heads, a.head_dim, a.head_dim, a.mlp_dim] for _ in range(a.depth)]
 
     def minimum_cost(self) -> float:
-        c = self.c
-        state = [[self.P + c.tokens[0], c.heads[0], c.qk[0], c.v[0], c.mlp[0]] for _ in range(self.arch.depth)]
-        return self.total(state, c.embed[0])
+        """The cost of the smallest structure this selector may build (every dimension at its least, tokens
+        from the first block that may drop them; in a ranked token mode with some block's heads to rank by)."""
+        c, a = self.c, self.arch
+        state = [[self.P + c.tokens[0] if i >= self.imp.first_token_block else a.num_tokens, c.heads[0], c.qk[0],
+                  c.v[0], c.mlp[0]] for i in range(a.depth)]
+        options = [state]
+        if not self.ranks_every_drop(state):  # keep every token, or one head in block 0 to rank the drops
+            one_head = [list(s) for s in state]
+            one_head[0][1] = min(h for h in c.heads if h > 0)
+            options = [[[a.num_tokens, *s[1:]] for s in state], one_head]
+        return min(self.total(s, c.embed[0]) for s in options)
+
+    def ranks_every_drop(self, state: State) -> bool:
+        """In a ranked token mode, every block that drops tokens needs an earlier block with heads: its
+        attention ranks them (SlimSpec refuses the structure otherwise). Always true in static mode."""
+        if self.imp.token_mode not in RANKED_TOKEN_MODES:
+            return True
+        ranked, prev = False, self.arch.num_tokens
+        for n, h, *_ in state:
+            if n < prev and not ranked:
+                return False
+            ranked, prev = ranked or h > 0, n
+        return True
 
     def select(self, budget: float) -> Selection:
-        """The structure that keeps the most importance with cost <= budget (SlimError if impossible)."""
+        """The structure that keeps the most importance with cost <= budget (SlimError if impossible).
+
+        In a ranked token mode the descent is path-dependent: once block 0 has lost its heads, block 1 can no
+        longer drop tokens, and a greedy descent that took that step may stall above a budget it could have met
+        by ranking with one of them. So it runs twice there, with block 0's last head free and kept, and the
+        structure keeping more importance wins."""
+        if self.imp.token_mode not in RANKED_TOKEN_MODES or self.imp.tok is None or self.c.heads[0] > 0:
+            return self._select(budget, keep_first_head=False)
+        found, error = [], None
+        for keep in (False, True):
+            try:
+                found.append(self._select(budget, keep_first_head=keep))
+            except SlimError as e:
+                error = e
+        if not found:
+            raise error
+        return max(found, key=lambda r: r.importance)
+
+    def _select(self, budget: float, keep_first_head: bool) -> Selection:
         a = self.arch
+        self.keep_first_head = keep_first_head
         state = self.dense_state()
         self.embed = a.embed_dim
         kept_tokens = [list(range(a.num_patches)) for _ in range(a.depth)]
@@ -296,6 +336,9 @@ class Selector:
                               else [w for w in values if w > state[i][dim]]):
                         new = list(state[i])
                         new[dim] = w
+                        if dim == 1 and w == 0 and ((i == 0 and self.keep_first_head)
+                                                    or not self.ranks_every_drop(state[:i] + [new] + state[i + 1:])):
+                            continue  # the last heads that rank a later block's drops stay
                         nc = self.total(state[:i] + [new] + state[i + 1:])
                         if down and nc >= base_cost - 1e-12:
                             continue  # same step of the staircase: go further down
@@ -316,22 +359,27 @@ class Selector:
         return best
 
     def _token_move(self, i, state, kept_tokens, base_cost: float):
-        """Remove the least important tokens of block i (and from every later block)."""
+        """Remove the least important tokens of block i (and from every later block), down to the next count
+        that is strictly cheaper: the first drop at a block pays its gather (a ranking in ranked modes), which a
+        few tokens fewer may not repay."""
         kept = kept_tokens[i]
-        smaller = [t for t in self.c.tokens if t < len(kept)]
-        if not smaller or i < self.imp.first_token_block:
+        if i < self.imp.first_token_block:
             return None
-        drop = set(self.b.drop_order(i, kept)[: len(kept) - smaller[-1]])
-        new_state = [list(s) for s in state]
-        d_imp = 0.0
-        for j in range(i, len(state)):
-            gone = [t for t in kept_tokens[j] if t in drop]
-            d_imp += float(self.imp.tok[j, gone].sum())
-            new_state[j][0] = self.P + len(kept_tokens[j]) - len(gone)
-        d_cost = base_cost - self.total(new_state)
-        if d_cost <= 1e-12:
-            return None
-        return d_cost, d_imp, ("tokens", sorted(drop))
+        order = self.b.drop_order(i, kept)
+        for count in reversed([t for t in self.c.tokens if t < len(kept)]):
+            drop = set(order[: len(kept) - count])
+            new_state = [list(s) for s in state]
+            d_imp = 0.0
+            for j in range(i, len(state)):
+                gone = [t for t in kept_tokens[j] if t in drop]
+                d_imp += float(self.imp.tok[j, gone].sum())
+                new_state[j][0] = self.P + len(kept_tokens[j]) - len(gone)
+            if not self.ranks_every_drop(new_state):
+                return None  # no earlier block's attention ranks block i's tokens, at any count
+            d_cost = base_cost - self.total(new_state)
+            if d_cost > 1e-12:
+                return d_cost, d_imp, ("tokens", sorted(drop))
+        return None
 
     def _apply(self, move, state, kept_tokens) -> float:
         i, dim, payload = move
