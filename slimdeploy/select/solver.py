@@ -206,7 +206,6 @@ class Selector:
         self.b = StructureBuilder(arch, source, imp)
         self.P = arch.num_prefix_tokens
         self.embed = arch.embed_dim  # the current embedding width, shared by every block
-        self.keep_first_head = False  # a descent that keeps block 0's last head (ranked token modes; see select)
 
     def total(self, state: State, embed: int | None = None) -> float:
         return self.cost.total(state, self.arch.num_tokens, embed or self.embed)
@@ -261,7 +260,6 @@ class Selector:
 
     def _select(self, budget: float, keep_first_head: bool) -> Selection:
         a = self.arch
-        self.keep_first_head = keep_first_head
         state = self.dense_state()
         self.embed = a.embed_dim
         kept_tokens = [list(range(a.num_patches)) for _ in range(a.depth)]
@@ -272,7 +270,7 @@ class Selector:
                             f"({_fmt(floor, self.cost.unit)})")
         moves = 0
         while cost > budget + 1e-12:
-            move = self._best_move(state, kept_tokens, down=True, slack=None)
+            move = self._best_move(state, kept_tokens, down=True, slack=None, keep_first_head=keep_first_head)
             if move is None:
                 raise SlimError(f"target {_fmt(budget, self.cost.unit)} cannot be reached (best found "
                                 f"{_fmt(cost, self.cost.unit)})")
@@ -311,7 +309,7 @@ class Selector:
             return (base_cost - nc, d_imp, ("embed", w)) if down else (nc - base_cost, -d_imp, ("embed", w))
         return None
 
-    def _best_move(self, state, kept_tokens, down: bool, slack: float | None):
+    def _best_move(self, state, kept_tokens, down: bool, slack: float | None, keep_first_head: bool = False):
         best, best_ratio = None, None
         base_cost = self.total(state)
         if len(self.c.embed) > 1:
@@ -336,7 +334,7 @@ class Selector:
                               else [w for w in values if w > state[i][dim]]):
                         new = list(state[i])
                         new[dim] = w
-                        if dim == 1 and w == 0 and ((i == 0 and self.keep_first_head)
+                        if dim == 1 and w == 0 and ((i == 0 and keep_first_head)
                                                     or not self.ranks_every_drop(state[:i] + [new] + state[i + 1:])):
                             continue  # the last heads that rank a later block's drops stay
                         nc = self.total(state[:i] + [new] + state[i + 1:])
