@@ -28,10 +28,12 @@ from slimdeploy.latency.components import nontrivial_
 from slimdeploy.latency.draws import uniform_prior
 from slimdeploy.latency.fingerprint import cpu_name
 from slimdeploy.latency.measure import measure_models
+from slimdeploy.latency.model import point_sizes
 from slimdeploy.latency.profile import load_latency_model
 from slimdeploy.models import arch_of, create_model, load_dense
+from slimdeploy.select.solver import shape_block
 from slimdeploy.slim import build_slim
-from slimdeploy.types import RANKED_TOKEN_MODES, BlockSpec, ModelConfig, SlimSpec
+from slimdeploy.types import RANKED_TOKEN_MODES, ModelConfig, SlimSpec
 
 
 def from_results(path: str, run: str, target: str):
@@ -54,12 +56,11 @@ def from_fidelity(path: str, targets: list[float]):
     for row in run["rows"]:
         if row["kind"].startswith("solver") and row["token_mode"] in RANKED_TOKEN_MODES and any(
                 abs(row["target"] - t) < 1e-9 for t in targets):
-            blocks = [BlockSpec(tokens=list(range(w["tokens"])), heads=list(range(w["heads"])),
-                                qk=[list(range(w["qk"]))] * w["heads"], v=[list(range(w["v"]))] * w["heads"],
-                                mlp=list(range(w["mlp"]))) for w in row["widths"]]
+            sizes, embed = point_sizes(row)
             prior = uniform_prior(a) if row["token_mode"] == "attentive" else {}
             specs[row["kind"].removeprefix("solver ")] = SlimSpec(
-                source=cfg, arch=a, blocks=blocks, token_mode=row["token_mode"], **prior).validate()
+                source=cfg, arch=a, blocks=[shape_block(*s) for s in sizes], token_mode=row["token_mode"],
+                embed=list(range(embed or a.embed_dim)), **prior).validate()
     return model, cfg, specs
 
 
