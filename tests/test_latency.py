@@ -18,7 +18,7 @@ from slimdeploy.models import arch_of
 from slimdeploy.types import DeviceProfile, ModelConfig, SlimSpec
 
 from .conftest import random_spec, tiny_model
-from .synthetic import staircase_profile
+from .synthetic import staircase_profile, wide_arch
 
 
 def test_table_is_linear_in_tokens_and_in_widths_past_the_tile():
@@ -146,6 +146,7 @@ def _cal_points(truth: dict, rng, n: int = 24, warm: bool = False) -> list[dict]
              "attn": float(rng.integers(0, 7)), "mlp": float(rng.integers(0, 7)), "gather": float(rng.integers(0, 4))}
         f["rank"] = float(rng.integers(0, f["gather"] + 1))  # a ranking is a gather chosen by scores
         f["fuse"] = 0.0
+        f["tokens"] = 0.05 + 0.95 * ((len(pts) * 0.618) % 1.0)  # kept token fraction (no draw: same points as before)
         f["fixed_warm"] = f["fixed_cold"] * (0.5 if warm else 1.0)
         f["tok_warm"] = f["tok_cold"] * (0.8 if warm else 1.0)
         pts.append({"features": f, "measured_ms": calibrated(f, truth, warm)})
@@ -153,6 +154,8 @@ def _cal_points(truth: dict, rng, n: int = 24, warm: bool = False) -> list[dict]
 
 
 def test_calibration_fit_recovers_its_coefficients():
+    from slimdeploy.latency.calibration import cache_size, calibrated, phi
+
     truth = {"scale_fixed": 1.2, "scale_tokens": 0.85, "per_attn": 0.004, "per_mlp": 0.002, "per_gather": 0.003,
              "per_rank": 0.009, "beta": 0.02}
     cal = fit_calibration(_cal_points(truth, np.random.default_rng(0)))
@@ -170,6 +173,16 @@ def test_calibration_fit_recovers_its_coefficients():
     cal = fit_calibration(pts)
     assert cal["fit_median_abs_error"] < 0.01
     assert abs(cal["phi_center"] - truth["phi_center"]) < 0.5
+    assert cal["phi_tokens"] == 0.0  # bytes alone: no token power is chosen where none fits better
+    # a model keeping few tokens runs warmer than its bytes say: the fit finds the power of the token fraction
+    truth = {**truth, "phi_tokens": 1.0}
+    pts = _cal_points(truth, np.random.default_rng(1), n=40, warm=True)
+    cal = fit_calibration(pts)
+    assert cal["phi_tokens"] == 1.0 and cal["fit_median_abs_error"] < 0.01
+    bytes_alone = {**cal, "phi_tokens": 0.0}
+    few = [p for p in pts if p["features"]["tokens"] < 0.3]
+    assert few and all(calibrated(p["features"], bytes_alone, True) > p["measured_ms"] * 1.001 for p in few
+                       if phi(cache_size(p["features"], 0.0), cal["phi_center"], cal["phi_width"]) > 0.5)
     # with few points: the two scales only
     few = _cal_points({"scale_fixed": 1.1, "scale_tokens": 0.9}, np.random.default_rng(2), n=4)
     cal = fit_calibration(few)
@@ -512,6 +525,29 @@ def test_ranked_twins_keep_the_sizes_and_rank_every_drop():
         assert f[{"attentive": "rank", "fused": "fuse"}[t.token_mode]] == f["gather"] > 0
     static = LatencyModel(staircase_profile(a)).features(spec_sizes(twins[0]), a.num_tokens)
     assert static["rank"] == 0
+
+
+def test_the_ranked_twins_come_from_what_ranked_selection_picks():
+    """The calibration's twins are drawn where selection goes in the ranked token modes: a ranked importance sorts
+    each block's ranks, so the solver drops most tokens and keeps the channels, a region no static pick reaches
+    (where a model calibrated on static draws alone priced the shifted set's picks 10-16% too slow)."""
+    from slimdeploy.latency.draws import ranked_solver_specs, ranked_twins, solver_specs
+
+    a = wide_arch("t-wide-draws")
+    cfg, lm = ModelConfig("t-wide-draws"), LatencyModel(staircase_profile(a))
+    ranked = ranked_solver_specs(lm, a, cfg, 6, seed=0)
+    assert [s.token_mode for s in ranked] == ["attentive", "fused"] * 3
+    pairs = ranked_twins(ranked, 3)
+    dropping = [s.token_mode for s in ranked if min(s.token_counts()) < a.num_tokens]
+    assert [t.token_mode for t, _ in pairs] == dropping[:3]
+    assert all(s.token_mode == "static" and spec_sizes(s) == spec_sizes(t) for t, s in pairs)
+
+    def kept(specs):  # (the fewest tokens a block keeps, the mean kept fraction of MLP units) of each
+        return [(min(s.token_counts()), np.mean([b.mlp_dim for b in s.blocks]) / a.mlp_dim) for s in specs]
+    fewest_ranked = min(kept(ranked))
+    static = solver_specs(lm, a, cfg, 12, seed=0)
+    assert fewest_ranked[0] <= 0.1 * a.num_tokens and fewest_ranked[1] >= 0.9  # few tokens, every channel
+    assert not any(n <= 0.1 * a.num_tokens and m >= 0.9 for n, m in kept(static))
 
 
 def test_a_ranking_costs_what_it_ranks_and_keeps():

@@ -3,8 +3,11 @@
 An optimiser drives into a model's errors, so they come from three places: random structures of every size (some
 blocks without heads or MLP, tokens dropped at some blocks), the structures the solver itself picks at budgets from
 20% to 95% of dense, under random exchange rates between kinds (few tokens, narrow MLPs: where fixed per-operator
-costs dominate), and pairs of ranked-token twins of some of them (their drops made by a ranking, and the same sizes
-static), measured side by side for the cost of a ranking in a whole model.
+costs dominate), and pairs of ranked-token twins (their drops made by a ranking, and the same sizes static),
+measured side by side for the cost of a ranking in a whole model. The twins are what selection picks in the ranked
+token modes: a ranked importance sorts each block's ranks, so the solver keeps every channel and drops most tokens
+(5-15 of 65 at 0.3x on the shifted set), a region the static picks never reach and where a model priced from
+static draws alone was 10-16% too slow; their static halves calibrate the static model there too.
 """
 
 from __future__ import annotations
@@ -93,12 +96,40 @@ def solver_specs(lm, arch: Arch, source: ModelConfig, count: int, seed: int = 0)
     return out
 
 
+def ranked_solver_specs(lm, arch: Arch, source: ModelConfig, count: int, seed: int = 0) -> list[SlimSpec]:
+    """What selection picks in the ranked token modes (attentive and fused by turns) on `lm` at budgets spread
+    over 25-75% of dense, each a random candidate family under random importances (attentive: with a position
+    prior, as its search records one), priced with that mode's ranking. None where the model cannot rank."""
+    if arch.num_prefix_tokens < 1 or arch.num_patches < 2:
+        return []
+    rng = np.random.default_rng(seed + 1)
+    dense = lm.predict(SlimSpec.dense(source, arch))
+    out = []
+    for i in range(count * 3):
+        if len(out) == count:
+            break
+        mode = RANKED_TOKEN_MODES[len(out) % len(RANKED_TOKEN_MODES)]
+        imp = synthetic_importance(arch, rng)
+        imp = replace(imp, token_mode=mode, pos=rng.exponential(1.0, imp.tok.shape) if mode == "attentive" else None)
+        fams = [f for f in families(imp) if f.kind == "greedy"]  # the families that drop tokens by importance
+        frac = 0.25 + 0.5 * ((i * 0.618) % 1.0)
+        try:
+            spec = Problem(arch, source, imp, LatencyCost(lm.for_tokens(mode))).solve(
+                fams[int(rng.integers(len(fams)))], frac * dense)
+        except SlimError:
+            spec = None
+        if spec is not None and spec.token_mode == mode:
+            out.append(spec)
+    return out
+
+
 def ranked_twins(specs: list[SlimSpec], count: int) -> list[tuple[SlimSpec, SlimSpec]]:
-    """Up to `count` pairs (ranked, static) from the specs that drop tokens: the ranked one in attentive and fused
-    token mode by turns, each drop made by a ranking; the static one the same sizes with its tokens at fixed
-    positions. Measured side by side, their difference is what the rankings cost in a whole model: more than
-    their nodes timed alone (a 0.3x structure of a 65-token model: 24 us above its static twin, where the piece's
-    table says 16 us), and too little of a whole model's latency for a regression over models to find."""
+    """Up to `count` pairs (ranked, static) from the specs that drop tokens: the ranked one in the spec's own
+    ranked mode, else in attentive and fused token mode by turns, each drop made by a ranking; the static one
+    the same sizes with its tokens at fixed positions. Measured side by side, their difference is what the
+    rankings cost in a whole model: more than their nodes timed alone (a 0.3x structure of a 65-token model:
+    24 us above its static twin, where the piece's table says 16 us), and too little of a whole model's latency
+    for a regression over models to find."""
     out = []
     for s in specs:
         if len(out) == count:
@@ -111,7 +142,8 @@ def ranked_twins(specs: list[SlimSpec], count: int) -> list[tuple[SlimSpec, Slim
         counts = [s.arch.num_tokens] + [b.num_tokens for b in blocks]
         if all(n == p for p, n in zip(counts, counts[1:])):
             continue
-        mode = RANKED_TOKEN_MODES[len(out) % len(RANKED_TOKEN_MODES)]
+        mode = (s.token_mode if s.token_mode in RANKED_TOKEN_MODES
+                else RANKED_TOKEN_MODES[len(out) % len(RANKED_TOKEN_MODES)])
         prior = uniform_prior(s.arch) if mode == "attentive" else {}  # attentive mode ranks with the search's
         twin = replace(s, token_mode=mode, blocks=blocks, **prior)
         try:

@@ -38,7 +38,7 @@ from ..types import Arch, DeviceProfile, ModelConfig, SlimSpec
 from . import components, timing
 from .backends import Backend
 from .calibration import RANKING_TABLE, RANKINGS, fit_calibration, pair_record
-from .draws import random_spec, ranked_twins, solver_specs
+from .draws import random_spec, ranked_solver_specs, ranked_twins, solver_specs
 from .fingerprint import fingerprint_key
 from .measure import export_deployed, measure_loaded
 from .model import (
@@ -53,7 +53,7 @@ from .model import (
     user_profiles_dir,
 )
 
-METHOD = 10  # bump when what a table entry means changes: partial profiles of another method are discarded
+METHOD = 11  # bump when what a table entry or a drawn whole model means: partials of another method are discarded
 GPU_WORKING_SET = 64 << 20  # beyond a GPU's L2 (40-60 MB on A100/H100/H200)
 # A chunk of whole models measured wider than +-UNSTEADY (model.py) is measured again: up to REMEASURE times in a
 # profile, and no more after a re-measurement that stays wide (a machine busy throughout: every chunk measured three
@@ -443,9 +443,11 @@ def profile_device(device: str, backend: Backend, model: nn.Module, source: Mode
                               embed_widths=grids["embed"])
                   for i in range(n_random)]
         specs += solver_specs(raw, arch, source, calibration_models - len(specs), seed)
-        # twins of the solver's picks first: where selection goes (an early ranking from every token, in a
-        # 0.3x structure of the shifted set, cost twice what later and smaller ones do)
-        twins = ranked_twins(specs[1 + n_random:] + specs[1:1 + n_random], n_ranked)
+        # twins of what selection picks in the ranked modes first (few tokens, every channel), then of the static
+        # picks: where selection goes (an early ranking from every token, in a 0.3x structure of the shifted set,
+        # cost twice what later and smaller ones do)
+        ranked = ranked_solver_specs(raw, arch, source, 2 * n_ranked, seed)  # some keep every token
+        twins = ranked_twins(ranked + specs[1 + n_random:] + specs[1:1 + n_random], n_ranked)
         progress.update(task, total=len(jobs) + len(specs) + 2 * len(twins), advance=1)  # the dense model: below
         whole = WholeModels(backend, model, arch, batch_size, cache, save, lambda n, info: progress.update(
             task, advance=n, info=f"{backend.name} {info}"))
