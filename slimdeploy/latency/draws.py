@@ -99,7 +99,7 @@ def solver_specs(lm, arch: Arch, source: ModelConfig, count: int, seed: int = 0)
 def ranked_solver_specs(lm, arch: Arch, source: ModelConfig, count: int, seed: int = 0) -> list[SlimSpec]:
     """What selection picks in the ranked token modes (attentive and fused by turns) on `lm` at budgets spread
     over 25-75% of dense, each a random candidate family under random importances (attentive: with a position
-    prior, as its search records one), priced with that mode's ranking. None where the model cannot rank."""
+    prior, as its search records one), priced with that mode's ranking; none where the model cannot rank."""
     if arch.num_prefix_tokens < 1 or arch.num_patches < 2:
         return []
     rng = np.random.default_rng(seed + 1)
