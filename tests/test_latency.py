@@ -531,11 +531,11 @@ def test_the_ranked_twins_come_from_what_ranked_selection_picks():
     """The calibration's twins are drawn where selection goes in the ranked token modes: a ranked importance sorts
     each block's ranks, so the solver drops most tokens and keeps the channels, a region no static pick reaches
     (where a model calibrated on static draws alone priced the shifted set's picks 10-16% too slow)."""
-    from slimdeploy.latency.draws import ranked_solver_specs, ranked_twins, solver_specs
+    from slimdeploy.latency.draws import ranked_twins, solver_specs
 
     a = wide_arch("t-wide-draws")
     cfg, lm = ModelConfig("t-wide-draws"), LatencyModel(staircase_profile(a))
-    ranked = ranked_solver_specs(lm, a, cfg, 6, seed=0)
+    ranked = solver_specs(lm, a, cfg, 6, seed=0, ranked=True)
     assert [s.token_mode for s in ranked] == ["attentive", "fused"] * 3
     pairs = ranked_twins(ranked, 3)
     dropping = [s.token_mode for s in ranked if min(s.token_counts()) < a.num_tokens]

@@ -76,48 +76,34 @@ def synthetic_importance(arch: Arch, rng: np.random.Generator, embed: bool = Fal
                       embed=emb)
 
 
-def solver_specs(lm, arch: Arch, source: ModelConfig, count: int, seed: int = 0) -> list[SlimSpec]:
+def solver_specs(lm, arch: Arch, source: ModelConfig, count: int, seed: int = 0, ranked: bool = False
+                 ) -> list[SlimSpec]:
     """What selection picks on `lm` at budgets spread over 20-95% of dense: each a random candidate family
     (select/candidates.py: the greedy solver under kind weights, channel-only, ViT-Slim fractions, uniform)
-    solved under random importances, so the whole models come from the region selection drives into."""
-    rng = np.random.default_rng(seed)
-    dense = lm.predict(SlimSpec.dense(source, arch))
-    with_embed = "stem_head" in lm.embed_tables
-    out = []
-    for i in range(count * 3):
-        if len(out) == count:
-            break
-        frac = 0.2 + 0.75 * ((i * 0.618) % 1.0)
-        imp = synthetic_importance(arch, rng, embed=with_embed and i % 2 == 1)
-        fams = families(imp)
-        spec = Problem(arch, source, imp, LatencyCost(lm)).solve(fams[int(rng.integers(len(fams)))], frac * dense)
-        if spec is not None:
-            out.append(spec)
-    return out
+    solved under random importances, so the whole models come from the region selection drives into.
 
-
-def ranked_solver_specs(lm, arch: Arch, source: ModelConfig, count: int, seed: int = 0) -> list[SlimSpec]:
-    """What selection picks in the ranked token modes (attentive and fused by turns) on `lm` at budgets spread
-    over 25-75% of dense, each a random candidate family under random importances (attentive: with a position
-    prior, as its search records one), priced with that mode's ranking; none where the model cannot rank."""
-    if arch.num_prefix_tokens < 1 or arch.num_patches < 2:
+    ranked: what it picks in the ranked token modes instead (attentive and fused by turns, attentive with a
+    position prior, as its search records one), at 25-75% of dense, by the greedy families (those that drop
+    tokens by importance), priced with that mode's ranking; none where the model cannot rank."""
+    if ranked and (arch.num_prefix_tokens < 1 or arch.num_patches < 2):
         return []
-    rng = np.random.default_rng(seed + 1)
+    rng = np.random.default_rng(seed + 1 if ranked else seed)
     dense = lm.predict(SlimSpec.dense(source, arch))
+    with_embed = not ranked and "stem_head" in lm.embed_tables
+    low, span = (0.25, 0.5) if ranked else (0.2, 0.75)
     out = []
     for i in range(count * 3):
         if len(out) == count:
             break
-        mode = RANKED_TOKEN_MODES[len(out) % len(RANKED_TOKEN_MODES)]
-        imp = synthetic_importance(arch, rng)
-        imp = replace(imp, token_mode=mode, pos=rng.exponential(1.0, imp.tok.shape) if mode == "attentive" else None)
-        fams = [f for f in families(imp) if f.kind == "greedy"]  # the families that drop tokens by importance
-        frac = 0.25 + 0.5 * ((i * 0.618) % 1.0)
-        try:
-            spec = Problem(arch, source, imp, LatencyCost(lm.for_tokens(mode))).solve(
-                fams[int(rng.integers(len(fams)))], frac * dense)
-        except SlimError:
-            spec = None
+        frac = low + span * ((i * 0.618) % 1.0)
+        mode = RANKED_TOKEN_MODES[len(out) % len(RANKED_TOKEN_MODES)] if ranked else "static"
+        imp = synthetic_importance(arch, rng, embed=with_embed and i % 2 == 1)
+        if ranked:
+            imp = replace(imp, token_mode=mode, pos=rng.exponential(1.0, imp.tok.shape) if mode == "attentive"
+                          else None)
+        fams = [f for f in families(imp) if not ranked or f.kind == "greedy"]
+        spec = Problem(arch, source, imp, LatencyCost(lm.for_tokens(mode))).solve(
+            fams[int(rng.integers(len(fams)))], frac * dense)
         if spec is not None and spec.token_mode == mode:
             out.append(spec)
     return out

@@ -38,7 +38,7 @@ from ..types import Arch, DeviceProfile, ModelConfig, SlimSpec
 from . import components, timing
 from .backends import Backend
 from .calibration import RANKING_TABLE, RANKINGS, fit_calibration, pair_record
-from .draws import random_spec, ranked_solver_specs, ranked_twins, solver_specs
+from .draws import random_spec, ranked_twins, solver_specs
 from .fingerprint import fingerprint_key
 from .measure import export_deployed, measure_loaded
 from .model import (
@@ -446,7 +446,7 @@ def profile_device(device: str, backend: Backend, model: nn.Module, source: Mode
         # twins of what selection picks in the ranked modes first (few tokens, every channel), then of the static
         # picks: where selection goes (an early ranking from every token, in a 0.3x structure of the shifted set,
         # cost twice what later and smaller ones do)
-        ranked = ranked_solver_specs(raw, arch, source, 2 * n_ranked, seed)  # some keep every token
+        ranked = solver_specs(raw, arch, source, 2 * n_ranked, seed, ranked=True)  # some keep every token
         twins = ranked_twins(ranked + specs[1 + n_random:] + specs[1:1 + n_random], n_ranked)
         progress.update(task, total=len(jobs) + len(specs) + 2 * len(twins), advance=1)  # the dense model: below
         whole = WholeModels(backend, model, arch, batch_size, cache, save, lambda n, info: progress.update(
