@@ -14,7 +14,7 @@ from slimdeploy.latency.model import LatencyModel
 from slimdeploy.models import arch_of, register_model
 from slimdeploy.select.candidates import Family, Problem, candidates, families
 from slimdeploy.select.importance import Importance, spec_importance
-from slimdeploy.select.loop import closed_loop, refit
+from slimdeploy.select.loop import closed_loop, dense_reference, refit
 from slimdeploy.select.solver import LatencyCost, MacsCost, ParamsCost, Selector
 from slimdeploy.select.vitslim import fraction_spec
 from slimdeploy.types import ModelConfig, SlimSpec
@@ -337,6 +337,41 @@ def test_when_the_confirmation_refuses_one_the_next_that_landed_is_confirmed_in_
     assert kept["confirmed"] and kept["y"] < refused[0]["first_measurement"]["y"]
 
 
+def _two_dense_readings(truth, dense_spec, deployed_factor, one_precision):
+    """A measure whose deployed dense structure reads `deployed_factor` times the dense reference (where its
+    sessions landed), every other structure as `truth` says."""
+    base = _fake_measure(truth, dense_spec)
+
+    class Measure:
+        def __call__(self, specs, long=False):
+            ref, slims = base(specs, long)
+            return ref, [timing.Measurement(m.median_ms * deployed_factor, m.low_ms * deployed_factor,
+                                            m.high_ms * deployed_factor, m.rounds, m.calls)
+                         if s == dense_spec else m for s, m in zip(specs, slims)]
+    measure = Measure()
+    measure.one_precision = one_precision
+    return measure
+
+
+def test_two_readings_of_the_dense_model_at_one_precision_are_averaged(setup):
+    arch, lm, imp, sel, dense = setup
+    dense_spec = SlimSpec.dense(ModelConfig("t-wide"), arch)
+    p_dense = lm.predict(dense_spec)
+    fp32 = _two_dense_readings(lambda s: lm.predict(s), dense_spec, 1.21, one_precision=True)
+    assert dense_reference(fp32, dense_spec) == pytest.approx((1.1 * p_dense, 1.1 * p_dense))
+    int8 = _two_dense_readings(lambda s: lm.predict(s), dense_spec, 1.21, one_precision=False)
+    assert dense_reference(int8, dense_spec) == pytest.approx((p_dense, 1.21 * p_dense))  # two models: kept apart
+    # the machine runs as profiled, but the deployed dense model's sessions read it 12% slow: scaled by that
+    # reading alone, the first round's structures all land under the window; by the mean, the first round holds one
+    truth = lambda s: lm.predict(s)  # noqa: E731
+    one = closed_loop(_solve_on(setup), lm, _two_dense_readings(truth, dense_spec, 1.12, True), dense_spec, None,
+                      0.6, rounds=4)
+    apart = closed_loop(_solve_on(setup), lm, _two_dense_readings(truth, dense_spec, 1.12, False), dense_spec,
+                        None, 0.6, rounds=4)
+    assert one.rounds == 1 and one.met
+    assert apart.chosen_round > 1 and max(r["y"] for r in apart.measured if r["round"] == 1) < 0.9
+
+
 def test_the_round_kept_is_the_nearest_below_with_its_interval_under(setup):
     arch, lm, imp, sel, dense = setup
     dense_spec = SlimSpec.dense(ModelConfig("t-wide"), arch)
@@ -358,3 +393,14 @@ def test_a_rule_that_cannot_reach_the_target_says_so(setup):
     with pytest.raises(SlimError, match="cannot reach"):
         closed_loop(lambda m, b: None, lm, _fake_measure(lambda s: lm.predict(s), dense_spec), dense_spec,
                     0.1 * dense, None)
+
+
+def test_the_device_measurer_reads_the_dense_model_twice_only_at_one_precision():
+    from torch import nn
+
+    from slimdeploy.latency.backends import OrtBackend
+    from slimdeploy.latency.measure import SpecMeasurer
+
+    fp32, int8 = OrtBackend(), OrtBackend(precision="int8")
+    assert SpecMeasurer(fp32, nn.Identity(), None, 1).one_precision
+    assert not SpecMeasurer(int8, nn.Identity(), None, 1, reference=fp32).one_precision
