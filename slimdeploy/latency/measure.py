@@ -193,9 +193,12 @@ class SpecMeasurer:
                  reference: Backend | None = None):
         self.backend, self.model, self.arch, self.batch = backend, model.eval(), arch, batch
         self.reference = reference or backend
-        # the dense reference and the deployed dense structure are two readings of one model (select.loop)
-        self.one_precision = self.reference.precision == self.backend.precision
         self.dense_model = (dense if dense is not None else model).eval()
+
+    @property
+    def one_precision(self) -> bool:
+        """The dense reference and the deployed dense structure are two readings of one model (select.loop)."""
+        return self.reference.precision == self.backend.precision
 
     def __call__(self, specs: list, long: bool = False) -> tuple[timing.Measurement, list[timing.Measurement]]:
         from ..slim import build_slim
