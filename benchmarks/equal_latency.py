@@ -9,7 +9,7 @@ from collections.abc import Callable
 import torch
 
 from slimdeploy.data import make_loader
-from slimdeploy.select.candidates import Problem
+from slimdeploy.select.candidates import Family, Problem
 from slimdeploy.select.loop import closed_loop, dense_reference
 from slimdeploy.select.scoring import Scorer
 from slimdeploy.select.solver import LatencyCost
@@ -26,15 +26,18 @@ def top1(model, bundle) -> float:
 
 
 def selection_to_target(a, cfg, imp, searched, teacher, bundle, cal, lm, measurer, dense_spec, f: float,
-                        recovery_steps: int = 0) -> dict:
+                        recovery_steps: int = 0, family: Family | None = None) -> dict:
     """slimdeploy's selection for a fraction f of the dense latency: candidates ranked (after `recovery_steps` of
-    recovery), then the chosen family brought within TOLERANCE below the target by the closed loop; the row with
-    the measured ratio, the model's prediction of it and top-1 right after pruning."""
+    recovery), then the chosen family (or the `family` given, unranked) brought within TOLERANCE below the target
+    by the closed loop; the row with the measured ratio, the model's prediction of it and top-1 right after
+    pruning."""
     dense = dense_reference(measurer, dense_spec)
-    now = lm.corrected(dense[1] / lm.predict(dense_spec), 0.0)  # as select_run: today's speed of the machine
-    scorer = Scorer(searched, teacher, bundle, cal, recovery_steps)
-    cands, best = rank_candidates(Problem(a, cfg, imp, LatencyCost(now)), 0.95 * f * dense[0], scorer, 3, now)
-    fam = cands[best]["_family"]
+    cands, fam = [], family
+    if fam is None:
+        now = lm.corrected(dense[1] / lm.predict(dense_spec), 0.0)  # as select_run: today's speed of the machine
+        scorer = Scorer(searched, teacher, bundle, cal, recovery_steps)
+        cands, best = rank_candidates(Problem(a, cfg, imp, LatencyCost(now)), 0.95 * f * dense[0], scorer, 3, now)
+        fam = cands[best]["_family"]
 
     def solve(m, b):
         return Problem(a, cfg, imp, LatencyCost(m)).solve(fam, b)

@@ -8,6 +8,11 @@ is brought to the target by measurement:
   channels    the same with no token pruning (channel families only, static search)
   merging     ToMe-style merging (benchmarks/tome.py) on the dense model, the number of merged tokens stepped
               on measurements
+  static-tokens, attentive-tokens
+              tokens alone: ViT-Slim's token fraction rule (every head, channel and unit kept) on the static and
+              the attentive search, brought to the target by the same closed loop, not ranked against the other
+              families. Where the selection prefers channels (it drops no token at 0.5x on the shifted set), this is
+              the comparison of the two ways to choose tokens at equal measured latency.
 then scored on the validation set right after pruning (phase 1, measures: keep the machine quiet) and after the
 pipeline's retraining recipe, 5 epochs of soft distillation from the dense model, per seed (phase 2).
 The attentive structures' predicted latency (the profile's model, relative to dense) is compared with the measured.
@@ -50,13 +55,15 @@ from slimdeploy.latency.measure import SpecMeasurer, measure_models  # noqa: E40
 from slimdeploy.latency.profile import load_latency_model  # noqa: E402
 from slimdeploy.models import arch_of, data_config, load_dense  # noqa: E402
 from slimdeploy.prune import searched_model  # noqa: E402
+from slimdeploy.select.candidates import Family  # noqa: E402
 from slimdeploy.select.importance import load_importance  # noqa: E402
 from slimdeploy.select.scoring import calibration_set  # noqa: E402
 from slimdeploy.slim import build_slim  # noqa: E402
 from slimdeploy.types import SlimSpec  # noqa: E402
 
 DATA = {"plain": ("fashion-mnist", None), "shifted": ("fashion-mnist-shifted", 56)}
-METHODS = ("static", "attentive", "fused", "channels", "merging")
+METHODS = ("static", "attentive", "fused", "channels", "merging", "static-tokens", "attentive-tokens")
+TOKENS_ALONE = Family("fractions", (0.0, 0.0, 1.0))  # drop rates of attention, MLP, tokens: tokens only
 
 
 def runs(args) -> dict[str, Path]:
@@ -101,7 +108,8 @@ def measure(args) -> dict:
     print(f"{args.data}: dense top-1 {out['teacher_top1']:.2f}%", flush=True)
     sources = {}
     for name, run in (("static", r["static"]), ("attentive", r["attentive"]), ("fused", r["attentive"]),
-                      ("channels", r["static"])):
+                      ("channels", r["static"]), ("static-tokens", r["static"]),
+                      ("attentive-tokens", r["attentive"])):
         if name not in args.methods:
             continue
         imp, _ = load_importance(run)
@@ -117,9 +125,13 @@ def measure(args) -> dict:
         for name, (imp, searched, lm_m, measurer) in sources.items():
             if name in rows:
                 continue
-            rows[name] = selection_to_target(a, cfg, imp, searched, teacher, bundle, cal, lm_m, measurer, dense_spec,
-                                             f)
-            rows[name]["tokens"] = SlimSpec.from_dict(rows[name]["spec"]).token_counts()
+            try:
+                rows[name] = selection_to_target(a, cfg, imp, searched, teacher, bundle, cal, lm_m, measurer,
+                                                 dense_spec, f, family=TOKENS_ALONE if name.endswith("-tokens")
+                                                 else None)
+                rows[name]["tokens"] = SlimSpec.from_dict(rows[name]["spec"]).token_counts()
+            except SlimError as e:  # tokens alone cannot reach every target
+                rows[name] = {"ratio": None, "cannot_reach": str(e)}
             report(f, name, rows[name])
             save(args, out)
         if "merging" not in rows and "merging" in args.methods:
@@ -212,7 +224,7 @@ def retrain_one(args, job) -> dict:
     if name == "merging":
         student = tome(teacher, row["merged"])
     else:
-        run = r["attentive"] if name in ("attentive", "fused") else r["static"]
+        run = r["attentive"] if name in ("attentive", "fused", "attentive-tokens") else r["static"]
         student = build_slim(SlimSpec.from_dict(row["spec"]), searched_model(run, SlimSpec.dense(cfg, a)))
     return retrain_job(args, student, teacher, bundle, Path(args.work) / f"{args.data}-{f}-{name}-{seed}", f, name,
                        seed)
