@@ -64,6 +64,9 @@ from slimdeploy.types import SlimSpec  # noqa: E402
 DATA = {"plain": ("fashion-mnist", None), "shifted": ("fashion-mnist-shifted", 56)}
 METHODS = ("static", "attentive", "fused", "channels", "merging", "static-tokens", "attentive-tokens")
 TOKENS_ALONE = Family("fractions", (0.0, 0.0, 1.0))  # drop rates of attention, MLP, tokens: tokens only
+# which search each pruned method's structures come from (merging works on the dense model)
+SEARCH_OF = {"static": "static", "attentive": "attentive", "fused": "attentive", "channels": "static",
+             "static-tokens": "static", "attentive-tokens": "attentive"}
 
 
 def runs(args) -> dict[str, Path]:
@@ -107,11 +110,10 @@ def measure(args) -> dict:
     out.update(date=dt.datetime.now().isoformat(timespec="seconds"), teacher_top1=top1(teacher, bundle))
     print(f"{args.data}: dense top-1 {out['teacher_top1']:.2f}%", flush=True)
     sources = {}
-    for name, run in (("static", r["static"]), ("attentive", r["attentive"]), ("fused", r["attentive"]),
-                      ("channels", r["static"]), ("static-tokens", r["static"]),
-                      ("attentive-tokens", r["attentive"])):
+    for name, search in SEARCH_OF.items():
         if name not in args.methods:
             continue
+        run = r[search]
         imp, _ = load_importance(run)
         if name == "channels":
             imp = replace(imp, tok=None)
@@ -224,8 +226,8 @@ def retrain_one(args, job) -> dict:
     if name == "merging":
         student = tome(teacher, row["merged"])
     else:
-        run = r["attentive"] if name in ("attentive", "fused", "attentive-tokens") else r["static"]
-        student = build_slim(SlimSpec.from_dict(row["spec"]), searched_model(run, SlimSpec.dense(cfg, a)))
+        student = build_slim(SlimSpec.from_dict(row["spec"]), searched_model(r[SEARCH_OF[name]],
+                                                                             SlimSpec.dense(cfg, a)))
     return retrain_job(args, student, teacher, bundle, Path(args.work) / f"{args.data}-{f}-{name}-{seed}", f, name,
                        seed)
 
