@@ -210,6 +210,30 @@ def test_selection_in_attentive_mode_keeps_counts_and_pays_the_ranking():
     assert dropping > 0
 
 
+def test_the_fraction_rule_in_attentive_mode_counts_from_the_first_ranking_block():
+    """Block 0 ranks nothing, so an attentive search records about 0 for it: the rule's minimum over depth and its
+    global threshold start at block 1, and the counts taper with depth as the importances do (taken through
+    block 0, every block would get block 0's count)."""
+    from dataclasses import replace
+
+    from slimdeploy.select.vitslim import fraction_spec
+
+    from .synthetic import synthetic_importance
+
+    arch = _wide()
+    imp = synthetic_importance(arch)
+    tok = imp.tok.copy()
+    tok[0] = 1e-12  # what the search's block 0 holds
+    imp = replace(imp, tok=tok, token_mode="attentive")
+    spec = fraction_spec(arch, ModelConfig("t-wide-att"), imp, keep_tokens=0.5)
+    P, n = arch.num_prefix_tokens, arch.num_patches
+    patches = [c - P for c in spec.token_counts()]
+    assert patches[0] == n
+    assert all(x >= y for x, y in zip(patches[1:], patches[2:]))
+    assert patches[1] > patches[-1]  # deep blocks matter less in the synthetic importances: they keep fewer
+    assert sum(patches[1:]) == pytest.approx(0.5 * n * (arch.depth - 1), abs=arch.depth)
+
+
 def test_a_profile_without_the_ranking_table_refuses_attentive_mode():
     from slimdeploy.latency.model import LatencyModel
 

@@ -40,9 +40,13 @@ def fraction_spec(arch: Arch, source: ModelConfig, imp: Importance, keep_attn: f
     qk_keep = keep_mask(imp.qk, keep_attn) if imp.qk is not None else None
     v_keep = keep_mask(imp.v, keep_attn) if imp.v is not None else None
     mlp_keep = keep_mask(imp.mlp, keep_mlp) if imp.mlp is not None else None
-    tok_keep = keep_mask(np.minimum.accumulate(imp.tok, axis=0), keep_tokens) if imp.tok is not None else None
-    if tok_keep is not None:
-        tok_keep[: imp.first_token_block] = True
+    tok_keep = None
+    if imp.tok is not None:
+        # from the first block that may drop tokens: in ranked modes block 0 ranks nothing (its importance is
+        # about 0), and a minimum taken through it would give every later block block 0's count
+        first = imp.first_token_block
+        tok_keep = np.ones(imp.tok.shape, dtype=bool)
+        tok_keep[first:] = keep_mask(np.minimum.accumulate(imp.tok[first:], axis=0), keep_tokens)
     blocks = []
     tokens = list(range(a.num_tokens))
     for i in range(a.depth):
