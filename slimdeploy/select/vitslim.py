@@ -21,7 +21,8 @@ def fraction_spec(arch: Arch, source: ModelConfig, imp: Importance, keep_attn: f
 
     Made valid for a dense slim model: per block, kept heads = heads with a kept q/k and v channel,
     and every kept head keeps the block's mean number of kept channels (its top ones).
-    Tokens: monotone over depth (cumulative minimum of importance), then the global threshold.
+    Tokens: from the first block that may drop them, monotone over depth (cumulative minimum of importance),
+    then the global threshold.
     Embedding (not part of ViT-Slim's search): the top fraction of channels.
     """
     for f in (keep_attn, keep_mlp, keep_tokens, keep_embed):
