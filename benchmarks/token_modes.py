@@ -226,8 +226,8 @@ def retrain_one(args, job) -> dict:
     if name == "merging":
         student = tome(teacher, row["merged"])
     else:
-        student = build_slim(SlimSpec.from_dict(row["spec"]), searched_model(r[SEARCH_OF[name]],
-                                                                             SlimSpec.dense(cfg, a)))
+        searched = searched_model(r[SEARCH_OF[name]], SlimSpec.dense(cfg, a))
+        student = build_slim(SlimSpec.from_dict(row["spec"]), searched)
     return retrain_job(args, student, teacher, bundle, Path(args.work) / f"{args.data}-{f}-{name}-{seed}", f, name,
                        seed)
 
