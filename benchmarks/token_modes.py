@@ -13,6 +13,9 @@ is brought to the target by measurement:
               the attentive search, brought to the target by the same closed loop, not ranked against the other
               families. Where the selection prefers channels (it drops no token at 0.5x on the shifted set), this is
               the comparison of the two ways to choose tokens at equal measured latency.
+  attentive-tokens-one
+              tokens alone on the attentive search with one count in every block from block 1 on (the candidate
+              family `one-count`)
 then scored on the validation set right after pruning (phase 1, measures: keep the machine quiet) and after the
 pipeline's retraining recipe, 5 epochs of soft distillation from the dense model, per seed (phase 2).
 The attentive structures' predicted latency (the profile's model, relative to dense) is compared with the measured.
@@ -62,11 +65,15 @@ from slimdeploy.slim import build_slim  # noqa: E402
 from slimdeploy.types import SlimSpec  # noqa: E402
 
 DATA = {"plain": ("fashion-mnist", None), "shifted": ("fashion-mnist-shifted", 56)}
-METHODS = ("static", "attentive", "fused", "channels", "merging", "static-tokens", "attentive-tokens")
-TOKENS_ALONE = Family("fractions", (0.0, 0.0, 1.0))  # drop rates of attention, MLP, tokens: tokens only
+METHODS = ("static", "attentive", "fused", "channels", "merging", "static-tokens", "attentive-tokens",
+           "attentive-tokens-one")
+# tokens alone (drop rates of attention, MLP, tokens), by the fraction rule or with one count per block
+TOKENS_ALONE = {"static-tokens": Family("fractions", (0.0, 0.0, 1.0)),
+                "attentive-tokens": Family("fractions", (0.0, 0.0, 1.0)),
+                "attentive-tokens-one": Family("one-count", (0.0, 0.0, 1.0))}
 # which search each pruned method's structures come from (merging works on the dense model)
 SEARCH_OF = {"static": "static", "attentive": "attentive", "fused": "attentive", "channels": "static",
-             "static-tokens": "static", "attentive-tokens": "attentive"}
+             "static-tokens": "static", "attentive-tokens": "attentive", "attentive-tokens-one": "attentive"}
 
 
 def runs(args) -> dict[str, Path]:
@@ -129,8 +136,7 @@ def measure(args) -> dict:
                 continue
             try:
                 rows[name] = selection_to_target(a, cfg, imp, searched, teacher, bundle, cal, lm_m, measurer,
-                                                 dense_spec, f, family=TOKENS_ALONE if name.endswith("-tokens")
-                                                 else None)
+                                                 dense_spec, f, family=TOKENS_ALONE.get(name))
                 rows[name]["tokens"] = SlimSpec.from_dict(rows[name]["spec"]).token_counts()
             except SlimError as e:  # tokens alone cannot reach every target
                 rows[name] = {"ratio": None, "cannot_reach": str(e)}

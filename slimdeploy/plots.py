@@ -117,7 +117,8 @@ def plot_candidates(record: dict, path: str | Path) -> None:
     """The candidates of a selection: predicted cost against distillation loss, the chosen one marked."""
     rows = record["candidates"]
     key = "loss_after_recovery" if any("loss_after_recovery" in r for r in rows) else "loss"
-    colors = {"greedy": "#4878cf", "channels": "#6acc65", "fractions": "#d65f5f", "uniform": "#956cb4"}
+    colors = {"greedy": "#4878cf", "channels": "#6acc65", "fractions": "#d65f5f", "one-count": "#ee854a",
+              "uniform": "#956cb4"}
     fig, ax = plt.subplots(figsize=(6.5, 3.6))
     for kind, color in colors.items():
         pts = [(r["cost"], r["loss"]) for r in rows if r["kind"] == kind]

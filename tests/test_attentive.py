@@ -234,6 +234,42 @@ def test_the_fraction_rule_in_attentive_mode_counts_from_the_first_ranking_block
     assert sum(patches[1:]) == pytest.approx(0.5 * n * (arch.depth - 1), abs=arch.depth)
 
 
+def test_one_token_count_keeps_the_same_count_from_the_first_ranking_block_and_is_a_candidate():
+    """The one-count rule: every block that may drop tokens keeps the top `keep_tokens` of the patches; it is a
+    candidate family in ranked modes only (in static mode a position dropped in block 0 never reaches the model),
+    and solved to a budget it meets it."""
+    from dataclasses import replace
+
+    from slimdeploy.latency.model import LatencyModel
+    from slimdeploy.select.candidates import Family, Problem, families
+    from slimdeploy.select.solver import LatencyCost
+    from slimdeploy.select.vitslim import fraction_spec
+
+    from .synthetic import staircase_profile, synthetic_importance
+
+    arch = _wide()
+    cfg = ModelConfig("t-wide-att")
+    static = synthetic_importance(arch)
+    imp = replace(static, token_mode="attentive")
+    P, n = arch.num_prefix_tokens, arch.num_patches
+    spec = fraction_spec(arch, cfg, imp, keep_tokens=0.5, one_count=True)
+    assert [c - P for c in spec.token_counts()] == [n] + [round(0.5 * n)] * (arch.depth - 1)
+    tapering = fraction_spec(arch, cfg, imp, keep_tokens=0.5)
+    assert len(set(tapering.token_counts()[1:])) > 1  # the same importances taper under the default rule
+    with pytest.raises(SlimError, match="ranked token modes"):
+        fraction_spec(arch, cfg, static, keep_tokens=0.5, one_count=True)
+    assert not any(f.kind == "one-count" for f in families(static))
+    fams = [f for f in families(imp) if f.kind == "one-count"]
+    assert fams and all(f.params[2] > 0 for f in fams)
+
+    lm = LatencyModel(staircase_profile(arch)).for_tokens("attentive")
+    budget = 0.5 * lm.predict(SlimSpec.dense(cfg, arch))
+    solved = Problem(arch, cfg, imp, LatencyCost(lm)).solve(Family("one-count", (0.0, 0.0, 1.0)), budget)
+    counts = solved.token_counts()
+    assert lm.predict(solved) <= budget + 1e-9
+    assert counts[0] == arch.num_tokens and len(set(counts[1:])) == 1 and counts[1] < arch.num_tokens
+
+
 def test_a_profile_without_the_ranking_table_refuses_attentive_mode():
     from slimdeploy.latency.model import LatencyModel
 

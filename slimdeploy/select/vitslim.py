@@ -16,13 +16,14 @@ from .solver import State as _State
 
 
 def fraction_spec(arch: Arch, source: ModelConfig, imp: Importance, keep_attn: float = 1.0, keep_mlp: float = 1.0,
-                  keep_tokens: float = 1.0, keep_embed: float = 1.0) -> SlimSpec:
+                  keep_tokens: float = 1.0, keep_embed: float = 1.0, one_count: bool = False) -> SlimSpec:
     """ViT-Slim's budget: per mask kind, one global threshold keeps the top fraction of elements.
 
     Made valid for a dense slim model: per block, kept heads = heads with a kept q/k and v channel,
     and every kept head keeps the block's mean number of kept channels (its top ones).
     Tokens: from the first block that may drop them, monotone over depth (cumulative minimum of importance),
-    then the global threshold.
+    then the global threshold. `one_count` (ranked modes only): every block from the first that may drop tokens
+    keeps the same count, the top `keep_tokens` of the patches (what each image keeps still changes per block).
     Embedding (not part of ViT-Slim's search): the top fraction of channels.
     """
     for f in (keep_attn, keep_mlp, keep_tokens, keep_embed):
@@ -47,7 +48,12 @@ def fraction_spec(arch: Arch, source: ModelConfig, imp: Importance, keep_attn: f
         # about 0), and a minimum taken through it would give every later block block 0's count
         first = imp.first_token_block
         tok_keep = np.ones(imp.tok.shape, dtype=bool)
-        tok_keep[first:] = keep_mask(np.minimum.accumulate(imp.tok[first:], axis=0), keep_tokens)
+        if one_count:
+            if imp.token_mode not in RANKED_TOKEN_MODES:
+                raise SlimError("one token count per block is a rule of ranked token modes (attentive, fused)")
+            tok_keep[first:] = keep_mask(imp.tok[first], keep_tokens)[None, :]  # ranks are ordered: a count
+        else:
+            tok_keep[first:] = keep_mask(np.minimum.accumulate(imp.tok[first:], axis=0), keep_tokens)
     blocks = []
     tokens = list(range(a.num_tokens))
     for i in range(a.depth):
