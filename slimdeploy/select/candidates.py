@@ -50,7 +50,7 @@ class Family:
 
     kind: str  # greedy | channels | fractions | one-count | uniform
     params: tuple = ()  # greedy: attn, mlp, tokens[, embed] weights; channels: attn, mlp[, embed]; fractions: rates
-    # of attn, mlp, tokens[, embed] (no embed entry: the embedding is kept whole)
+    # of attn, mlp, tokens[, embed] (no embed entry: the embedding is kept whole); one-count: rates as fractions
 
     @property
     def name(self) -> str:
