@@ -59,12 +59,13 @@ class Family:
             tok = 3 if self.kind == "greedy" else 2
             return (f"{self.kind} (attn x{p[0]:g}, mlp x{p[1]:g}" + (f", tokens x{p[2]:g}" if tok == 3 else "")
                     + (f", embed x{p[tok]:g}" if len(p) > tok else "") + ")")
-        if self.kind == "fractions":
-            rule = "ViT-Slim's equal fractions" if p == (1.0, 1.0, 1.0) else "ViT-Slim fractions"
+        if self.kind in ("fractions", "one-count"):
+            if self.kind == "one-count":
+                rule = "one token count per block"
+            else:
+                rule = "ViT-Slim's equal fractions" if p == (1.0, 1.0, 1.0) else "ViT-Slim fractions"
             return (f"{rule} (drop rates attn {p[0]:g}, mlp {p[1]:g}, tokens {p[2]:g}"
                     + (f", embed {p[3]:g}" if len(p) > 3 else "") + ")")
-        if self.kind == "one-count":
-            return f"one token count per block (drop rates attn {p[0]:g}, mlp {p[1]:g}, tokens {p[2]:g})"
         return "uniform widths"
 
 
