@@ -499,6 +499,7 @@ def verify(
 
 def _finish(d: dict) -> None:
     """Print the report; exit 1 with the reasons when verification failed."""
+    from .verify import drop_words  # loaded already: the report comes from verify
     t = Table(title=f"{d['model']} on {d['device']} ({d['backend']}, batch {d['batch_size']})")
     for col in ("", "dense", "slim"):
         t.add_column(col, justify="right")
@@ -523,8 +524,7 @@ def _finish(d: dict) -> None:
     out.print(t)
     drop = d["accuracy"].get("drop")
     if drop is not None:
-        out.print(f"[bold]top-1 {f(sl['top1'], '.2f')}% vs dense {f(dn['top1'], '.2f')}%: {drop:+.2f} points of drop"
-                  "[/bold]")
+        out.print(f"[bold]top-1 {f(sl['top1'], '.2f')}% vs dense {f(dn['top1'], '.2f')}%: {drop_words(drop)}[/bold]")
     _warn(d.get("warnings", []))
     if d["failures"]:
         for why in d["failures"]:

@@ -4,6 +4,7 @@ timing decides the outcome), then `verify` on a tampered ONNX file: exit 1 with 
 from __future__ import annotations
 
 import json
+import re
 
 from slimdeploy.verify import report_dict_schema_errors
 
@@ -18,7 +19,8 @@ def test_run_then_tampered_verify_fails(tmp_path):
                    "--search-epochs", "1", "--retrain-epochs", "1", "--batch-size", "64", "--target-macs", "14M",
                    "--max-drop", "100", "--torch-device", "cpu", "--recovery-steps", "10")
     assert r.returncode == 0, r.stderr[-3000:]
-    assert "parity" in r.stdout and "PASS" in r.stdout and "points of drop" in r.stdout
+    assert "parity" in r.stdout and "PASS" in r.stdout
+    assert re.search(r"points (below|above) dense|level with dense", r.stdout)
     d = json.loads((out / "report.json").read_text())
     assert report_dict_schema_errors(d) == []
     assert d["backend"] == "ort-cpu" and d["met_target"] is None and d["passed"]

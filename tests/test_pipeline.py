@@ -20,7 +20,7 @@ from slimdeploy.models import arch_of, create_model
 from slimdeploy.pipeline import RunOptions, run_pipeline
 from slimdeploy.select.target import parse_target
 from slimdeploy.types import DeviceProfile, ModelConfig, SlimSpec
-from slimdeploy.verify import report_dict_schema_errors
+from slimdeploy.verify import drop_words, report_dict_schema_errors
 
 from .synthetic import staircase_profile
 
@@ -95,6 +95,15 @@ def test_report_schema_and_parity(run):
     # the percentage target is taken of the dense model measured beside the slim one, decided on the interval
     assert d["target_latency_ms"] == pytest.approx(0.75 * d["dense"]["latency_ms"])
     assert d["met_target"] == (d["extra"]["slim_over_dense"]["high_ms"] <= 0.75)
+    # the report says the drop in words, with its sign read for the user
+    assert drop_words(d["accuracy"]["drop"]) in (opts.out / "report.md").read_text()
+
+
+def test_drop_words_say_which_side_of_dense():
+    assert drop_words(1.234) == "1.23 points below dense"
+    assert drop_words(-0.72) == "0.72 points above dense"
+    assert drop_words(0.001) == "level with dense"
+    assert drop_words(None) == "top-1 change unknown"
 
 
 def test_select_records_every_candidate_and_the_loop(run):
