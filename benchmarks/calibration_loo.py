@@ -5,11 +5,16 @@ For each profile: leave-one-out over its calibration's static whole models (each
 dense model by the fit of all the others, with the tables as this version reads them); with --rows, also the
 random specs and solver picks of latency_fidelity.py result files, predicted by the profile as it stands and
 compared with their measured ratios to dense. Run at two commits to compare two versions of the model on the
-same measurements (profiles of earlier sessions: benchmarks/results/profiles/).
+same measurements (profiles of earlier sessions: benchmarks/results/profiles/). With --fold, the solver's picks
+that `protocol_checks.py remeasure` measured again for that profile join its calibration, those of all but one
+synthetic importance at a time, and the held-out ones are predicted: would more picks in the calibration price
+the rest right?
 
     .venv/bin/python benchmarks/calibration_loo.py benchmarks/results/profiles/*.json profiles/xeon-*deit_small.json
     .venv/bin/python benchmarks/calibration_loo.py benchmarks/results/profiles/deit_small_epyc_0833.json \\
         --rows benchmarks/results/latency_fidelity_deit_small_epyc.json
+    .venv/bin/python benchmarks/calibration_loo.py benchmarks/results/profiles/fmnist-vit_zen5_1203g.json \\
+        --fold benchmarks/results/remeasure_fmnist-vit_zen5_1203g.json
 """
 
 from __future__ import annotations
@@ -21,7 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from slimdeploy.latency.calibration import calibrated, fit_calibration
-from slimdeploy.latency.model import LatencyModel
+from slimdeploy.latency.model import LatencyModel, point_sizes
 from slimdeploy.types import DeviceProfile
 
 
@@ -84,11 +89,41 @@ def rows_error(lm: LatencyModel, path: Path) -> dict:
     return out
 
 
+def fold_picks(lm: LatencyModel, path: Path) -> list[dict]:
+    """Per synthetic importance: the picks of the others folded into the calibration (at their measured ratio
+    times the dense point's ms), the held-out picks predicted; see the module's docstring."""
+    cal, n = lm.profile.calibration, int(lm.profile.model["num_tokens"])
+    points = []
+    for p in cal["points"]:  # featured as the tables are read now, as model.py refits an older fit
+        sizes, embed = point_sizes(p)
+        points.append({**p, "features": lm.features(sizes, n, embed)})
+    picks = [r for r in json.loads(path.read_text())["rows"] if r["kind"].startswith("solver")]
+
+    def measured(r):
+        return float(np.median(r["now_over_dense"]))
+
+    def error(fit, r):
+        return (calibrated(lm.features([tuple(s) for s in r["sizes"]], n), fit, bool(lm.warm))
+                / calibrated(points[0]["features"], fit, bool(lm.warm)) / measured(r) - 1)
+    out = [{"held_out": "none (the profile as made)", **summary([error(fit_calibration(points, cal.get("pairs")), r)
+                                                                  for r in picks])}]
+    for name in sorted({r["kind"].split()[-1] for r in picks}):
+        folded = [{"features": lm.features([tuple(s) for s in r["sizes"]], n), "halfwidth": 0.0,
+                   "measured_ms": measured(r) * points[0]["measured_ms"], "token_mode": "static"}
+                  for r in picks if not r["kind"].endswith(name)]
+        fit = fit_calibration(points + folded, cal.get("pairs"))
+        out.append({"held_out": name, "folded": len(folded), "scale_fixed": fit["scale_fixed"],
+                    "phi_tokens": fit["phi_tokens"],
+                    **summary([error(fit, r) for r in picks if r["kind"].endswith(name)])})
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("profiles", nargs="+")
     ap.add_argument("--rows", nargs="*", default=[], help="latency_fidelity.py results to predict")
     ap.add_argument("--residuals", action="store_true", help="correlate the held-out errors with the structures")
+    ap.add_argument("--fold", default=None, help="a protocol_checks.py remeasure result made for the (one) profile")
     args = ap.parse_args()
     for path in args.profiles:
         lm = LatencyModel(DeviceProfile.load(path))
@@ -100,6 +135,11 @@ def main() -> None:
         if args.residuals:
             print("  error correlates with: " + ", ".join(f"{k} {v:+.2f}"
                                                           for k, v in residual_structure(lm, loo).items()))
+        if args.fold:
+            for r in fold_picks(lm, Path(args.fold)):
+                print(f"  picks, held out {r['held_out']}: median {r['median']:.1%}, max {r['max']:.1%}, signed "
+                      f"{r['signed_median']:+.1%}" + (f" (folded {r['folded']}; scale_fixed {r['scale_fixed']:.3f}, "
+                                                      f"phi_tokens {r['phi_tokens']:g})" if "folded" in r else ""))
         for rows in args.rows:
             for kind, s in rows_error(lm, Path(rows)).items():
                 print(f"  {Path(rows).name} {kind} (n={s['n']}): median {s['median']:.1%}, p90 {s['p90']:.1%}, "

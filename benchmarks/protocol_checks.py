@@ -25,10 +25,18 @@ rounds (3 x 0.6 s: calls warmer), six sessions a model (more placements), and `M
 repetition (`kept`: what is left of the spread without session placement). Per setting: the slim / dense ratio's
 median over repetitions, its spread (sd / median) and the median 95% half-width one measurement reports.
 
+`remeasure`: do a profile's whole models measure now as they did when it was made? The profile's static
+calibration models, and the solver's picks of a latency_fidelity.py result (`--rows`) made with it, measured again
+as the fidelity benchmark measures (chunks of seven with the dense model, `MODEL`, --reps passes in shuffled
+chunks). Per model: the ratio to dense now against the profile's stored ratio (calibration) or the fidelity run's
+(picks), and what the profile predicts. If the calibration models moved by what the picks are off, the machine's
+state between the two measurements is the error; if they did not, the model is.
+
     .venv/bin/python benchmarks/protocol_checks.py calls --model deit_small_patch16_224 --reps 2
     .venv/bin/python benchmarks/protocol_checks.py load-order --layout alternate --chunks 16
     .venv/bin/python benchmarks/protocol_checks.py mlp-widths --model deit_small_patch16_224 --from 1024 --reps 3
     .venv/bin/python benchmarks/protocol_checks.py interleave --reps 10
+    .venv/bin/python benchmarks/protocol_checks.py remeasure --profile PROFILE.json --rows FIDELITY.json --reps 2
 """
 
 from __future__ import annotations
@@ -48,9 +56,10 @@ from slimdeploy.latency.components import nontrivial_
 from slimdeploy.latency.draws import random_spec
 from slimdeploy.latency.fingerprint import cpu_name
 from slimdeploy.latency.measure import close_all, export_deployed, load_round_robin, measure_models, measure_sessions
+from slimdeploy.latency.model import LatencyModel, point_sizes
 from slimdeploy.models import arch_of, create_model
 from slimdeploy.slim import build_slim
-from slimdeploy.types import ModelConfig, SlimSpec
+from slimdeploy.types import BlockSpec, DeviceProfile, ModelConfig, SlimSpec
 
 
 def calls(model, arch, cfg, backend, reps: int) -> dict:
@@ -195,9 +204,62 @@ def interleave(model, arch, cfg, backend, reps: int) -> dict:
     return {"summary": summary, "ratios": ratios, "dense_ms": dense_ms}
 
 
+def spec_of_sizes(arch, cfg, sizes: list[tuple[int, int, int, int, int]]) -> SlimSpec:
+    """A static structure with these per-block sizes (n, h, q, v, m), keeping the first indices of each: which
+    ones does not move its latency."""
+    return SlimSpec(cfg, arch, [BlockSpec(list(range(n)), list(range(h)), [list(range(q))] * h,
+                                          [list(range(v))] * h, list(range(m))) for n, h, q, v, m in sizes])
+
+
+def remeasure(model, arch, cfg, backend, reps: int, profile: str, rows: str | None) -> dict:
+    lm = LatencyModel(DeviceProfile.load(profile))
+    points = lm.profile.calibration["points"]
+    cases = []  # (kind, sizes, stored ratio to dense)
+    for p in points[1:]:
+        sizes, embed = point_sizes(p)
+        if p.get("ranked_twin") or (p.get("token_mode") or "static") != "static" or (embed or arch.embed_dim) < \
+                arch.embed_dim:
+            continue
+        cases.append(("calibration", sizes, p["measured_ms"] / points[0]["measured_ms"]))
+    if rows:
+        for r in json.loads(Path(rows).read_text())["rows"]:
+            if r["kind"].startswith("solver") and r.get("token_mode", "static") == "static":
+                cases.append((r["kind"], [(b["tokens"], b["heads"], b["qk"], b["v"], b["mlp"]) for b in r["widths"]],
+                              r["measured_over_dense"]))
+    dense = lm.predict_sizes(point_sizes(points[0])[0])
+    specs = [spec_of_sizes(arch, cfg, sizes) for _, sizes, _ in cases]
+    now: list[list[float]] = [[] for _ in cases]
+    for rep in range(reps):
+        order = list(range(len(cases)))
+        random.Random(rep).shuffle(order)
+        for start in range(0, len(order), 7):
+            chunk = order[start:start + 7]
+            t = measure_models(backend, {"dense": model, **{str(i): build_slim(specs[i], model) for i in chunk}},
+                               arch, 1, timing.MODEL)
+            for i in chunk:
+                now[i].append(timing.ratio(t[str(i)], t["dense"]).median_ms)
+        print(f"pass {rep + 1} of {reps} measured", flush=True)
+    out = []
+    for (kind, sizes, stored), ratios in zip(cases, now):
+        measured = statistics.median(ratios)
+        out.append({"kind": kind, "sizes": sizes, "stored_over_dense": stored, "now_over_dense": ratios,
+                    "moved": measured / stored - 1, "predicted_over_dense": lm.predict_sizes(sizes) / dense,
+                    "error_now": lm.predict_sizes(sizes) / dense / measured - 1})
+        print(f"{kind:24s} stored {stored:.3f} now {measured:.3f} ({100 * out[-1]['moved']:+5.1f}%), predicted "
+              f"{out[-1]['predicted_over_dense']:.3f} ({100 * out[-1]['error_now']:+5.1f}% against now)", flush=True)
+    summary = {}
+    for kind in ("calibration", "solver"):
+        sel = [r for r in out if r["kind"].startswith(kind)]
+        if sel:
+            summary[kind] = {"n": len(sel), "moved_median": statistics.median(r["moved"] for r in sel),
+                             "error_now_median": statistics.median(r["error_now"] for r in sel),
+                             "abs_error_now_median": statistics.median(abs(r["error_now"]) for r in sel)}
+    return {"profile": profile, "rows_file": rows, "summary": summary, "rows": out}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("check", choices=["calls", "load-order", "mlp-widths", "interleave"])
+    ap.add_argument("check", choices=["calls", "load-order", "mlp-widths", "interleave", "remeasure"])
     ap.add_argument("--model", default=None,
                     help="default: deit_small_patch16_224 (calls), fmnist-vit (the others)")
     ap.add_argument("--reps", type=int, default=2)
@@ -205,8 +267,12 @@ def main() -> None:
     ap.add_argument("--layout", choices=["export-first", "worker-files", "round-robin", "alternate"],
                     default="export-first")
     ap.add_argument("--from", dest="low", type=int, default=0, help="mlp-widths: the narrowest grid width")
+    ap.add_argument("--profile", default=None, help="remeasure: the profile whose whole models to measure again")
+    ap.add_argument("--rows", default=None, help="remeasure: a latency_fidelity.py result made with that profile")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
+    if args.check == "remeasure" and not args.profile:
+        ap.error("remeasure needs --profile")
     cfg = ModelConfig(args.model or ("deit_small_patch16_224" if args.check == "calls" else "fmnist-vit"))
     model = nontrivial_(create_model(cfg)).eval()
     arch = arch_of(model)
@@ -217,6 +283,8 @@ def main() -> None:
         result = load_order(model, arch, cfg, backend, args.chunks, args.layout)
     elif args.check == "interleave":
         result = interleave(model, arch, cfg, backend, args.reps)
+    elif args.check == "remeasure":
+        result = remeasure(model, arch, cfg, backend, args.reps, args.profile, args.rows)
     else:
         result = mlp_widths(model, arch, cfg, backend, args.reps, args.low)
     result.update(check=args.check, model=cfg.name, cpu=cpu_name(),
