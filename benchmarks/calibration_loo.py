@@ -143,7 +143,7 @@ def main() -> None:
         for rows in args.rows:
             for kind, s in rows_error(lm, Path(rows)).items():
                 print(f"  {Path(rows).name} {kind} (n={s['n']}): median {s['median']:.1%}, p90 {s['p90']:.1%}, "
-                      f"signed {s['signed_median']:+.1%}", flush=True)
+                      f"max {s['max']:.1%}, signed {s['signed_median']:+.1%}", flush=True)
 
 
 if __name__ == "__main__":

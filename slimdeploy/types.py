@@ -362,10 +362,10 @@ def _check_index_list(idx: list[int], n: int, what: str) -> None:
 class DeviceProfile:
     """Per-layer latency tables measured on one device, backend, precision and batch size.
 
-    tables maps a piece name to {"axes": [axis names], "grid": {axis: [values]}, "ms": nested list,
-    "raw_ms": before the monotone fit}; calibration holds the fit of end-to-end latency against the tables
-    (see latency/model.py) with the whole models it was measured on. fingerprint names the machine the
-    tables hold for (latency/fingerprint.py).
+    tables maps a piece name to {"axes": [axis names], "grid": {axis: [values]}, "ms": nested list, smoothed,
+    "raw_ms": as measured; the model reads raw_ms smoothed as latency/tables.py does now}; calibration holds the
+    fit of end-to-end latency against the tables (see latency/model.py) with the whole models it was measured on.
+    fingerprint names the machine the tables hold for (latency/fingerprint.py).
     """
 
     device: str

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import random
 from pathlib import Path
@@ -13,7 +14,8 @@ from slimdeploy.errors import SlimError
 from slimdeploy.latency import timing
 from slimdeploy.latency.calibration import FIT, fit_calibration
 from slimdeploy.latency.model import LatencyModel, Table, fingerprint_warning, resolve_profile, spec_sizes
-from slimdeploy.latency.profile import isotonic, monotone, token_grid, width_grid
+from slimdeploy.latency.profile import token_grid, width_grid
+from slimdeploy.latency.tables import despike, isotonic, monotone, smoothed
 from slimdeploy.models import arch_of
 from slimdeploy.types import DeviceProfile, ModelConfig, SlimSpec
 
@@ -123,6 +125,29 @@ def test_isotonic_removes_noise_but_keeps_steps():
     assert fit[3] < 1.1 and fit[4] > 1.9  # the step is still there
     grid = monotone(np.array([[1.0, 0.9], [0.8, 2.0]]))
     assert (np.diff(grid, axis=0) >= 0).all() and (np.diff(grid, axis=1) >= 0).all()
+
+
+def test_a_single_slow_reading_does_not_lift_the_widths_above_it():
+    # fmnist-vit's MLP at 2 tokens on a Zen 5 EPYC (us): one reading of four spiked
+    raw = np.array([7.0, 7.5, 11.5, 8.2, 8.9])
+    assert isotonic(raw)[3] > 9.0  # pooled with the spike: 8.2 read as 9.5
+    assert smoothed(raw).tolist() == pytest.approx([7.0, 7.5, 8.2, 8.9, 8.9])
+    # a monotone run, steps included, is its own median of three: nothing moves
+    step = np.array([[1.0, 1.0, 2.0, 2.1, 4.0], [1.1, 1.2, 2.2, 2.3, 4.1], [1.5, 1.6, 2.9, 3.0, 5.0]])
+    assert np.array_equal(despike(step), step) and np.array_equal(smoothed(step), step)
+    # a spike along the token axis goes too
+    tokens = np.array([[1.0, 2.0], [5.0, 6.0], [1.2, 2.2], [1.4, 2.4]])
+    assert smoothed(tokens)[:, 0].tolist() == pytest.approx([1.0, 1.2, 1.4, 1.4])
+
+
+def test_the_model_reads_a_table_from_its_measurements():
+    t = copy.deepcopy(staircase_profile(wide_arch()).tables["mlp"])
+    raw = np.array(t["ms"], dtype=np.float64)
+    raw[0, len(raw[0]) // 2] *= 3  # one slow reading, as measured
+    stored = {**t, "ms": monotone(raw).tolist(), "raw_ms": raw.tolist()}  # smoothed as before tables.py
+    read = Table(stored).ms
+    assert np.allclose(read, smoothed(raw)) and not np.allclose(read, monotone(raw))
+    assert np.allclose(Table({k: v for k, v in stored.items() if k != "raw_ms"}).ms, monotone(raw))
 
 
 def test_grids_cover_the_few_token_region_and_end_at_the_full_width():

@@ -43,6 +43,7 @@ from ..errors import SlimError
 from ..types import RANKED_TOKEN_MODES, Arch, DeviceProfile, SlimSpec
 from .calibration import FEATURES, FIT, RANKING_TABLE, calibrated, fit_calibration
 from .fingerprint import describe, differences
+from .tables import smoothed
 
 SHIPPED_PROFILES = Path(__file__).resolve().parent.parent.parent / "profiles"
 TABLES = ("rest", "const", "gather", "qkv", "proj", "mlp", "core_q", "core_v")
@@ -161,7 +162,9 @@ class Table:
     def __init__(self, d: dict, tile: int = 8, affine_from: int | None = None):
         self.axes: list[str] = d["axes"]
         self.grid: list[list[int]] = [list(map(int, d["grid"][a])) for a in self.axes]
-        self.ms = np.asarray(d["ms"], dtype=np.float64)
+        # read from the measurements where the profile kept them: a profile made before tables.py's smoothing
+        # changed reads the same as one made since (its calibration is fitted again: calibration.FIT)
+        self.ms = smoothed(d["raw_ms"]) if "raw_ms" in d else np.asarray(d["ms"], dtype=np.float64)
         self.tiles = [1 if a in COUNT_AXES else max(1, tile) for a in self.axes]
         if self.ms.shape != tuple(len(g) for g in self.grid):
             raise SlimError(f"profile table over {self.axes} has shape {self.ms.shape}, not its grid's")

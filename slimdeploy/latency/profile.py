@@ -4,8 +4,8 @@ Factorised, never every block combination: each piece of components.py on a grid
 the few-token region where the solver goes is dense, plus an even spread) and widths on multiples of `step`, the
 attention core over (tokens, heads, q) and (tokens, heads, v); each piece that touches the residual stream again at
 narrower embedding widths, on a coarse sub-grid of tokens and widths (its ratio to the full width is what the model
-reads). Each table is made monotone (isotonic fit), which
-removes timing noise without hiding steps. Then whole models (draws.py) are measured to fit the calibration
+reads). Each table is smoothed (tables.py: single spikes removed, then an isotonic fit), which removes timing
+noise without hiding steps. Then whole models (draws.py) are measured to fit the calibration
 (calibration.py). Pieces are timed in a shuffled order, so that a slow phase of a shared machine is noise spread
 over every table (which the monotone fits smooth) rather than a bias of one table. Partial results are saved as
 they come: an interrupted profile resumes where it stopped.
@@ -52,6 +52,7 @@ from .model import (
     steadiness_warning,
     user_profiles_dir,
 )
+from .tables import smoothed
 
 METHOD = 11  # bump when what a table entry or a drawn whole model means: partials of another method are discarded
 GPU_WORKING_SET = 64 << 20  # beyond a GPU's L2 (40-60 MB on A100/H100/H200)
@@ -85,29 +86,6 @@ def width_grid(limit: int, step: int) -> list[int]:
             s *= 2
         w += s
     return out if out and out[-1] == limit else [*out, limit]
-
-
-def isotonic(values: np.ndarray) -> np.ndarray:
-    """Least-squares non-decreasing fit (pool adjacent violators) along the last axis."""
-    out = np.array(values, dtype=np.float64)
-    flat = out.reshape(-1, out.shape[-1])
-    for row in flat:
-        merged: list[list[float]] = []
-        for v in row:
-            merged.append([float(v), 1])
-            while len(merged) > 1 and merged[-2][0] > merged[-1][0]:
-                v2, n2 = merged.pop()
-                v1, n1 = merged.pop()
-                merged.append([(v1 * n1 + v2 * n2) / (n1 + n2), n1 + n2])
-        row[:] = np.concatenate([[v] * int(n) for v, n in merged])
-    return out
-
-
-def monotone(ms: np.ndarray) -> np.ndarray:
-    """Non-decreasing along every axis (more tokens, heads or channels never cost less)."""
-    for ax in range(ms.ndim):
-        ms = np.moveaxis(isotonic(np.moveaxis(ms, ax, -1)), -1, ax)
-    return ms
 
 
 class PieceTimer:
@@ -230,12 +208,13 @@ def run_job(timer: PieceTimer, job: tuple, arch: Arch, model) -> None:
 
 
 def as_table(axes: list[str], grid: dict[str, list[int]], raw: np.ndarray) -> dict:
-    """A profile table: its axes and grid, the measurements made monotone (what the model reads) and as measured."""
-    return {"axes": axes, "grid": grid, "ms": np.round(monotone(raw), 6).tolist(), "raw_ms": np.round(raw, 6).tolist()}
+    """A profile table: its axes and grid, the measurements smoothed (tables.py: what the model reads) and as
+    measured."""
+    return {"axes": axes, "grid": grid, "ms": np.round(smoothed(raw), 6).tolist(), "raw_ms": np.round(raw, 6).tolist()}
 
 
 def assemble(cache: dict, grids: dict, with_warm: bool) -> dict:
-    """The tables from the cached measurements (made monotone; the raw medians kept beside); `warm` holds the
+    """The tables from the cached measurements (smoothed; the raw medians kept beside); `warm` holds the
     warm-cache tables of the pieces with weights, when measured."""
     def table(name, axes, keys, which=0):
         shape = tuple(len(grids[a]) for a in keys)
