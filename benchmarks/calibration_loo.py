@@ -80,9 +80,8 @@ def rows_error(lm: LatencyModel, path: Path) -> dict:
                              * a["depth"])
     out = {}
     for kind in ("random", "solver"):
-        errors = [lm.for_tokens(r.get("token_mode") or "static").predict_sizes(
-                      [(b["tokens"], b["heads"], b["qk"], b["v"], b["mlp"]) for b in r["widths"]],
-                      r["widths"][0].get("embed")) / dense / r["measured_over_dense"] - 1
+        errors = [lm.for_tokens(r.get("token_mode") or "static").predict_sizes(*point_sizes(r)) / dense
+                  / r["measured_over_dense"] - 1
                   for r in json.loads(path.read_text())["rows"] if r["kind"].startswith(kind)]
         if errors:
             out[kind] = summary(errors)
@@ -91,26 +90,24 @@ def rows_error(lm: LatencyModel, path: Path) -> dict:
 
 def fold_picks(lm: LatencyModel, path: Path) -> list[dict]:
     """Per synthetic importance: the picks of the others folded into the calibration (at their measured ratio
-    times the dense point's ms), the held-out picks predicted; see the module's docstring."""
-    cal, n = lm.profile.calibration, int(lm.profile.model["num_tokens"])
-    points = []
-    for p in cal["points"]:  # featured as the tables are read now, as model.py refits an older fit
-        sizes, embed = point_sizes(p)
-        points.append({**p, "features": lm.features(sizes, n, embed)})
+    times the dense point's ms), the held-out picks predicted; see the module's docstring. The calibration's points
+    are the model's own: featured as the tables are read now (LatencyModel refits an older fit on loading)."""
+    cal, n, warm = lm.profile.calibration, int(lm.profile.model["num_tokens"]), bool(lm.warm)
+    points = cal["points"]
     picks = [r for r in json.loads(path.read_text())["rows"] if r["kind"].startswith("solver")]
+
+    def features(r):
+        return lm.features([tuple(s) for s in r["sizes"]], n)
 
     def measured(r):
         return float(np.median(r["now_over_dense"]))
 
     def error(fit, r):
-        return (calibrated(lm.features([tuple(s) for s in r["sizes"]], n), fit, bool(lm.warm))
-                / calibrated(points[0]["features"], fit, bool(lm.warm)) / measured(r) - 1)
-    out = [{"held_out": "none (the profile as made)", **summary([error(fit_calibration(points, cal.get("pairs")), r)
-                                                                  for r in picks])}]
+        return calibrated(features(r), fit, warm) / calibrated(points[0]["features"], fit, warm) / measured(r) - 1
+    out = [{"held_out": "none (the profile as made)", **summary([error(cal, r) for r in picks])}]
     for name in sorted({r["kind"].split()[-1] for r in picks}):
-        folded = [{"features": lm.features([tuple(s) for s in r["sizes"]], n), "halfwidth": 0.0,
-                   "measured_ms": measured(r) * points[0]["measured_ms"], "token_mode": "static"}
-                  for r in picks if not r["kind"].endswith(name)]
+        folded = [{"features": features(r), "halfwidth": 0.0, "measured_ms": measured(r) * points[0]["measured_ms"],
+                   "token_mode": "static"} for r in picks if not r["kind"].endswith(name)]
         fit = fit_calibration(points + folded, cal.get("pairs"))
         out.append({"held_out": name, "folded": len(folded), "scale_fixed": fit["scale_fixed"],
                     "phi_tokens": fit["phi_tokens"],

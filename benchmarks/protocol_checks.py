@@ -224,8 +224,7 @@ def remeasure(model, arch, cfg, backend, reps: int, profile: str, rows: str | No
     if rows:
         for r in json.loads(Path(rows).read_text())["rows"]:
             if r["kind"].startswith("solver") and r.get("token_mode", "static") == "static":
-                cases.append((r["kind"], [(b["tokens"], b["heads"], b["qk"], b["v"], b["mlp"]) for b in r["widths"]],
-                              r["measured_over_dense"]))
+                cases.append((r["kind"], point_sizes(r)[0], r["measured_over_dense"]))
     dense = lm.predict_sizes(point_sizes(points[0])[0])
     specs = [spec_of_sizes(arch, cfg, sizes) for _, sizes, _ in cases]
     now: list[list[float]] = [[] for _ in cases]
@@ -241,10 +240,10 @@ def remeasure(model, arch, cfg, backend, reps: int, profile: str, rows: str | No
         print(f"pass {rep + 1} of {reps} measured", flush=True)
     out = []
     for (kind, sizes, stored), ratios in zip(cases, now):
-        measured = statistics.median(ratios)
+        measured, predicted = statistics.median(ratios), lm.predict_sizes(sizes) / dense
         out.append({"kind": kind, "sizes": sizes, "stored_over_dense": stored, "now_over_dense": ratios,
-                    "moved": measured / stored - 1, "predicted_over_dense": lm.predict_sizes(sizes) / dense,
-                    "error_now": lm.predict_sizes(sizes) / dense / measured - 1})
+                    "moved": measured / stored - 1, "predicted_over_dense": predicted,
+                    "error_now": predicted / measured - 1})
         print(f"{kind:24s} stored {stored:.3f} now {measured:.3f} ({100 * out[-1]['moved']:+5.1f}%), predicted "
               f"{out[-1]['predicted_over_dense']:.3f} ({100 * out[-1]['error_now']:+5.1f}% against now)", flush=True)
     summary = {}
