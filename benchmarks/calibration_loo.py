@@ -110,7 +110,6 @@ def fold_picks(lm: LatencyModel, path: Path) -> list[dict]:
                    "token_mode": "static"} for r in picks if not r["kind"].endswith(name)]
         fit = fit_calibration(points + folded, cal.get("pairs"))
         out.append({"held_out": name, "folded": len(folded), "scale_fixed": fit["scale_fixed"],
-                    "phi_tokens": fit["phi_tokens"],
                     **summary([error(fit, r) for r in picks if r["kind"].endswith(name)])})
     return out
 
@@ -135,8 +134,8 @@ def main() -> None:
         if args.fold:
             for r in fold_picks(lm, Path(args.fold)):
                 print(f"  picks, held out {r['held_out']}: median {r['median']:.1%}, max {r['max']:.1%}, signed "
-                      f"{r['signed_median']:+.1%}" + (f" (folded {r['folded']}; scale_fixed {r['scale_fixed']:.3f}, "
-                                                      f"phi_tokens {r['phi_tokens']:g})" if "folded" in r else ""))
+                      f"{r['signed_median']:+.1%}" + (f" (folded {r['folded']}; scale_fixed {r['scale_fixed']:.3f})"
+                                                      if "folded" in r else ""))
         for rows in args.rows:
             for kind, s in rows_error(lm, Path(rows)).items():
                 print(f"  {Path(rows).name} {kind} (n={s['n']}): median {s['median']:.1%}, p90 {s['p90']:.1%}, "

@@ -5,7 +5,7 @@ The fit, with rows weighted by 1 / measured (relative errors):
     measured = scale_fixed * fixed + scale_tokens * tokens + per_attn * n_attn + per_mlp * n_mlp
                + per_gather * n_gather + per_rank * n_rank + per_fuse * n_fuse + beta
     fixed, tokens = table sums at each block's fewest tokens, and what its tokens add above that, each
-                    = pieces without weights + warm + phi(weight bytes, tokens) * (cold - warm)
+                    = pieces without weights + warm + phi(weight bytes) * (cold - warm)
 
 The first point is the dense model, and it counts as DENSE_WEIGHT models: a target is a fraction of the dense
 model, so the dense model's own error would move every target (held-out models on five Xeon profiles: the mean
@@ -20,36 +20,38 @@ random models, and wrong on the solver's structures), but one for what an operat
 (dispatch, weight streaming: pieces timed in copies run with warm predictors that a whole model does not have)
 and one for the arithmetic per token (which overlaps with the streaming in a whole model). The counts carry the
 per-operator costs of a branch or gather that pieces timed apart do not share with the whole model; phi says how
-far a model with that many bytes of weights runs from a cold cache (a small model stays in L2 between calls), and
-how much its tokens move that: a model keeping 5-15 of 65 tokens with all its 4.7 MB of weights measured 10-16%
-faster than priced cold on a 2-core EPYC (the ranked picks of the shifted set; the pieces' cold tables are timed
-per token count, but a whole model with few tokens streams its weights warmer). So phi reads the bytes scaled by
-the mean kept token fraction to a power `phi_tokens` chosen by the fit (0: bytes alone, the fit before version 5).
+far a model with that many bytes of weights runs from a cold cache (a small model stays in L2 between calls).
+Bytes alone: versions 5 and 6 let the fit scale the bytes by the kept token fraction to a power, for ranked picks
+of the shifted set (5-15 of 65 tokens, all 4.7 MB of weights) that measured 10-16% faster than priced cold. Once
+the tables' spikes were gone (version 6) that power no longer paid there (its picks within 7.1% with it, 7.4%
+without), and where no calibration model holds many bytes and few tokens it priced one warm by extrapolation: on a
+Zen 5 EPYC the fit chose the fraction squared, from small models with one token, and priced the solver's 0.3x
+picks of fmnist-vit (3.4 MB, 1-2 of 17 tokens in every block) 6-9% fast; by bytes alone they are within 4.7%, on
+the same measurements (benchmarks/RESULTS.md).
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-FIT = 6  # the fit's version (see the module's docstring); bump when the same points would fit otherwise. 3: widths
+FIT = 7  # the fit's version (see the module's docstring); bump when the same points would fit otherwise. 3: widths
 # read linearly between grid points further apart than the profile's step, and the tokens a ranking keeps linearly,
 # not as a staircase; 4: the matmul tables read as a line in width where the grid is coarse (model.py); 5: the
 # cache term in bytes and tokens (phi_tokens); 6: the tables' single spikes removed before the monotone fit
-# (tables.py)
+# (tables.py); 7: the cache term in bytes alone again
 DENSE_WEIGHT = 30.0  # the dense model (the first point) counts as this many models
 RANKING_TABLE = {"attentive": "rank", "fused": "fuse"}  # what a dropping block pays instead of the gather
 RANKINGS = tuple(RANKING_TABLE.values())
 # structural counts with their own per-operator cost; "rank" and "fuse" count the drops made by a ranking in
 # attentive and in fused token mode (their in-context costs differ: 24 and 48 us on the shifted set)
 COUNTS = ("attn", "mlp", "gather", *RANKINGS)
-FEATURES = ("fixed_shared", "fixed_cold", "fixed_warm", "tok_shared", "tok_cold", "tok_warm", "bytes", "tokens",
-            *COUNTS)  # tokens: the mean over blocks of the kept token fraction (1: every token everywhere)
-PHI_TOKENS = (0.0, 0.5, 1.0, 1.5, 2.0)  # the powers of the token fraction the fit chooses from
+FEATURES = ("fixed_shared", "fixed_cold", "fixed_warm", "tok_shared", "tok_cold", "tok_warm", "bytes", *COUNTS)
+PHI_WIDTHS = (0.1, 0.25, 0.5, 1.0)  # the widths of phi's step (in ln bytes) the fit chooses from
 
 
-def cache_size(f: dict[str, float], tokens_power: float) -> float:
-    """What phi reads: the weight bytes scaled by the kept token fraction to `tokens_power` (log)."""
-    return float(np.log(max(f["bytes"], 1.0)) + tokens_power * np.log(max(f.get("tokens", 1.0), 1e-6)))
+def cache_size(f: dict[str, float]) -> float:
+    """What phi reads: the weight bytes (log)."""
+    return float(np.log(max(f["bytes"], 1.0)))
 
 
 def phi(size: float, center: float, width: float) -> float:
@@ -60,7 +62,7 @@ def phi(size: float, center: float, width: float) -> float:
 
 def calibrated(f: dict[str, float], cal: dict, has_warm: bool) -> float:
     """End-to-end ms from a model's features and a calibration (see the module's docstring)."""
-    size = cache_size(f, cal.get("phi_tokens", 0.0))
+    size = cache_size(f)
     cold = phi(size, cal.get("phi_center", 0.0), cal.get("phi_width", 1.0)) if has_warm else 1.0
 
     def part(prefix):
@@ -81,7 +83,7 @@ def pair_record(ranked_features: dict, static_features: dict, token_mode: str, s
 def fit_calibration(points: list[dict], pairs: list[dict] | None = None) -> dict:
     """Fit measured ms against each point's features (LatencyModel.features); see the module's docstring.
 
-    How cold the weighted pieces run, phi = sigmoid((ln bytes + phi_tokens * ln tokens - center) / width), is
+    How cold the weighted pieces run, phi = sigmoid((ln bytes - center) / width), is
     chosen on a grid (the linear coefficients by weighted least squares at each grid point). A token mode with
     measured pairs (pair_record) takes its per-ranking cost from them: the median over pairs of what the ranked
     model measured above its twin, less what the rest of the fit predicts for that difference, per ranking (kept
@@ -127,26 +129,25 @@ def _fit(points: list[dict], rows: list[int], counts: list[str], known: dict | N
     w = 1.0 / y * np.array([np.sqrt(DENSE_WEIGHT) if i == 0 else 1.0 for i in rows])  # squared in the fit
     y = y - np.array([sum(c * f.get(k.removeprefix("per_"), 0.0) for k, c in known.items()) for f in feats])
     has_warm = any(abs(f["fixed_cold"] - f["fixed_warm"]) > 1e-12 for f in feats)
-    sizes = {g: np.array([cache_size(f, g) for f in feats]) for g in (PHI_TOKENS if has_warm else (0.0,))}
-    grid = [(0.0, 0.0, 1.0)]
-    if has_warm:  # the plain bytes first: a token power must fit strictly better to be chosen
-        grid = [(g, c, wd) for g, size in sizes.items()
-                for c in np.linspace(size.min() - 0.5, size.max() + 0.5, 25) for wd in (0.1, 0.25, 0.5, 1.0)]
+    size = np.array([cache_size(f) for f in feats])
+    grid = [(0.0, 1.0)]
+    if has_warm:
+        grid = [(c, wd) for c in np.linspace(size.min() - 0.5, size.max() + 0.5, 25) for wd in PHI_WIDTHS]
     cols = {k: np.array([[f[f"{p}_{k}"] for p in ("fixed", "tok")] for f in feats]) for k in ("shared", "cold", "warm")}
     rest = np.array([[f.get(k, 0.0) for k in counts] + [1.0] for f in feats])
     best = None
-    for g, center, width in grid:
-        cold = 1.0 / (1.0 + np.exp(-np.clip((sizes[g] - center) / width, -50, 50))) if has_warm else np.ones(len(y))
+    for center, width in grid:
+        cold = 1.0 / (1.0 + np.exp(-np.clip((size - center) / width, -50, 50))) if has_warm else np.ones(len(y))
         X = np.hstack([cols["shared"] + cols["warm"] + cold[:, None] * (cols["cold"] - cols["warm"]), rest])
         coef = _solve(X, y, w, len(rows))
         sse = float((((X @ coef) - y) * w) @ (((X @ coef) - y) * w))
         if best is None or sse < best[0] * (1 - 1e-9) - 1e-15:
-            best = (sse, coef, g, center, width)
-    _, coef, g, center, width = best
+            best = (sse, coef, center, width)
+    _, coef, center, width = best
     coefs = dict(zip(counts, coef[2:-1]))
     return {"scale_fixed": float(coef[0]), "scale_tokens": float(coef[1]),
             **{f"per_{k}": float(coefs.get(k, known.get(f"per_{k}", 0.0))) for k in COUNTS},
-            "beta": float(coef[-1]), "phi_center": float(center), "phi_width": float(width), "phi_tokens": float(g),
+            "beta": float(coef[-1]), "phi_center": float(center), "phi_width": float(width),
             "has_warm": has_warm}
 
 

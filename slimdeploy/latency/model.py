@@ -364,8 +364,8 @@ class LatencyModel:
                  ) -> dict[str, float]:
         """The calibration's regressors for per-block sizes (n, h, q, v, m): the table sums split into what a
         block costs at its fewest tokens (fixed: operator and weight-streaming costs) and what its tokens add,
-        each for the pieces without weights (shared) and the weighted pieces cold and warm; the weight bytes; the
-        mean kept token fraction; and the structural counts; at embedding width `embed` (default: the full width)."""
+        each for the pieces without weights (shared) and the weighted pieces cold and warm; the weight bytes; and
+        the structural counts; at embedding width `embed` (default: the full width)."""
         e = embed if embed and embed < self.embed_dim else None
         out = dict.fromkeys(FEATURES, 0.0)
         out["fixed_shared"] = self.stem * (self.embed_ratio("stem_head", e) if e else 1.0)
@@ -386,7 +386,6 @@ class LatencyModel:
             if self.token_mode in RANKING_TABLE:
                 out[RANKING_TABLE[self.token_mode]] += n < prev
             prev = n
-        out["tokens"] = sum(n for n, *_ in sizes) / max(1, len(sizes)) / num_tokens if sizes else 1.0
         return out
 
     def from_features(self, f: dict[str, float]) -> float:
