@@ -287,6 +287,8 @@ def profile(
     out.print(f"calibration on {len(cal['points'])} whole models: fit error median "
               f"{100 * cal['fit_median_abs_error']:.1f}%, max {100 * cal['fit_max_abs_error']:.1f}%")
     _warn(filter(None, [steadiness_warning(prof)]))
+    if cal.get("per_mb"):
+        out.print(f"weights streamed from memory: {1 / cal['per_mb']:.0f} GB/s (they outgrow the caches)")
     if cal.get("pairs"):
         out.print(f"a ranking adds {1e3 * cal['per_rank']:.1f} us (attentive) and {1e3 * cal['per_fuse']:.1f} us "
                   f"(fused) to its pieces in a whole model ({len(cal['pairs'])} ranked models beside static twins)")

@@ -3,9 +3,10 @@
 The fit, with rows weighted by 1 / measured (relative errors):
 
     measured = scale_fixed * fixed + scale_tokens * tokens + per_attn * n_attn + per_mlp * n_mlp
-               + per_gather * n_gather + per_rank * n_rank + per_fuse * n_fuse + beta
+               + per_gather * n_gather + per_rank * n_rank + per_fuse * n_fuse + per_mb * weight MB + beta
     fixed, tokens = table sums at each block's fewest tokens, and what its tokens add above that, each
                     = pieces without weights + warm + phi(weight bytes) * (cold - warm)
+    per_mb: only in profiles without warm tables (see below); 0 in the others
 
 The first point is the dense model, and it counts as DENSE_WEIGHT models: a target is a fraction of the dense
 model, so the dense model's own error would move every target (held-out models on five Xeon profiles: the mean
@@ -28,17 +29,27 @@ without), and where no calibration model holds many bytes and few tokens it pric
 Zen 5 EPYC the fit chose the fraction squared, from small models with one token, and priced the solver's 0.3x
 picks of fmnist-vit (3.4 MB, 1-2 of 17 tokens in every block) 6-9% fast; by bytes alone they are within 4.7%, on
 the same measurements (benchmarks/RESULTS.md).
+
+Streaming from memory (version 8): a profile times its weighted pieces out of L2 but in L3 (copies of 2x L2), and
+measures warm tables only for models that fit in L2 (profile.py), where phi says how warm they run. A model whose
+weights outgrow the last-level cache (DeiT-S: 85 MB against 32 MB of L3) streams them from memory on every call,
+a cost in its bytes that no piece paid. Without a term for it, the fit bent scale_fixed (2.2 on a Zen 5 EPYC) and
+a constant (-2.5 ms of a 52 ms model) into a line through it, and that line priced small random structures 6-19%
+slow. So profiles without warm tables fit per_mb (ms per MB of weights, >= 0; 0.04 there, about 25 GB/s): on
+three deit_small profiles with their five fidelity runs the leave-one-out p90 fell from 7.0-14.2% to 5.5-9.9% and
+the random specs' p90 from 4.2-6.7% to 1.8-4.4%, where the small fmnist-vit models (warm tables) keep phi alone.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-FIT = 7  # the fit's version (see the module's docstring); bump when the same points would fit otherwise. 3: widths
+FIT = 8  # the fit's version (see the module's docstring); bump when the same points would fit otherwise. 3: widths
 # read linearly between grid points further apart than the profile's step, and the tokens a ranking keeps linearly,
 # not as a staircase; 4: the matmul tables read as a line in width where the grid is coarse (model.py); 5: the
 # cache term in bytes and tokens (phi_tokens); 6: the tables' single spikes removed before the monotone fit
-# (tables.py); 7: the cache term in bytes alone again
+# (tables.py); 7: the cache term in bytes alone again; 8: per_mb, the weights streamed from memory, in profiles
+# without warm tables
 DENSE_WEIGHT = 30.0  # the dense model (the first point) counts as this many models
 RANKING_TABLE = {"attentive": "rank", "fused": "fuse"}  # what a dropping block pays instead of the gather
 RANKINGS = tuple(RANKING_TABLE.values())
@@ -47,6 +58,7 @@ RANKINGS = tuple(RANKING_TABLE.values())
 COUNTS = ("attn", "mlp", "gather", *RANKINGS)
 FEATURES = ("fixed_shared", "fixed_cold", "fixed_warm", "tok_shared", "tok_cold", "tok_warm", "bytes", *COUNTS)
 PHI_WIDTHS = (0.1, 0.25, 0.5, 1.0)  # the widths of phi's step (in ln bytes) the fit chooses from
+MB = 1e6  # per_mb's unit of weight bytes
 
 
 def cache_size(f: dict[str, float]) -> float:
@@ -68,7 +80,8 @@ def calibrated(f: dict[str, float], cal: dict, has_warm: bool) -> float:
     def part(prefix):
         return f[f"{prefix}_shared"] + f[f"{prefix}_warm"] + cold * (f[f"{prefix}_cold"] - f[f"{prefix}_warm"])
     return (cal.get("scale_fixed", 1.0) * part("fixed") + cal.get("scale_tokens", 1.0) * part("tok")
-            + sum(cal.get(f"per_{k}", 0.0) * f.get(k, 0.0) for k in COUNTS) + cal.get("beta", 0.0))
+            + sum(cal.get(f"per_{k}", 0.0) * f.get(k, 0.0) for k in COUNTS) + cal.get("per_mb", 0.0) * f["bytes"] / MB
+            + cal.get("beta", 0.0))
 
 
 
@@ -134,7 +147,9 @@ def _fit(points: list[dict], rows: list[int], counts: list[str], known: dict | N
     if has_warm:
         grid = [(c, wd) for c in np.linspace(size.min() - 0.5, size.max() + 0.5, 25) for wd in PHI_WIDTHS]
     cols = {k: np.array([[f[f"{p}_{k}"] for p in ("fixed", "tok")] for f in feats]) for k in ("shared", "cold", "warm")}
-    rest = np.array([[f.get(k, 0.0) for k in counts] + [1.0] for f in feats])
+    stream = not has_warm  # per_mb: weights streamed from memory (the module's docstring)
+    rest = np.array([[f.get(k, 0.0) for k in counts] + ([f["bytes"] / MB] if stream else []) + [1.0]
+                     for f in feats])
     best = None
     for center, width in grid:
         cold = 1.0 / (1.0 + np.exp(-np.clip((size - center) / width, -50, 50))) if has_warm else np.ones(len(y))
@@ -144,9 +159,10 @@ def _fit(points: list[dict], rows: list[int], counts: list[str], known: dict | N
         if best is None or sse < best[0] * (1 - 1e-9) - 1e-15:
             best = (sse, coef, center, width)
     _, coef, center, width = best
-    coefs = dict(zip(counts, coef[2:-1]))
+    coefs = dict(zip(counts, coef[2:2 + len(counts)]))
     return {"scale_fixed": float(coef[0]), "scale_tokens": float(coef[1]),
             **{f"per_{k}": float(coefs.get(k, known.get(f"per_{k}", 0.0))) for k in COUNTS},
+            "per_mb": float(coef[-2]) if stream else 0.0,
             "beta": float(coef[-1]), "phi_center": float(center), "phi_width": float(width),
             "has_warm": has_warm}
 

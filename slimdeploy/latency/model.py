@@ -23,10 +23,11 @@ every table again at every e.
 
 The sum maps to end-to-end latency by a calibration fitted on whole models measured during profiling:
   ms = scale * sum + per_attn * (blocks with heads) + per_mlp * (blocks with MLP) + per_gather * (gathers)
-       + per_rank * (attentive rankings) + per_fuse * (fused rankings) + beta
+       + per_rank * (attentive rankings) + per_fuse * (fused rankings) + per_mb * (weight MB) + beta
 which models the per-operator costs explicitly (the exported graph's extra reshapes per branch, its gathers, the
 nodes of a ranking: in a whole model these cost more than the same nodes timed alone; a ranking's is measured
-apart, paired with a static twin, see calibration.py).
+apart, paired with a static twin, see calibration.py), and the weights streamed from memory where they outgrow
+the caches (per_mb).
 A closed loop's measurements refine it further with a correction (a * ms + b), saved with the run.
 """
 
