@@ -337,6 +337,35 @@ def test_when_the_confirmation_refuses_one_the_next_that_landed_is_confirmed_in_
     assert kept["confirmed"] and kept["y"] < refused[0]["first_measurement"]["y"]
 
 
+def test_a_confirmation_with_a_wide_interval_under_the_target_is_made_again(setup):
+    arch, lm, imp, sel, dense = setup
+    dense_spec = SlimSpec.dense(ModelConfig("t-wide"), arch)
+    calls = []
+
+    def m(ms, hw):
+        return timing.Measurement(ms, (1 - hw) * ms, (1 + hw) * ms, 15, 150, [ms] * 15)
+
+    def noisy_once(specs, long=False):  # the first confirmation falls in a noisy minute: its interval is +-12%
+        calls.append(long)
+        hw = 0.12 if long and sum(calls) == 1 else 0.001
+        return m(lm.predict(dense_spec), 0.001), [m(lm.predict(s), hw) for s in specs]
+    res = closed_loop(_solve_on(setup), lm, noisy_once, dense_spec, 0.6 * dense, None, rounds=4)
+    assert res.rounds == 1 and res.met and sum(calls) == 2  # made again, and kept in the first round
+    assert not any(r.get("confirmed") is False for r in res.measured)
+    assert res.measured[res.chosen]["confirmed"]
+
+    calls.clear()
+
+    def slow_and_noisy(specs, long=False):  # a confirmation over the target is refused, wide or not
+        calls.append(long)
+        return m(lm.predict(dense_spec), 0.001), [m((1.12 if long else 1.0) * lm.predict(s), 0.12 if long else
+                                                    0.001) for s in specs]
+    res = closed_loop(_solve_on(setup), lm, slow_and_noisy, dense_spec, 0.6 * dense, None, rounds=1)
+    refused = [r for r in res.measured if r.get("confirmed") is False]
+    assert refused and all(r["y"] > 1.0 for r in refused)
+    assert sum(calls) == len(refused)  # each refused on its one confirmation
+
+
 def _two_dense_readings(truth, dense_spec, deployed_factor, one_precision):
     """A measure whose deployed dense structure reads `deployed_factor` times the dense reference (where its
     sessions landed), every other structure as `truth` says."""
