@@ -75,9 +75,7 @@ def residual_structure(lm: LatencyModel, loo: dict) -> dict:
 
 
 def rows_error(lm: LatencyModel, path: Path) -> dict:
-    a = lm.profile.model
-    dense = lm.predict_sizes([(a["num_tokens"], a["num_heads"], a["head_dim"], a["head_dim"], a["mlp_dim"])]
-                             * a["depth"])
+    dense = lm.predict_sizes(lm.dense_sizes())
     out = {}
     for kind in ("random", "solver"):
         errors = [lm.for_tokens(r.get("token_mode") or "static").predict_sizes(*point_sizes(r)) / dense

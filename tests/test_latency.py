@@ -207,6 +207,14 @@ def test_calibration_fit_recovers_its_coefficients():
 RESULTS = Path(__file__).resolve().parent.parent / "benchmarks" / "results"
 
 
+def _errors_against_dense(lm: LatencyModel, rows: list[dict]) -> list[float]:
+    """Each stored fidelity row's predicted ratio to the dense model against its measured one, minus 1."""
+    from slimdeploy.latency.model import point_sizes
+
+    dense = lm.predict_sizes(lm.dense_sizes())
+    return [lm.predict_sizes(*point_sizes(r)) / dense / r["measured_over_dense"] - 1 for r in rows]
+
+
 def test_a_model_keeping_its_weights_and_few_tokens_is_priced_by_its_bytes():
     """Measured on a Zen 5 EPYC (benchmarks/RESULTS.md): the calibration's small models with one token run warm,
     and a cache term scaled by the kept token fraction extrapolated that to the solver's 0.3x picks, which keep
@@ -215,13 +223,10 @@ def test_a_model_keeping_its_weights_and_few_tokens_is_priced_by_its_bytes():
     from slimdeploy.latency.model import point_sizes
 
     lm = LatencyModel(DeviceProfile.load(RESULTS / "profiles" / "fmnist-vit_zen5_1203h.json"))
-    a = lm.profile.model
-    dense = lm.predict_sizes([(a["num_tokens"], a["num_heads"], a["head_dim"], a["head_dim"], a["mlp_dim"])]
-                             * a["depth"])
     rows = json.loads((RESULTS / "latency_fidelity_fmnist-vit_zen5_1203h.json").read_text())["rows"]
     picks = [r for r in rows if r["kind"].startswith("solver") and r["target"] == 0.3]
     assert len(picks) == 3 and all(max(n for n, *_ in point_sizes(r)[0]) <= 2 for r in picks)
-    errors = [lm.predict_sizes(*point_sizes(r)) / dense / r["measured_over_dense"] - 1 for r in picks]
+    errors = _errors_against_dense(lm, picks)
     assert max(abs(e) for e in errors) < 0.05, errors
 
 
@@ -230,17 +235,11 @@ def test_weights_streamed_from_memory_are_priced_by_their_megabytes():
     and a fit without a term for streaming them bent its fixed scale and constant into a line that priced small
     random structures up to 19% slow (p90 5.0% and 6.7% over two fidelity runs). With the weights' megabytes as a
     term, the fit reads a memory bandwidth (tens of GB/s), and the random specs' p90 is within the goal (5%)."""
-    from slimdeploy.latency.model import point_sizes
-
     lm = LatencyModel(DeviceProfile.load(RESULTS / "profiles" / "deit_small_zen5_1203g.json"))
     assert not lm.warm and 10 < 1 / lm.cal["per_mb"] < 100  # MB per ms = GB/s
-    a = lm.profile.model
-    dense = lm.predict_sizes([(a["num_tokens"], a["num_heads"], a["head_dim"], a["head_dim"], a["mlp_dim"])]
-                             * a["depth"])
     for run in ("1203g", "1203i"):
         rows = json.loads((RESULTS / f"latency_fidelity_deit_small_zen5_{run}.json").read_text())["rows"]
-        errors = [lm.predict_sizes(*point_sizes(r)) / dense / r["measured_over_dense"] - 1
-                  for r in rows if r["kind"] == "random"]
+        errors = _errors_against_dense(lm, [r for r in rows if r["kind"] == "random"])
         assert len(errors) == 30 and np.percentile(np.abs(errors), 90) < 0.05, run
 
 

@@ -398,6 +398,12 @@ class LatencyModel:
         embedding width (default: the full width)."""
         return self.from_features(self.features(sizes, int(self.profile.model["num_tokens"]), embed))
 
+    def dense_sizes(self) -> list[tuple[int, int, int, int, int]]:
+        """The dense model's per-block sizes, from the profile's model signature (for rows stored as sizes, which
+        are compared as ratios to it)."""
+        a = self.profile.model
+        return [(a["num_tokens"], a["num_heads"], a["head_dim"], a["head_dim"], a["mlp_dim"])] * a["depth"]
+
     def predict(self, spec: SlimSpec) -> float:
         """Predicted end-to-end latency of the slim model in ms."""
         return self.for_tokens(spec.token_mode).predict_sizes(spec_sizes(spec), spec.embed_dim)
