@@ -805,8 +805,33 @@ def test_verify_loads_the_slim_and_dense_sessions_round_robin(monkeypatch, tmp_p
     backend.load_onnx = load
     monkeypatch.setattr(timing, "MODEL", timing.Protocol(warmup_s=0.0, rounds=2, round_s=0.001, min_calls=1,
                                                          sessions=2))
-    s, d, twin = verify_mod._measure(backend, backend, tmp_path, slim, model, a, 1)
+    monkeypatch.setattr(timing, "WIDE", float("inf"))  # two rounds are wide: no measurement again here
+    s, d, twin, used = verify_mod._measure(backend, backend, tmp_path, slim, model, a, 1)
     assert loads == ["slim", "dense", "slim", "dense"] and twin is None and s.median_ms > 0 < d.median_ms
+    assert used is timing.MODEL
+
+
+def test_a_wide_ratio_is_measured_again_longer_and_the_narrower_kept():
+    """verify (and the benchmarks' verify) measure once; a paired ratio wider than WIDE is measured again with
+    the long protocol, and the narrower of the two decides."""
+    def reading(spread):  # slim at 0.5 x dense, its 15 round medians spread by +-spread
+        slim = [0.5 * (1 + spread * ((i % 5) - 2) / 2) for i in range(15)]
+        return {"slim": timing.Measurement.from_values(slim, 3),
+                "dense": timing.Measurement.from_values([1.0] * 15, 3)}
+
+    def halfwidth(t):
+        return timing.ratio(t["slim"], t["dense"]).rel_halfwidth
+
+    for spreads, kept in (([0.001], 0), ([0.2, 0.001], 1), ([0.2, 0.4], 0)):
+        calls = []
+
+        def measure(protocol, calls=calls, spreads=spreads):
+            calls.append(protocol)
+            return reading(spreads[len(calls) - 1])
+        t, used = timing.measured_steadily(measure)
+        assert calls == [timing.MODEL, timing.MODEL_LONG][:len(spreads)]  # again only where the first was wide
+        assert used is calls[kept] and halfwidth(t) == pytest.approx(halfwidth(reading(spreads[kept])))
+    assert halfwidth(reading(0.001)) <= timing.WIDE < halfwidth(reading(0.2))
 
 
 def test_export_first_falls_back_when_a_model_does_not_pickle(tmp_path, capsys, monkeypatch):

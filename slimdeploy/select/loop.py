@@ -48,7 +48,6 @@ BRACKET = (1.05, 1.0, 0.95, 0.9, 0.85, 0.8)  # a round's budgets, x AIM x target
 # says. On a 2-core EPYC (2026-12-02) the refitted model priced the 0.3x and 0.4x structures 6-8% too slow, so the
 # top budget's landed at 0.89 and 0.87 x target and those targets took a second round: the first (1.05, the target
 # itself) reaches a structure that is up to 10% faster than the model says
-WIDE = 0.02  # a relative half-width above this, near the target, is measured again
 MIN_SCALE, MAX_SCALE = 0.25, 4.0
 
 # measure(specs, long) -> (dense, [slim per spec]), all from one interleaved measurement
@@ -202,7 +201,7 @@ def _confirm(measure: Measure, row: dict, spec: SlimSpec, dense_ms: float, fract
     0.912 x target confirmed at 0.911, its interval up to 1.014, and cost the loop a second round."""
     (again,) = _rows(measure, [spec], dense_ms, fraction, target, long=True)
     points.append((row["predicted_ms"], again["measured_ms"]))
-    if again["y_high"] > window[1] >= again["y"] and again["y_halfwidth"] > WIDE:
+    if again["y_high"] > window[1] >= again["y"] and again["y_halfwidth"] > timing.WIDE:
         log(f"select: confirmed with fresh sessions: {100 * again['y']:.1f}% of target, a wide interval (up to "
             f"{100 * again['y_high']:.1f}%): measured again")
         (again,) = _rows(measure, [spec], dense_ms, fraction, target, long=True)
@@ -241,7 +240,7 @@ def _measure_specs(measure: Measure, specs: list[SlimSpec], dense_ms: float, fra
     are measured again, longer, together."""
     rows = _rows(measure, specs, dense_ms, fraction, target, long=False)
     again = [i for i, row in enumerate(rows)
-             if window[0] - 0.05 <= row["y"] <= window[1] + 0.05 and row["y_halfwidth"] > WIDE]
+             if window[0] - 0.05 <= row["y"] <= window[1] + 0.05 and row["y_halfwidth"] > timing.WIDE]
     if again:
         longer = _rows(measure, [specs[i] for i in again], dense_ms, fraction, target, long=True)
         for i, row in zip(again, longer):
