@@ -126,6 +126,12 @@ def main() -> None:
         print(f"{path}: fit {cal['fit_median_abs_error']:.1%} / {cal['fit_max_abs_error']:.1%}; leave-one-out "
               f"(n={loo['n']}) median {loo['median']:.1%}, p90 {loo['p90']:.1%}, max {loo['max']:.1%}, "
               f"signed {loo['signed_median']:+.1%}", flush=True)
+        for kind in ("random", "solver"):  # profiles that record what each whole model was drawn as
+            errors = [e for e, p in zip(loo["errors"], loo["held"]) if p.get("drawn") == kind]
+            if errors:
+                s = summary(errors)
+                print(f"  held out, {kind} (n={s['n']}): median {s['median']:.1%}, max {s['max']:.1%}, "
+                      f"signed {s['signed_median']:+.1%}")
         if args.residuals:
             print("  error correlates with: " + ", ".join(f"{k} {v:+.2f}"
                                                           for k, v in residual_structure(lm, loo).items()))

@@ -16,7 +16,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from .defaults import RETRAIN, RUN, SEARCH, SELECT, TOKENS, TRAIN
+from .defaults import PROFILE, RETRAIN, RUN, SEARCH, SELECT, TOKENS, TRAIN
 from .errors import SlimError
 
 try:  # typer >= 0.25 vendors its own click
@@ -238,9 +238,11 @@ def profile(
     precision: Annotated[str, typer.Option(help="fp32, int8 (ort-cpu: the pieces quantized), bf16 (torch), fp16 "
                                            "(torch on cuda, trt)")] = "fp32",
     threads: Annotated[int, typer.Option(min=1, help="CPU threads (ort-cpu, torch on cpu)")] = 1,
-    step: Annotated[int, typer.Option(min=1, help="width resolution of the tables (channels)")] = 8,
-    token_points: Annotated[int, typer.Option(min=1, help="token counts measured per table")] = 10,
-    calibration_models: Annotated[int, typer.Option(min=1, help="whole models measured for calibration")] = 32,
+    step: Annotated[int, typer.Option(min=1, help="width resolution of the tables (channels)")] = PROFILE["step"],
+    token_points: Annotated[int, typer.Option(min=1, help="token counts measured per table")] = PROFILE[
+        "token_points"],
+    calibration_models: Annotated[int, typer.Option(min=1, help="whole models measured for calibration")] = PROFILE[
+        "calibration_models"],
     torch_device: TorchDeviceOpt = "auto",
     torch_mode: Annotated[str, typer.Option(help="torch backend: eager, compile (torch.compile) or graph (CUDA "
                                             "graphs)")] = "eager",

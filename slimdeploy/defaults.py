@@ -19,6 +19,13 @@ SELECT = dict(rounds=4, calibration_images=2048, recovery_steps=200, recovery_to
 # weights 0.8 and 1 did worse (RESULTS.md, "A position prior in the ranking, built in").
 TOKENS = dict(prior_weight=0.5, prior_images=5120)
 
+# Profiling: table widths every 8 channels, 10 token counts, and 40 whole models for the calibration, 40% of them
+# random structures and the rest what the solver picks (plus the dense model and 4 ranked twin pairs; 32 models,
+# half random, before). On a Zen 5 EPYC's stored fidelity runs, more of the solver's picks in the fit took the
+# held-out picks' slow bias from +2.1% to +1.2-2.0% (RESULTS.md, "The solver's region"); a quarter random priced
+# deit_small's smallest random structures worse, so 16 random stay. deit_small's profile: 402 s on that CPU.
+PROFILE = dict(step=8, token_points=10, calibration_models=40, random_share=0.4)
+
 # Retraining with distillation from the dense model.
 RETRAIN = dict(epochs=5, lr=1e-3, warmup_epochs=0.2, distill="soft", alpha=0.7, tau=2.0)
 

@@ -386,6 +386,7 @@ class DeviceProfile:
     seconds: float = 0.0
     measurements: int = 0  # timed graphs behind the tables
     warnings: list[str] = field(default_factory=list)
+    draws: int = 1  # how the calibration's whole models were drawn (latency/draws.py DRAWS)
     schema: int = PROFILE_SCHEMA
 
     def to_dict(self) -> dict[str, Any]:

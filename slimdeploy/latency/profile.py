@@ -29,6 +29,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..defaults import PROFILE
 from ..errors import SlimError
 from ..fileio import read_json, write_json
 from ..models import arch_of
@@ -38,7 +39,7 @@ from ..types import Arch, DeviceProfile, ModelConfig, SlimSpec
 from . import components, timing
 from .backends import Backend
 from .calibration import RANKING_TABLE, RANKINGS, fit_calibration, pair_record
-from .draws import random_spec, ranked_twins, solver_specs
+from .draws import DRAWS, random_spec, ranked_twins, solver_specs
 from .fingerprint import fingerprint_key
 from .measure import export_deployed, measure_loaded
 from .model import (
@@ -54,7 +55,7 @@ from .model import (
 )
 from .tables import smoothed
 
-METHOD = 11  # bump when what a table entry or a drawn whole model means: partials of another method are discarded
+METHOD = 12  # bump when what a table entry or a drawn whole model means: partials of another method are discarded
 GPU_WORKING_SET = 64 << 20  # beyond a GPU's L2 (40-60 MB on A100/H100/H200)
 # A chunk of whole models measured wider than +-UNSTEADY (model.py) is measured again: up to REMEASURE times in a
 # profile, and no more after a re-measurement that stays wide (a machine busy throughout: every chunk measured three
@@ -314,9 +315,10 @@ class WholeModels:
             self.remeasures -= 1
             retried = True
 
-    def points(self, raw: LatencyModel, specs: list[SlimSpec], twins: list[tuple[SlimSpec, SlimSpec]]
-               ) -> tuple[list[dict], list[dict]]:
-        """Calibration points of the specs (the first is the dense model) and of the twins, and the twins' pairs."""
+    def points(self, raw: LatencyModel, specs: list[SlimSpec], drawn: list[str],
+               twins: list[tuple[SlimSpec, SlimSpec]]) -> tuple[list[dict], list[dict]]:
+        """Calibration points of the specs (the first is the dense model; drawn: what each is, "dense", "random" or
+        "solver") and of the twins ("twin"), and the twins' pairs."""
         cache = self.cache
         # in chunks, each with the dense model: a shared machine's speed drifts by ~6% over minutes, so each
         # model is recorded as its ratio to dense (paired rounds) times one dense reference
@@ -355,12 +357,13 @@ class WholeModels:
         measured = [k for k in cache if k.startswith(("calibration/", "pair/"))]
         dense_ref = float(np.median([cache[k][-1] for k in measured]))
 
-        def point(s: SlimSpec, over_dense: float, halfwidth: float) -> dict:
+        def point(s: SlimSpec, over_dense: float, halfwidth: float, kind: str = "twin") -> dict:
             return {"features": raw.for_tokens(s.token_mode).features(spec_sizes(s), self.arch.num_tokens,
                                                                       s.embed_dim),
                     "measured_ms": over_dense * dense_ref, "halfwidth": halfwidth, "widths": s.summary(),
-                    "token_mode": s.token_mode}
-        points = [point(s, *(cache[f"calibration/{i}"][:2] if i else (1.0, 0.0))) for i, s in enumerate(specs)]
+                    "token_mode": s.token_mode, "drawn": kind}
+        points = [point(s, *(cache[f"calibration/{i}"][:2] if i else (1.0, 0.0)), kind)
+                  for i, (s, kind) in enumerate(zip(specs, drawn, strict=True))]
         pairs = []
         for j, (ranked, static) in enumerate(twins):
             r, r_hw, s, s_hw, paired, _ = cache[f"pair/{j}"]
@@ -371,8 +374,8 @@ class WholeModels:
 
 
 def profile_device(device: str, backend: Backend, model: nn.Module, source: ModelConfig, batch_size: int,
-                   out: str | Path, step: int = 8, token_points: int = 10, calibration_models: int = 32,
-                   seed: int = 0) -> DeviceProfile:
+                   out: str | Path, step: int = PROFILE["step"], token_points: int = PROFILE["token_points"],
+                   calibration_models: int = PROFILE["calibration_models"], seed: int = 0) -> DeviceProfile:
     """Measure the tables and calibration for `model`'s shape on `backend`; write the profile to `out`."""
     if step < 1 or token_points < 1 or batch_size < 1 or calibration_models < 1:
         raise SlimError("--step, --token-points, --batch-size and --calibration-models must be >= 1")
@@ -405,7 +408,9 @@ def profile_device(device: str, backend: Backend, model: nn.Module, source: Mode
     timer = PieceTimer(backend, batch_size, working_set, warm, cache, save)
     jobs, grids = jobs_for(arch, step, token_points)
     random.Random(seed).shuffle(jobs)  # drift of the machine's speed spreads over every table as noise
-    n_random, n_ranked = calibration_models // 2, max(2, calibration_models // 8)
+    # random structures and the solver's picks, in the share defaults.PROFILE gives (draws.py says why)
+    n_random = round(calibration_models * PROFILE["random_share"])
+    n_ranked = max(2, calibration_models // 10)
     with make_progress() as progress:
         task = progress.add_task("profile", total=len(jobs) + calibration_models + 2 * n_ranked, info=backend.name)
         start = time.perf_counter()
@@ -422,6 +427,7 @@ def profile_device(device: str, backend: Backend, model: nn.Module, source: Mode
                               embed_widths=grids["embed"])
                   for i in range(n_random)]
         specs += solver_specs(raw, arch, source, calibration_models - len(specs), seed)
+        drawn = ["dense"] + ["random"] * n_random + ["solver"] * (len(specs) - 1 - n_random)
         # twins of what selection picks in the ranked modes first (few tokens, every channel), then of the static
         # picks: where selection goes (an early ranking from every token, in a 0.3x structure of the shifted set,
         # cost twice what later and smaller ones do)
@@ -430,7 +436,7 @@ def profile_device(device: str, backend: Backend, model: nn.Module, source: Mode
         progress.update(task, total=len(jobs) + len(specs) + 2 * len(twins), advance=1)  # the dense model: below
         whole = WholeModels(backend, model, arch, batch_size, cache, save, lambda n, info: progress.update(
             task, advance=n, info=f"{backend.name} {info}"))
-        points, pairs = whole.points(raw, specs, twins)
+        points, pairs = whole.points(raw, specs, drawn, twins)
     prof = _profile(device, backend, batch_size, arch, tables, fit_calibration(points, pairs),
                     " ".join(shlex.quote(a) for a in ["slimdeploy", *sys.argv[1:]]),
                     elapsed_before + time.perf_counter() - t_start, step)
@@ -448,7 +454,7 @@ def _profile(device, backend, batch, arch, tables, calibration, command, seconds
                          torch_device=str(getattr(backend, "device", "")) if backend.name == "torch" else None,
                          torch_mode=getattr(backend, "mode", None) if backend.name == "torch" else None,
                          created=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-                         command=command, seconds=round(seconds, 1))
+                         command=command, seconds=round(seconds, 1), draws=DRAWS)
 
 
 # ---- resolving --device ----------------------------------------------------------------------------
@@ -464,10 +470,11 @@ def local_profile_path(backend: Backend, arch: Arch, batch: int, profiles_dir: s
 def is_current(prof: DeviceProfile) -> bool:
     """Whether a cached profile has every table and calibration term this version prices with: the rankings over
     the tokens they get (attentive ones with the positions' prior), the embedding widths, the per-ranking costs
-    measured on paired twins."""
+    measured on paired twins, whole models drawn as draws.py does now."""
     t = prof.tables
     return (all(len(t.get(k, {}).get("axes", [])) == 2 for k in RANKINGS) and "embed.qkv" in t
-            and "pairs" in (prof.calibration or {}) and t[RANKING_TABLE["attentive"]].get("with_prior", False))
+            and "pairs" in (prof.calibration or {}) and t[RANKING_TABLE["attentive"]].get("with_prior", False)
+            and prof.draws >= DRAWS)
 
 
 def load_latency_model(device: str, model: nn.Module, source: ModelConfig, backend: Backend | None = None,
@@ -486,7 +493,8 @@ def load_latency_model(device: str, model: nn.Module, source: ModelConfig, backe
         stale = cached is not None and not is_current(cached)
         if stale:  # kept until the new one is written
             log(f"the cached profile {path} predates the ranking tables over the tokens they get (or with the "
-                "positions' prior), the embedding tables or the calibration of rankings: measuring this machine again")
+                "positions' prior), the embedding tables, the calibration of rankings or a calibration drawn mostly "
+                "from the solver's picks: measuring this machine again")
         if stale or not path.is_file():
             log(f"profiling this machine for {source.name} on {backend.name} (once; cached in {path})")
             profile_device("local", backend, model, source, batch_size, path)
