@@ -233,10 +233,10 @@ def test_verify_clamps_the_batch_to_an_engines_profile(monkeypatch, tmp_path):
 
 
 def _fake_timing():
-    from slimdeploy.latency.timing import Measurement
+    from slimdeploy.latency.timing import MODEL, Measurement
 
     m = Measurement(1.0, 0.99, 1.01, 15, 100, [1.0] * 15)
-    return m, m, None  # slim, dense, the int8 model's fp32 twin (none at fp32)
+    return m, m, None, MODEL  # slim, dense, the int8 model's fp32 twin (none at fp32), the protocol kept
 
 
 def _exported_run(tmp_path) -> Path:
