@@ -23,7 +23,7 @@ TOKENS = dict(prior_weight=0.5, prior_images=5120)
 # random structures and the rest what the solver picks (plus the dense model and 4 ranked twin pairs; 32 models,
 # half random, before). On a Zen 5 EPYC's stored fidelity runs, more of the solver's picks in the fit took the
 # held-out picks' slow bias from +2.1% to +1.2-2.0% (RESULTS.md, "The solver's region"); a quarter random priced
-# deit_small's smallest random structures worse, so 16 random stay. deit_small's profile: 402 s on that CPU.
+# deit_small's smallest random structures worse, so 16 random stay. deit_small's profile: 375-402 s on that CPU.
 PROFILE = dict(step=8, token_points=10, calibration_models=40, random_share=0.4)
 
 # Retraining with distillation from the dense model.
