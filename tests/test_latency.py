@@ -70,7 +70,7 @@ def test_a_matmul_table_is_read_as_a_line_in_width_where_its_grid_is_coarse():
 def _features_by_hand(lm: LatencyModel, spec: SlimSpec) -> float:
     """The model's formula written out: stem + per block (gather, both branches), uncalibrated."""
     t = lm.tables
-    tot, prev = lm.stem, spec.arch.num_tokens
+    tot, prev = lm.stem_head(spec.blocks[-1].num_tokens), spec.arch.num_tokens
     for b in spec.blocks:
         n, h, q, v, m = b.num_tokens, b.num_heads, b.qk_dim, b.v_dim, b.mlp_dim
         tot += t["gather"](n) if n < prev else 0.0
@@ -154,7 +154,11 @@ def test_the_model_reads_a_table_from_its_measurements():
 def test_grids_cover_the_few_token_region_and_end_at_the_full_width():
     a = arch_of(tiny_model("t-cls"))
     ns = token_grid(a, 6)
-    assert ns[0] == a.num_prefix_tokens + 1 and ns[-1] == a.num_tokens and ns == sorted(set(ns))
+    # the prefix alone (where the solver drops every patch), one patch, ..., every token
+    assert ns[:2] == [a.num_prefix_tokens, a.num_prefix_tokens + 1] and ns[-1] == a.num_tokens
+    assert ns == sorted(set(ns))
+    no_prefix = replace(a, num_prefix_tokens=0, num_tokens=a.num_tokens - 1)
+    assert token_grid(no_prefix, 6)[0] == 1  # a model without prefix tokens keeps one patch at least
     assert width_grid(512, 8)[:16] == list(range(8, 136, 8)) and width_grid(512, 8)[-1] == 512
     assert width_grid(100, 8)[-1] == 100 and width_grid(4, 8) == [4]
     g = np.array(width_grid(1536, 8))
@@ -539,6 +543,10 @@ def test_interrupted_profile_resumes(tmp_path, monkeypatch):
     assert drawn[:n_random + 2] == ["dense"] + ["random"] * n_random + ["solver"]  # the share of 8 random
     assert drawn.count("random") == n_random and drawn.count("solver") >= 2 and "twin" in drawn
     assert not is_current(replace(prof, draws=DRAWS - 1))  # nor one calibrated on whole models drawn otherwise
+    assert prof.tables["stem_head"]["axes"] == ["tokens"]  # the head over the tokens the last block keeps
+    one_head = DeviceProfile.from_dict(prof.to_dict())
+    one_head.tables["stem_head"] = {"ms": 0.01}
+    assert not is_current(one_head)  # nor one whose head was timed at every token only
     LatencyModel(prof).predict(SlimSpec.dense(ModelConfig("t-demo"), arch_of(model)))
 
 
@@ -856,3 +864,42 @@ def test_export_first_falls_back_when_a_model_does_not_pickle(tmp_path, capsys, 
     assert files["m"].is_file()
     out = capsys.readouterr()
     assert "the export workers failed" in out.out + out.err and "in this process" in out.out + out.err
+
+
+def test_the_head_is_priced_at_the_tokens_the_last_block_keeps():
+    """A profile's stem_head table over tokens is read at the last block's count, and nowhere else; a profile made
+    before it (one value) prices every model with that value."""
+    model = tiny_model("t-cls")
+    a = arch_of(model)
+    prof = staircase_profile(a)
+    ns = prof.tables["rest"]["grid"]["tokens"]
+    prof.tables["stem_head"] = {"axes": ["tokens"], "grid": {"tokens": ns}, "ms": [0.05 + 0.01 * n for n in ns]}
+    old = DeviceProfile.from_dict(prof.to_dict())
+    old.tables["stem_head"] = {"ms": 0.05}
+    lm, lm_old = LatencyModel(prof), LatencyModel(old)
+    full = (a.num_heads, a.head_dim, a.head_dim, a.mlp_dim)
+    for last in (ns[0], ns[1], a.num_tokens):
+        sizes = [(a.num_tokens, *full)] * (a.depth - 1) + [(last, *full)]
+        f, f_old = lm.features(sizes, a.num_tokens), lm_old.features(sizes, a.num_tokens)
+        assert f["fixed_shared"] - f_old["fixed_shared"] == pytest.approx(0.01 * last)
+        assert {k: v for k, v in f.items() if k != "fixed_shared"} == {k: v for k, v in f_old.items()
+                                                                        if k != "fixed_shared"}
+
+
+def test_the_stem_head_piece_normalises_the_last_blocks_tokens_after_a_residual_add():
+    """What the profile times for the head: the model's own stem, the first n tokens (all by default) doubled as by
+    a residual add, its final norm and head; numerically the model's parts in that order."""
+    import torch
+
+    from slimdeploy.latency import components
+
+    model = tiny_model("t-cls").eval()
+    a = arch_of(model)
+    x = torch.randn(2, a.in_chans, a.img_size, a.img_size)
+    with torch.no_grad():
+        tokens = model.norm_pre(model.patch_drop(model._pos_embed(model.patch_embed(x))))
+        for n in (2, a.num_tokens):
+            want = model.forward_head(model.norm(2 * tokens[:, :n]))
+            piece = components.stem_head(model, tokens=n).eval()
+            torch.testing.assert_close(piece(x), want)
+        torch.testing.assert_close(components.stem_head(model).eval()(x), want)  # every token

@@ -4,7 +4,9 @@ A block with n tokens (n_prev before it), h heads of q and v channels and m MLP 
   [gather(n) if n < n_prev; rank(n_prev, n) instead in attentive token mode, fuse(n_prev, n) in fused mode]
   + (rest(n) + qkv(n, h*(2q+v)) + core(n, h, q, v) + proj(n, h*v)   if h > 0, else const(n))
   + (rest(n) + mlp(n, m)                                            if m > 0, else const(n))
-and the model is stem_head + the blocks. Tables are read linearly in tokens (they hold the fixed cost of an
+and the model is stem_head(tokens the last block keeps) + the blocks (the final norm, fused with the last
+residual add by ONNX Runtime, costs per token: components.stem_head; older profiles hold one stem_head for all).
+Tables are read linearly in tokens (they hold the fixed cost of an
 operator at few tokens: nothing scales to zero). A width is padded to the profile's step (engines pad to tiles:
 a staircase at that step) and read linearly between two measured widths further apart than that: the grids step
 by up to 128 units at large widths (deit_small's MLP above 1024), and whole models there measured half way between
@@ -231,7 +233,8 @@ class LatencyModel:
                                 "since this version): re-measure it with slimdeploy profile, or use --device local")
             self.tables["gather"] = Table(t[table], tile)  # a dropping block pays the ranking (and fusing) instead
         self.warm = {k: Table(v, tile, affine.get(k)) for k, v in (t.get("warm") or {}).items()}
-        self.stem = float(t["stem_head"]["ms"])
+        stem = t["stem_head"]  # over the tokens the last block keeps; one value in profiles made before
+        self.stem: Table | float = Table(stem, tile) if "axes" in stem else float(stem["ms"])
         self._ratios: dict[tuple, float] = {}
         self.head_dim = int(profile.model["head_dim"])
         self.embed_dim = int(profile.model["embed_dim"])
@@ -360,6 +363,10 @@ class LatencyModel:
         """Bytes of a block's linear weights: what a call streams through the caches."""
         return self.bytes_per_param * (e or self.embed_dim) * (h * (2 * q + v) + h * v + 2 * m)
 
+    def stem_head(self, n_last: int) -> float:
+        """Uncalibrated ms of the stem and head, the final norm over the n_last tokens of the last block."""
+        return self.stem if isinstance(self.stem, float) else self.stem(n_last)
+
     # ---- whole models --------------------------------------------------------------------------
     def features(self, sizes: list[tuple[int, int, int, int, int]], num_tokens: int, embed: int | None = None
                  ) -> dict[str, float]:
@@ -369,7 +376,8 @@ class LatencyModel:
         the structural counts; at embedding width `embed` (default: the full width)."""
         e = embed if embed and embed < self.embed_dim else None
         out = dict.fromkeys(FEATURES, 0.0)
-        out["fixed_shared"] = self.stem * (self.embed_ratio("stem_head", e) if e else 1.0)
+        n_last = sizes[-1][0] if sizes else num_tokens
+        out["fixed_shared"] = self.stem_head(n_last) * (self.embed_ratio("stem_head", e) if e else 1.0)
         prev, few = num_tokens, int(self.profile.model["num_prefix_tokens"]) + 1
         for n, h, q, v, m in sizes:
             full = self.block_raw(prev, n, h, q, v, m, e)

@@ -55,7 +55,7 @@ from .model import (
 )
 from .tables import smoothed
 
-METHOD = 12  # bump when what a table entry or a drawn whole model means: partials of another method are discarded
+METHOD = 13  # bump when what a table entry or a drawn whole model means: partials of another method are discarded
 GPU_WORKING_SET = 64 << 20  # beyond a GPU's L2 (40-60 MB on A100/H100/H200)
 # A chunk of whole models measured wider than +-UNSTEADY (model.py) is measured again: up to REMEASURE times in a
 # profile, and no more after a re-measurement that stays wide (a machine busy throughout: every chunk measured three
@@ -66,14 +66,18 @@ REMEASURE = 3
 
 def token_grid(arch: Arch, points: int = 10) -> list[int]:
     """Token counts to measure (prefix included): a geometric spread of patch counts from 1 (dense where the
-    solver goes) joined with an even spread (the quadratic attention core at many tokens), always all."""
+    solver goes) joined with an even spread (the quadratic attention core at many tokens), always all; and the
+    prefix tokens alone, which a block keeps where the solver drops every patch (the 0.3x picks of fmnist-vit keep
+    the class token alone in most blocks). Read by extrapolation from 2 and 3 tokens, one token cost twice what it
+    does: on a Zen 5 EPYC a pick measured 0.044 x dense faster with 1 token than with 2 in its last five blocks,
+    where the tables said 0.020, and was priced 7.7% slow."""
     p, n = arch.num_prefix_tokens, arch.num_patches
     if points <= 1 or n == 1:
         return [p + n]
     k = max(2, (points + 1) // 2)
     geo = {max(1, round(n ** (i / (k - 1)))) for i in range(k)}
     lin = {max(1, round(n * i / (points - k))) for i in range(1, points - k + 1)} if points > k else set()
-    return [p + c for c in sorted(geo | lin | {n})]
+    return ([p] if p else []) + [p + c for c in sorted(geo | lin | {n})]
 
 
 def width_grid(limit: int, step: int) -> list[int]:
@@ -174,11 +178,12 @@ def jobs_for(arch: Arch, step: int, token_points: int) -> tuple[list[tuple], dic
                   + [(f"embed.{k}", n, w, e) for k in ("qkv", "proj", "mlp") for n in nc
                      for w in grids[f"{k}_coarse"] for e in E] + [("embed.stem_head", e) for e in E])
     jobs = ([("rest", n) for n in ns] + [("const", n) for n in ns] + [("gather", n) for n in ns]
-            + [(k, n_in, n) for k in RANKINGS for n_in in nc[1:] for n in ns if n < n_in]
+            + [(k, n_in, n) for k in RANKINGS for n_in in nc[1:] for n in ns if arch.num_prefix_tokens < n < n_in]
             + [("qkv", n, w) for n in ns for w in grids["qkv"]] + [("proj", n, w) for n in ns for w in grids["proj"]]
             + [("mlp", n, m) for n in ns for m in grids["mlp"]]
             + [("core_q", n, h, q) for n in ns for h in grids["heads"] for q in grids["hd"]]
-            + [("core_v", n, h, v) for n in ns for h in grids["heads"] for v in grids["hd"]] + [("stem_head",)]
+            + [("core_v", n, h, v) for n in ns for h in grids["heads"] for v in grids["hd"]]
+            + [("stem_head", n) for n in ns]
             + embed_jobs)
     return jobs, grids
 
@@ -194,8 +199,8 @@ def run_job(timer: PieceTimer, job: tuple, arch: Arch, model) -> None:
         else:
             timer.time(key, *components.build(kind, arch, blk, (dims[0], arch.num_tokens) if kind == "gather"
                                               else tuple(dims[:-1]), embed=e))
-    elif kind == "stem_head":
-        timer.whole(key, components.stem_head(model), (arch.in_chans, arch.img_size, arch.img_size))
+    elif kind == "stem_head":  # at the tokens the last block keeps
+        timer.whole(key, components.stem_head(model, tokens=dims[0]), (arch.in_chans, arch.img_size, arch.img_size))
     elif kind == "gather":
         timer.time(key, *components.build(kind, arch, blk, (dims[0], arch.num_tokens)))
     elif kind in RANKINGS:  # (tokens in, tokens kept)
@@ -228,13 +233,20 @@ def assemble(cache: dict, grids: dict, with_warm: bool) -> dict:
         """Over (tokens in, tokens kept): linear in what is ranked (on the coarse token grid: scoring and TopK grow
         smoothly with it; the full grid squared took DeiT-S's profile to 628 s against 528 s), and linear in what is
         kept. A ranking keeps fewer than it gets; where the grid asks for more, the entry is that of the most it can
-        keep (the row of the fewest tokens in, which keeps nothing, is the next row's)."""
+        keep (the row of the fewest tokens in, which keeps nothing, is the next row's). Keeping the prefix alone
+        (no patch to rank) is priced as keeping one patch: an upper bound, not measured."""
         ns, nin = grids["tokens"], grids["tokens_coarse"]
         raw = np.full((len(nin), len(ns)), np.nan)
-        for i, n_in in enumerate(nin[1:], 1):
+        for i, n_in in enumerate(nin):
             for j, n in enumerate(ns):
-                raw[i, j] = cache[f"{name}/{n_in}/{n}"][0] if n < n_in else raw[i, j - 1]
-        raw[0] = raw[1, 0] if len(nin) > 1 else 0.0
+                timed = cache.get(f"{name}/{n_in}/{n}")
+                raw[i, j] = timed[0] if timed else raw[i, j - 1] if j else np.nan
+            timed = ~np.isnan(raw[i])
+            if timed.any():  # the prefix alone (nothing ranked) at the first timed entry
+                raw[i, :timed.argmax()] = raw[i, timed.argmax()]
+        for i in reversed(range(len(nin))):  # a row that keeps nothing it ranks: the next row's
+            if np.isnan(raw[i]).all():
+                raw[i] = raw[i + 1] if i + 1 < len(nin) else 0.0
         out = as_table(["tokens", "kept"], {"tokens": nin, "kept": ns}, raw)
         return {**out, "with_prior": True} if name == RANKING_TABLE["attentive"] else out
 
@@ -256,7 +268,7 @@ def assemble(cache: dict, grids: dict, with_warm: bool) -> dict:
         "mlp": table("mlp", ["tokens", "hidden"], ["tokens", "mlp"]),
         "core_q": table("core_q", ["tokens", "heads", "qk"], ["tokens", "heads", "hd"]),
         "core_v": table("core_v", ["tokens", "heads", "v"], ["tokens", "heads", "hd"]),
-        "stem_head": {"ms": round(cache["stem_head"][0], 6)},
+        "stem_head": table("stem_head", ["tokens"], ["tokens"]),
         **embed,
     }
 
@@ -470,11 +482,13 @@ def local_profile_path(backend: Backend, arch: Arch, batch: int, profiles_dir: s
 def is_current(prof: DeviceProfile) -> bool:
     """Whether a cached profile has every table and calibration term this version prices with: the rankings over
     the tokens they get (attentive ones with the positions' prior), the embedding widths, the per-ranking costs
-    measured on paired twins, whole models drawn as draws.py does now."""
+    measured on paired twins, whole models drawn as draws.py does now, the head over the tokens it gets, and
+    tables down to the prefix tokens alone."""
     t = prof.tables
     return (all(len(t.get(k, {}).get("axes", [])) == 2 for k in RANKINGS) and "embed.qkv" in t
             and "pairs" in (prof.calibration or {}) and t[RANKING_TABLE["attentive"]].get("with_prior", False)
-            and prof.draws >= DRAWS)
+            and prof.draws >= DRAWS and "axes" in t.get("stem_head", {})
+            and t["rest"]["grid"]["tokens"][0] <= max(1, int(prof.model.get("num_prefix_tokens", 0))))
 
 
 def load_latency_model(device: str, model: nn.Module, source: ModelConfig, backend: Backend | None = None,
@@ -493,8 +507,9 @@ def load_latency_model(device: str, model: nn.Module, source: ModelConfig, backe
         stale = cached is not None and not is_current(cached)
         if stale:  # kept until the new one is written
             log(f"the cached profile {path} predates the ranking tables over the tokens they get (or with the "
-                "positions' prior), the embedding tables, the calibration of rankings or a calibration drawn mostly "
-                "from the solver's picks: measuring this machine again")
+                "positions' prior), the embedding tables, the calibration of rankings, a calibration drawn mostly "
+                "from the solver's picks, the head timed at the tokens it gets or the tables at the prefix tokens "
+                "alone: measuring this machine again")
         if stale or not path.is_file():
             log(f"profiling this machine for {source.name} on {backend.name} (once; cached in {path})")
             profile_device("local", backend, model, source, batch_size, path)
