@@ -156,7 +156,7 @@ def stem_head(model, embed: int | None = None, tokens: int | None = None) -> nn.
     from ..slim import narrow_embed
 
     m = copy.deepcopy(model)
-    m.blocks = nn.Sequential()
+    m.blocks = nn.Sequential()  # before narrowing: narrow_embed narrows every block it finds
     if embed is not None and embed < m.embed_dim:
         narrow_embed(m, list(range(embed)))
     every = model.patch_embed.num_patches + model.num_prefix_tokens

@@ -4,20 +4,19 @@ A block with n tokens (n_prev before it), h heads of q and v channels and m MLP 
   [gather(n) if n < n_prev; rank(n_prev, n) instead in attentive token mode, fuse(n_prev, n) in fused mode]
   + (rest(n) + qkv(n, h*(2q+v)) + core(n, h, q, v) + proj(n, h*v)   if h > 0, else const(n))
   + (rest(n) + mlp(n, m)                                            if m > 0, else const(n))
-and the model is stem_head(tokens the last block keeps) + the blocks (the final norm, fused with the last
-residual add by ONNX Runtime, costs per token: components.stem_head; older profiles hold one stem_head for all).
-Tables are read linearly in tokens (they hold the fixed cost of an
-operator at few tokens: nothing scales to zero). A width is padded to the profile's step (engines pad to tiles:
-a staircase at that step) and read linearly between two measured widths further apart than that: the grids step
-by up to 128 units at large widths (deit_small's MLP above 1024), and whole models there measured half way between
-their neighbours (benchmarks/protocol_checks.py mlp-widths: median position 0.50, not the 1.0 of reading the next
-point up, which priced a random structure's MLP up to 12% too high). Where the grid is coarse (from AFFINE_FROM
-steps on), a matmul's table (qkv, proj, mlp) is read as its least-squares line in width at each token count: a
-matmul costs close to an affine function of its width, and these entries, each a piece timed in a few ms, were
-the noisiest of the profiles (+8% to +34% for the same 128 units of deit_small's MLP, in two profiles measured
-11 minutes apart); on six stored profiles the line took the leave-one-out median error of the deit_small ones from
-2.7-7.2% to 1.8-2.3% (benchmarks/RESULTS.md). The attention core is factorised over its two
-widths: core(n, h, q, v) = core_q(n, h, q) + core_v(n, h, v) - core_q(n, h, head_dim).
+and the model is stem_head(tokens the last block keeps) + the blocks (the final norm, fused with the last residual
+add by ONNX Runtime, costs per token: components.stem_head; older profiles hold one stem_head for all). Tables are
+read linearly in tokens (they hold the fixed cost of an operator at few tokens: nothing scales to zero). A width is
+padded to the profile's step (engines pad to tiles: a staircase at that step) and read linearly between two measured
+widths further apart than that: the grids step by up to 128 units at large widths (deit_small's MLP above 1024), and
+whole models there measured half way between their neighbours (benchmarks/protocol_checks.py mlp-widths: median
+position 0.50, not the 1.0 of reading the next point up, which priced a random structure's MLP up to 12% too high).
+Where the grid is coarse (from AFFINE_FROM steps on), a matmul's table (qkv, proj, mlp) is read as its least-squares
+line in width at each token count: a matmul costs close to an affine function of its width, and these entries, each
+a piece timed in a few ms, were the noisiest of the profiles (+8% to +34% for the same 128 units of deit_small's
+MLP, in two profiles measured 11 minutes apart); on six stored profiles the line took the leave-one-out median error
+of the deit_small ones from 2.7-7.2% to 1.8-2.3% (benchmarks/RESULTS.md). The attention core is factorised over its
+two widths: core(n, h, q, v) = core_q(n, h, q) + core_v(n, h, v) - core_q(n, h, head_dim).
 At an embedding width e below the full D, every piece but the attention core (which never touches the stream) is
 scaled by its embedding table's ratio cost(e) / cost(D), read at the same tokens and width on a coarse grid (linear
 in tokens, widths and e read as above): factorised, so the profile measures a few hundred more pieces, not

@@ -241,9 +241,9 @@ def assemble(cache: dict, grids: dict, with_warm: bool) -> dict:
             for j, n in enumerate(ns):
                 timed = cache.get(f"{name}/{n_in}/{n}")
                 raw[i, j] = timed[0] if timed else raw[i, j - 1] if j else np.nan
-            timed = ~np.isnan(raw[i])
-            if timed.any():  # the prefix alone (nothing ranked) at the first timed entry
-                raw[i, :timed.argmax()] = raw[i, timed.argmax()]
+            filled = ~np.isnan(raw[i])
+            if filled.any():  # the prefix alone (nothing ranked) at the first timed entry
+                raw[i, :filled.argmax()] = raw[i, filled.argmax()]
         for i in reversed(range(len(nin))):  # a row that keeps nothing it ranks: the next row's
             if np.isnan(raw[i]).all():
                 raw[i] = raw[i + 1] if i + 1 < len(nin) else 0.0
