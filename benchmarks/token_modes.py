@@ -21,7 +21,8 @@ pipeline's retraining recipe, 5 epochs of soft distillation from the dense model
 The attentive structures' predicted latency (the profile's model, relative to dense) is compared with the measured.
 
 Datasets: plain Fashion-MNIST (fmnist-vit at 28 px, 16 patches) and shifted Fashion-MNIST (each item anywhere on a
-56 x 56 canvas: fmnist-vit at --img-size 56, 64 patches), where fixed token positions throw content away.
+56 x 56 canvas: fmnist-vit at --img-size 56, 64 patches), where fixed token positions throw content away, and
+`--data shifted84` (an 84 x 84 canvas: 144 patches, the item on about 16 of them).
 
     .venv/bin/python benchmarks/token_modes.py prepare --data plain --static-run runs/teacher30      # searches
     .venv/bin/python benchmarks/token_modes.py measure --data plain --static-run runs/teacher30      # phase 1
@@ -64,7 +65,8 @@ from slimdeploy.select.scoring import calibration_set  # noqa: E402
 from slimdeploy.slim import build_slim  # noqa: E402
 from slimdeploy.types import SlimSpec  # noqa: E402
 
-DATA = {"plain": ("fashion-mnist", None), "shifted": ("fashion-mnist-shifted", 56)}
+DATA = {"plain": ("fashion-mnist", None), "shifted": ("fashion-mnist-shifted", 56),
+        "shifted84": ("fashion-mnist-shifted-84", 84)}
 METHODS = ("static", "attentive", "fused", "channels", "merging", "static-tokens", "attentive-tokens",
            "attentive-tokens-one")
 # tokens alone (drop rates of attention, MLP, tokens), by the fraction rule or with one count per block
@@ -90,16 +92,17 @@ def prepare(args) -> None:
     """The dense model (shifted: trained here) and a static and an attentive search of it."""
     data, img = DATA[args.data]
     r = runs(args)
-    extra = ["--data", data] + (["--img-size", str(img)] if img else [])
+    limit = ["--train-limit", str(args.train_limit)] if args.train_limit else []
+    extra = ["--data", data, *limit] + (["--img-size", str(img)] if img else [])
     if not (r["static"] / "base.safetensors").is_file():
         cli("train", "--out", str(r["static"]), *extra, "--epochs", str(args.teacher_epochs))
     if not (r["static"] / "search" / "masks.safetensors").is_file():
-        cli("search", str(r["static"]), "--data", data, "--epochs", str(args.search_epochs))
+        cli("search", str(r["static"]), "--data", data, *limit, "--epochs", str(args.search_epochs))
     r["attentive"].mkdir(parents=True, exist_ok=True)
     for name in ("model.json", "base.safetensors"):
         if not (r["attentive"] / name).is_file():
             shutil.copy(r["static"] / name, r["attentive"] / name)
-    cli("search", str(r["attentive"]), "--data", data, "--epochs", str(args.search_epochs),
+    cli("search", str(r["attentive"]), "--data", data, *limit, "--epochs", str(args.search_epochs),
         "--token-mode", "attentive")
 
 
@@ -107,7 +110,7 @@ def measure(args) -> dict:
     r = runs(args)
     teacher, cfg = load_dense(r["static"])
     a = arch_of(teacher)
-    bundle = load_data(DATA[args.data][0], data_config(teacher), a.num_classes)
+    bundle = load_data(DATA[args.data][0], data_config(teacher), a.num_classes, train_limit=args.train_limit)
     dense_spec = SlimSpec.dense(cfg, a)
     lm, warnings = load_latency_model(args.device, teacher, cfg)
     p = lm.profile
@@ -161,7 +164,7 @@ def equal_counts(args) -> dict:
     r = runs(args)
     teacher, cfg = load_dense(r["static"])
     a = arch_of(teacher)
-    bundle = load_data(DATA[args.data][0], data_config(teacher), a.num_classes)
+    bundle = load_data(DATA[args.data][0], data_config(teacher), a.num_classes, train_limit=args.train_limit)
     dense_spec = SlimSpec.dense(cfg, a)
     out = load(args) or {"data": args.data, "cpu": cpu_name(), "targets": {}}
     rows = out.setdefault("equal_counts", {})
@@ -228,7 +231,7 @@ def retrain_one(args, job) -> dict:
     r = runs(args)
     teacher, cfg = load_dense(r["static"])
     a = arch_of(teacher)
-    bundle = load_data(DATA[args.data][0], data_config(teacher), a.num_classes)
+    bundle = load_data(DATA[args.data][0], data_config(teacher), a.num_classes, train_limit=args.train_limit)
     if name == "merging":
         student = tome(teacher, row["merged"])
     else:
@@ -272,6 +275,8 @@ def main() -> None:
     ap.add_argument("--static-run", default=None, help="a trained dense model with a static search")
     ap.add_argument("--attentive-run", default=None, help="where the attentive search goes")
     ap.add_argument("--teacher-epochs", type=int, default=15)
+    ap.add_argument("--train-limit", type=int, default=None,
+                    help="the first N training images, in every phase (the dense model, searches, scores, retraining)")
     ap.add_argument("--search-epochs", type=int, default=2)
     ap.add_argument("--device", default="local")
     ap.add_argument("--targets", type=float, nargs="+", default=[0.5, 0.3])

@@ -50,7 +50,8 @@ WEmbedOpt = Annotated[float, typer.Option(help="L1 factor of the embedding mask"
 ImgSizeOpt = Annotated[Optional[int], typer.Option("--img-size", min=1, help="input resolution (pixels)")]
 InChansOpt = Annotated[Optional[int], typer.Option("--in-chans", min=1, help="input channels")]
 DataOpt = Annotated[str, typer.Option("--data", help="fashion-mnist, fashion-mnist-shifted (items anywhere on a "
-                                      "56x56 canvas: use --img-size 56), synthetic, or a folder with train/ and val/ "
+                                      "56x56 canvas: use --img-size 56; fashion-mnist-shifted-N: an NxN canvas), "
+                                      "synthetic, or a folder with train/ and val/ "
                                       "in ImageNet layout")]
 TrainLimitOpt = Annotated[Optional[int], typer.Option("--train-limit", help="use the first N training images")]
 ValLimitOpt = Annotated[Optional[int], typer.Option("--val-limit", help="use the first N evaluation images")]

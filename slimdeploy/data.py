@@ -4,7 +4,8 @@ for smoke tests.
 Shifted Fashion-MNIST (`fashion-mnist-shifted`) places each item on a 56x56 canvas at a position drawn once
 per image from a fixed seed (the same in every epoch and run, so the validation set never changes): objects
 anywhere in the frame, where a token rule of fixed positions throws content away. Train at --img-size 56 to
-see the canvas at full resolution.
+see the canvas at full resolution. `fashion-mnist-shifted-N` takes an N x N canvas (e.g. 84: the item covers a
+ninth of the frame, 16 of 144 patches at patch size 7; train at --img-size N).
 
 Images reach the model shaped and normalised by the model's timm data config.
 Fashion-MNIST stays in memory as uint8 and is converted per batch (fast on 2 cores).
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import gzip
 import os
+import re
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -150,8 +152,14 @@ class ShiftedImages(Dataset):
         return out, label
 
 
-def fashion_mnist_shifted(split: str) -> ShiftedImages:
-    return ShiftedImages(fashion_mnist(split), SHIFTED_CANVAS, SHIFTED_SEEDS[split])
+def fashion_mnist_shifted(split: str, canvas: int = SHIFTED_CANVAS) -> ShiftedImages:
+    return ShiftedImages(fashion_mnist(split), canvas, SHIFTED_SEEDS[split])
+
+
+def shifted_canvas(name: str) -> int | None:
+    """The canvas of a shifted Fashion-MNIST name ('fashion-mnist-shifted' or '...-shifted-N'), else None."""
+    m = re.fullmatch(r"fashion-mnist-shifted(?:-(\d+))?", name)
+    return None if m is None else int(m.group(1) or SHIFTED_CANVAS)
 
 
 def synthetic(split: str, in_chans: int, img_size: int, num_classes: int, n: int) -> TensorImages:
@@ -208,8 +216,10 @@ def load_data(name: str, data_cfg: dict, num_classes: int, train_limit: int | No
     in_chans, h, w = data_cfg["input_size"]
     transform = BatchTransform(in_chans, h, tuple(data_cfg["mean"]), tuple(data_cfg["std"]))
     train_eval = None
-    if name in ("fashion-mnist", "fashion-mnist-shifted"):
-        load = fashion_mnist if name == "fashion-mnist" else fashion_mnist_shifted
+    canvas = shifted_canvas(name)
+    if name == "fashion-mnist" or canvas is not None:
+        def load(split):
+            return fashion_mnist(split) if canvas is None else fashion_mnist_shifted(split, canvas)
         val, classes = load("val"), 10
         train = load("train") if with_train else Subset(val, [])
     elif name == "synthetic":
@@ -220,8 +230,8 @@ def load_data(name: str, data_cfg: dict, num_classes: int, train_limit: int | No
     else:
         root = Path(name).expanduser()
         if not root.is_dir():
-            raise SlimError(f"dataset not found: '{name}' is neither fashion-mnist, fashion-mnist-shifted, synthetic "
-                            "nor a folder")
+            raise SlimError(f"dataset not found: '{name}' is neither fashion-mnist, fashion-mnist-shifted[-N], "
+                            "synthetic nor a folder")
         val = image_folder(root, "val", data_cfg, False)
         train = image_folder(root, "train", data_cfg, True) if with_train else Subset(val, [])
         train_eval = image_folder(root, "train", data_cfg, False) if with_train else train

@@ -315,6 +315,33 @@ def test_shifted_fashion_mnist_is_fixed_per_image_and_off_centre():
     assert not torch.equal(fashion_mnist_shifted("train").offsets[:200], shifted.offsets[:200])
 
 
+def test_shifted_canvas_is_named_in_the_data_name():
+    from slimdeploy.data import SHIFTED_CANVAS, shifted_canvas
+
+    assert shifted_canvas("fashion-mnist-shifted") == SHIFTED_CANVAS
+    assert shifted_canvas("fashion-mnist-shifted-84") == 84
+    assert shifted_canvas("fashion-mnist") is None and shifted_canvas("fashion-mnist-shifted-x") is None
+
+
+@pytest.mark.skipif(not fmnist_available(), reason="Fashion-MNIST not installed (make setup)")
+def test_a_larger_shifted_canvas_holds_the_whole_item_anywhere():
+    from slimdeploy.data import fashion_mnist, load_data
+
+    cfg = {"input_size": (1, 84, 84), "mean": (0.5,), "std": (0.5,)}
+    bundle = load_data("fashion-mnist-shifted-84", cfg, 10, val_limit=300, with_train=False)
+    plain = fashion_mnist("val")
+    rows, cols = set(), set()
+    for i in range(300):
+        img, y = bundle.val[i]
+        assert img.shape == (1, 84, 84) and int(y) == int(plain[i][1])
+        assert int(img.sum()) == int(plain[i][0].sum())
+        dy, dx = (int(v) for v in bundle.val.dataset.offsets[i])
+        rows.add(dy), cols.add(dx)
+    assert max(rows) > 28 and max(cols) > 28  # beyond where a 56-px canvas ends
+    with pytest.raises(SlimError, match="smaller than the images"):
+        load_data("fashion-mnist-shifted-20", cfg, 10, with_train=False)
+
+
 # ---- fused mode (EViT's fusion of the dropped tokens) ------------------------------------------------
 def test_fused_token_is_the_score_weighted_mean_of_the_dropped_ones():
     g = torch.Generator().manual_seed(0)
