@@ -151,6 +151,30 @@ def test_the_model_reads_a_table_from_its_measurements():
     assert np.allclose(Table({k: v for k, v in stored.items() if k != "raw_ms"}).ms, monotone(raw))
 
 
+def test_ranking_tables_hold_what_was_timed_and_refuse_a_missing_entry():
+    from slimdeploy.latency.calibration import RANKINGS
+    from slimdeploy.latency.profile import assemble, jobs_for
+
+    a = arch_of(tiny_model("t-cls"))
+    jobs, grids = jobs_for(a, 8, 6)
+    cache = {"/".join(map(str, j)): (1.0, 1.0) for j in jobs}
+    for j in jobs:
+        if j[0] in RANKINGS:
+            cache["/".join(map(str, j))] = (j[1] * 1000.0 + j[2], 0.0)
+    name, p = RANKINGS[0], a.num_prefix_tokens
+    raw = np.array(assemble(cache, grids, False, p)[name]["raw_ms"])
+    ns, nin = grids["tokens"], grids["tokens_coarse"]
+    for i, n_in in enumerate(nin[1:], 1):
+        timed = [n for n in ns if p < n < n_in]
+        for j, n in enumerate(ns):
+            kept = min(max(n, timed[0]), timed[-1])  # the prefix alone as one patch; at most what it gets
+            assert raw[i, j] == n_in * 1000.0 + kept
+    assert np.array_equal(raw[0], raw[1])  # the fewest tokens in rank nothing: the next row's
+    cache.pop(f"{name}/{nin[-1]}/{ns[2]}")
+    with pytest.raises(KeyError):  # an entry jobs_for times is never filled in from its neighbour
+        assemble(cache, grids, False, p)
+
+
 def test_grids_cover_the_few_token_region_and_end_at_the_full_width():
     a = arch_of(tiny_model("t-cls"))
     ns = token_grid(a, 6)

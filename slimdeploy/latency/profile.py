@@ -219,7 +219,7 @@ def as_table(axes: list[str], grid: dict[str, list[int]], raw: np.ndarray) -> di
     return {"axes": axes, "grid": grid, "ms": np.round(smoothed(raw), 6).tolist(), "raw_ms": np.round(raw, 6).tolist()}
 
 
-def assemble(cache: dict, grids: dict, with_warm: bool) -> dict:
+def assemble(cache: dict, grids: dict, with_warm: bool, prefix: int) -> dict:
     """The tables from the cached measurements (smoothed; the raw medians kept beside); `warm` holds the
     warm-cache tables of the pieces with weights, when measured."""
     def table(name, axes, keys, which=0):
@@ -238,12 +238,11 @@ def assemble(cache: dict, grids: dict, with_warm: bool) -> dict:
         ns, nin = grids["tokens"], grids["tokens_coarse"]
         raw = np.full((len(nin), len(ns)), np.nan)
         for i, n_in in enumerate(nin):
-            for j, n in enumerate(ns):
-                timed = cache.get(f"{name}/{n_in}/{n}")
-                raw[i, j] = timed[0] if timed else raw[i, j - 1] if j else np.nan
-            filled = ~np.isnan(raw[i])
-            if filled.any():  # the prefix alone (nothing ranked) at the first timed entry
-                raw[i, :filled.argmax()] = raw[i, filled.argmax()]
+            timed = [j for j, n in enumerate(ns) if prefix < n < n_in]  # what jobs_for times: a missing one raises
+            if timed:
+                raw[i, timed] = [cache[f"{name}/{n_in}/{ns[j]}"][0] for j in timed]
+                raw[i, :timed[0]] = raw[i, timed[0]]  # the prefix alone (nothing ranked): as keeping one patch
+                raw[i, timed[-1] + 1:] = raw[i, timed[-1]]  # more than it gets: the most it can keep
         for i in reversed(range(len(nin))):  # a row that keeps nothing it ranks: the next row's
             if np.isnan(raw[i]).all():
                 raw[i] = raw[i + 1] if i + 1 < len(nin) else 0.0
@@ -431,7 +430,7 @@ def profile_device(device: str, backend: Backend, model: nn.Module, source: Mode
             progress.update(task, advance=1, info=f"{backend.name} {job[0]} {job[1:]}")
         save()
         log(f"profile: {len(jobs)} pieces in {time.perf_counter() - start:.0f} s")
-        tables = assemble(cache, grids, warm)
+        tables = assemble(cache, grids, warm, arch.num_prefix_tokens)
         raw = LatencyModel(_profile(device, backend, batch_size, arch, tables, {}, "", 0.0, step))
         rng = random.Random(seed)
         specs = [SlimSpec.dense(source, arch)]
