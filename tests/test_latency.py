@@ -622,6 +622,23 @@ def test_ranked_twins_keep_the_sizes_and_rank_every_drop():
     assert static["rank"] == 0
 
 
+def test_a_profile_has_a_ranked_twin_even_where_no_draw_drops_a_token():
+    """On tables measured on a busy machine a small model's solver may pick no token drop at all (a fresh-clone
+    test run beside a training job saw it); the profile still measures one pair for the cost of a ranking."""
+    from slimdeploy.latency.draws import ranked_twins
+
+    a = arch_of(tiny_model("t-cls"))
+    dense = SlimSpec.dense(ModelConfig("t-cls"), a)
+    pairs = ranked_twins([dense, dense], 3)
+    assert len(pairs) == 1
+    ranked, static = pairs[0]
+    half = a.num_prefix_tokens + a.num_patches // 2
+    assert ranked.token_mode == "attentive" and static.token_mode == "static"
+    assert ranked.token_counts() == static.token_counts() == [a.num_tokens] + [half] * (a.depth - 1)
+    assert spec_sizes(ranked) == spec_sizes(static)
+    assert ranked_twins([], 3) == []
+
+
 def test_the_ranked_twins_come_from_what_ranked_selection_picks():
     """The calibration's twins are drawn where selection goes in the ranked token modes: a ranked importance sorts
     each block's ranks, so the solver drops most tokens and keeps the channels, a region no static pick reaches
