@@ -207,7 +207,7 @@ class DataBundle:
 
 def load_data(name: str, data_cfg: dict, num_classes: int, train_limit: int | None = None,
               val_limit: int | None = None, with_train: bool = True) -> DataBundle:
-    """Resolve --data: 'fashion-mnist', 'synthetic' or a folder in ImageNet layout.
+    """Resolve --data: 'fashion-mnist', 'fashion-mnist-shifted[-N]', 'synthetic' or a folder in ImageNet layout.
 
     with_train=False skips the training split (its `train` is then empty), for evaluation only."""
     for v, what in ((train_limit, "--train-limit"), (val_limit, "--val-limit")):
