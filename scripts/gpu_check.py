@@ -9,10 +9,14 @@ Steps:
      then resumed, equals an uninterrupted one
   4. `profile --backend torch` on fmnist-vit (and deit_small with --deit), written to $OUT/profiles
   5. the closed loop on that profile
-  6. verify on CUDA (torch backend): parity, top-1, latency
+  6. prune, retrain (1 epoch, distillation, bf16 on CUDA), export, verify on CUDA (torch backend): parity,
+     top-1, latency
 
-    python scripts/gpu_check.py                     # on the GPU machine (about 4 minutes on an H200)
+    python scripts/gpu_check.py --deit              # on the GPU machine
     python scripts/gpu_check.py --cpu --tiny        # anywhere (the test suite)
+    python scripts/gpu_check.py --cpu --quick       # fmnist-vit with a small profile: a dry run of the real paths
+
+Checkpoints and exports go to --work (a temporary folder by default), so $OUT holds only the results and profiles.
 """
 
 from __future__ import annotations
@@ -20,7 +24,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import sys
+import tempfile
 import time
 import traceback
 from pathlib import Path
@@ -54,9 +60,13 @@ def main() -> None:
     ap.add_argument("--cpu", action="store_true", help="run every step on the CPU")
     ap.add_argument("--tiny", action="store_true", help="a tiny model and data (the test suite)")
     ap.add_argument("--deit", action="store_true", help="also profile deit_small_patch16_224")
+    ap.add_argument("--quick", action="store_true", help="a small profile (3 token points, 4 calibration models)")
     ap.add_argument("--out", default=os.environ.get("OUT", "gpu_check_out"))
+    ap.add_argument("--work", default=None, help="checkpoints and exports (default: a temporary folder)")
     args = ap.parse_args()
     out = Path(args.out)
+    root = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="slimdeploy-gpu-check-"))
+    work = root / "run"  # the interrupted search's copy goes beside it, in root/cut
     os.environ.setdefault("SLIMDEPLOY_QUIET", "1")
 
     from slimdeploy.models import register_model
@@ -65,7 +75,7 @@ def main() -> None:
     dev = "cpu" if args.cpu else "cuda"
     RESULTS.update(device=dev, torch=torch.__version__, cuda=torch.version.cuda,
                    gpu=torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-                   date=time.strftime("%Y-%m-%dT%H:%M:%S"))
+                   date=time.strftime("%Y-%m-%dT%H:%M:%S"), packages=package_versions())
     if not args.cpu and not torch.cuda.is_available():
         record(out, "setup", ok=False, error="no CUDA device: run with --cpu")
         return
@@ -75,20 +85,34 @@ def main() -> None:
                                        depth=2, num_heads=2, mlp_ratio=2.0))
         name = "t-check"
     cfg = ModelConfig(name)
-    work = out / "work"
+    quick = args.tiny or args.quick
     limits = dict(train_limit=256, val_limit=128) if args.tiny else dict(train_limit=8192, val_limit=2048)
     data_name = "synthetic" if args.tiny else "fashion-mnist"
 
     step(out, "1_parity_tf32", lambda: parity_tf32(cfg, dev))
     step(out, "2_timing_vs_events", lambda: timing_vs_events(cfg, dev))
-    step(out, "3_train_search_retrain_bf16", lambda: train_search_retrain(cfg, dev, work, data_name, limits))
-    step(out, "4_profile_torch", lambda: profile_torch(cfg, dev, out, args.tiny))
-    if args.deit:
-        step(out, "4b_profile_deit_small", lambda: profile_torch(ModelConfig("deit_small_patch16_224"), dev, out,
-                                                                 False))
+    step(out, "3_train_search_bf16", lambda: train_search(cfg, dev, work, data_name, limits))
+    step(out, "4_profile_torch", lambda: profile_torch(cfg, dev, out, quick))
     step(out, "5_closed_loop", lambda: closed_loop(cfg, dev, work, out))
-    step(out, "6_verify_cuda", lambda: verify_cuda(cfg, dev, work, data_name, limits))
+    step(out, "6_retrain_verify", lambda: retrain_verify(cfg, dev, work, data_name, limits))
+    if args.deit:  # last: the longest step, and the one a short lease can lose
+        step(out, "7_profile_deit_small", lambda: profile_torch(ModelConfig("deit_small_patch16_224"), dev, out,
+                                                                quick))
+    if not args.work:
+        shutil.rmtree(root, ignore_errors=True)
     print(json.dumps({k: v.get("ok") for k, v in RESULTS["steps"].items()}))
+
+
+def package_versions() -> dict:
+    from importlib.metadata import PackageNotFoundError, version
+
+    found = {}
+    for name in ("timm", "onnx", "onnxscript", "onnxslim", "onnxruntime", "onnxruntime-gpu", "polygraphy", "typer"):
+        try:
+            found[name] = version(name)
+        except PackageNotFoundError:
+            found[name] = None
+    return found
 
 
 def parity_tf32(cfg, dev) -> dict:
@@ -108,6 +132,12 @@ def parity_tf32(cfg, dev) -> dict:
             got = model.to(dev)(x.to(dev)).cpu()
             model.cpu()
             out[f"max_abs_diff_tf32_{'on' if tf32 else 'off'}"] = float((got - ref).abs().max())
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    if dev == "cuda":  # slimdeploy's fp32 backend turns TF32 off by itself
+        from slimdeploy.latency.backends import TorchBackend
+
+        TorchBackend(dev)
+        out["backend_turns_tf32_off"] = not (torch.backends.cuda.matmul.allow_tf32 or torch.backends.cudnn.allow_tf32)
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
     out["fp32_parity_1e-4_with_tf32_off"] = out["max_abs_diff_tf32_off"] <= 1e-4
     return out
@@ -141,15 +171,13 @@ def timing_vs_events(cfg, dev) -> dict:
     return out
 
 
-def train_search_retrain(cfg, dev, work, data_name, limits) -> dict:
-    import shutil
-
+def train_search(cfg, dev, work, data_name, limits) -> dict:
     from slimdeploy.data import load_data
     from slimdeploy.masks import SearchDims
     from slimdeploy.models import arch_of, create_model, data_config
     from slimdeploy.search import SearchConfig, search_run
     from slimdeploy.train import train_run
-    from slimdeploy.trainer import TrainConfig
+    from slimdeploy.trainer import TrainConfig, bf16_native
 
     shutil.rmtree(work, ignore_errors=True)
     model = create_model(cfg)
@@ -160,7 +188,7 @@ def train_search_retrain(cfg, dev, work, data_name, limits) -> dict:
                        clip_grad=None, seed=0)
     full = search_run(work, data, scfg, tcfg, dev)
     # the same search interrupted after its first epoch, then resumed
-    cut = work.with_name(work.name + "_cut")
+    cut = work.with_name("cut")
     shutil.rmtree(cut, ignore_errors=True)
     shutil.copytree(work, cut, ignore=shutil.ignore_patterns("search", "run.json"))
     import slimdeploy.trainer as tr
@@ -185,10 +213,10 @@ def train_search_retrain(cfg, dev, work, data_name, limits) -> dict:
     losses = [h["loss"] for h in hist + full["history"]]
     return {"train_top1": hist[-1]["top1"], "search_top1": full["history"][-1]["top1"],
             "losses_finite": all(map(lambda v: v == v and abs(v) < float("inf"), losses)),
-            "bf16_autocast": dev == "cuda", "resume_max_mask_diff": diff}
+            "bf16_autocast": dev == "cuda" and bf16_native(torch.device(dev)), "resume_max_mask_diff": diff}
 
 
-def profile_torch(cfg, dev, out, tiny) -> dict:
+def profile_torch(cfg, dev, out, quick) -> dict:
     from slimdeploy.latency.backends import TorchBackend
     from slimdeploy.latency.profile import profile_device
     from slimdeploy.models import create_model
@@ -196,7 +224,7 @@ def profile_torch(cfg, dev, out, tiny) -> dict:
     gpu = "cpu" if dev == "cpu" else torch.cuda.get_device_name(0).split()[-1].lower()
     name = f"{gpu}-torch-{dev}-b1-{cfg.name}"
     path = out / "profiles" / f"{name}.json"
-    kw = dict(token_points=3, calibration_models=4, step=8) if tiny else {}
+    kw = dict(token_points=3, calibration_models=4, step=8) if quick else {}
     p = profile_device(name, TorchBackend(dev, threads=None), create_model(cfg), cfg, 1, path, **kw)
     cal = p.calibration
     return {"profile": str(path), "profile_seconds": p.seconds, "measurements": p.measurements,
@@ -222,19 +250,25 @@ def closed_loop(cfg, dev, work, out) -> dict:
             "met": res.get("met")}
 
 
-def verify_cuda(cfg, dev, work, data_name, limits) -> dict:
+def retrain_verify(cfg, dev, work, data_name, limits) -> dict:
     from slimdeploy.data import load_data
     from slimdeploy.export import export_run
     from slimdeploy.models import arch_of, data_config, load_dense
     from slimdeploy.prune import prune_run
+    from slimdeploy.retrain import DistillConfig, retrain_run
+    from slimdeploy.trainer import TrainConfig
     from slimdeploy.verify import verify_run
 
     model, _ = load_dense(work)
     data = load_data(data_name, data_config(model), arch_of(model).num_classes, **limits)
     prune_run(work)
+    rec = retrain_run(work, data, TrainConfig(epochs=1, batch_size=64, seed=0), DistillConfig(), dev)
+    losses = [h["loss"] for h in rec["history"]]
     export_run(work, batch_size=1)
     rep = verify_run(work, data, backend="torch", torch_device=dev)
-    return {"parity_passed": rep.parity.passed, "max_abs_diff": rep.parity.max_abs_diff,
+    return {"retrain_top1_before": rec["top1_before_retrain"], "retrain_top1": rec["top1"],
+            "retrain_losses_finite": all(v == v and abs(v) < float("inf") for v in losses),
+            "parity_passed": rep.parity.passed, "max_abs_diff": rep.parity.max_abs_diff,
             "top1": rep.slim.top1, "dense_top1": rep.dense.top1, "slim_ms": rep.slim.latency_ms,
             "dense_ms": rep.dense.latency_ms, "met_target": rep.met_target,
             "reference_device": rep.extra["reference_device"]}

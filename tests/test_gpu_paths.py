@@ -307,11 +307,11 @@ def test_gpu_check_script_runs_on_cpu(tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     res = json.loads((tmp_path / "gpu_check.json").read_text())
     steps = res["steps"]
-    assert set(steps) == {"1_parity_tf32", "2_timing_vs_events", "3_train_search_retrain_bf16", "4_profile_torch",
-                          "5_closed_loop", "6_verify_cuda"}
+    assert set(steps) == {"1_parity_tf32", "2_timing_vs_events", "3_train_search_bf16", "4_profile_torch",
+                          "5_closed_loop", "6_retrain_verify"}
     bad = {k: v.get("error") for k, v in steps.items() if not v["ok"]}
     assert not bad, bad
     assert steps["1_parity_tf32"]["fp32_parity_1e-4_with_tf32_off"]
-    assert steps["3_train_search_retrain_bf16"]["losses_finite"]
-    assert steps["3_train_search_retrain_bf16"]["resume_max_mask_diff"] < 1e-5
-    assert steps["6_verify_cuda"]["parity_passed"]
+    assert steps["3_train_search_bf16"]["losses_finite"]
+    assert steps["3_train_search_bf16"]["resume_max_mask_diff"] < 1e-5
+    assert steps["6_retrain_verify"]["parity_passed"] and steps["6_retrain_verify"]["retrain_losses_finite"]
