@@ -83,6 +83,15 @@ def runs(args) -> dict[str, Path]:
     return {"static": static, "attentive": Path(args.attentive_run or f"runs/tokens-{args.data}-attentive")}
 
 
+def dense_and_data(args):
+    """The runs, the dense model (teacher), its config and architecture, and the data every phase scores on."""
+    r = runs(args)
+    teacher, cfg = load_dense(r["static"])
+    a = arch_of(teacher)
+    return r, teacher, cfg, a, load_data(DATA[args.data][0], data_config(teacher), a.num_classes,
+                                         train_limit=args.train_limit)
+
+
 def cli(*argv: str) -> None:
     print("$ slimdeploy " + " ".join(argv), flush=True)
     subprocess.run([sys.executable, "-m", "slimdeploy", *argv], check=True)
@@ -107,10 +116,7 @@ def prepare(args) -> None:
 
 
 def measure(args) -> dict:
-    r = runs(args)
-    teacher, cfg = load_dense(r["static"])
-    a = arch_of(teacher)
-    bundle = load_data(DATA[args.data][0], data_config(teacher), a.num_classes, train_limit=args.train_limit)
+    r, teacher, cfg, a, bundle = dense_and_data(args)
     dense_spec = SlimSpec.dense(cfg, a)
     lm, warnings = load_latency_model(args.device, teacher, cfg)
     p = lm.profile
@@ -161,10 +167,7 @@ def equal_counts(args) -> dict:
     nothing else changed."""
     from slimdeploy.select.vitslim import fraction_spec
 
-    r = runs(args)
-    teacher, cfg = load_dense(r["static"])
-    a = arch_of(teacher)
-    bundle = load_data(DATA[args.data][0], data_config(teacher), a.num_classes, train_limit=args.train_limit)
+    r, teacher, cfg, a, bundle = dense_and_data(args)
     dense_spec = SlimSpec.dense(cfg, a)
     out = load(args) or {"data": args.data, "cpu": cpu_name(), "targets": {}}
     rows = out.setdefault("equal_counts", {})
@@ -228,10 +231,7 @@ def report(f, name, row) -> None:
 def retrain_one(args, job) -> dict:
     torch.set_num_threads(args.threads)
     f, name, seed, row = job
-    r = runs(args)
-    teacher, cfg = load_dense(r["static"])
-    a = arch_of(teacher)
-    bundle = load_data(DATA[args.data][0], data_config(teacher), a.num_classes, train_limit=args.train_limit)
+    r, teacher, cfg, a, bundle = dense_and_data(args)
     if name == "merging":
         student = tome(teacher, row["merged"])
     else:

@@ -17,6 +17,8 @@ Steps:
     python scripts/gpu_check.py --cpu --quick       # fmnist-vit with a small profile: a dry run of the real paths
 
 Checkpoints and exports go to --work (a temporary folder by default), so $OUT holds only the results and profiles.
+It needs slimdeploy's dependencies (polygraphy and onnxslim are pure Python: on a machine with no network, install
+their wheels with --no-deps) and, unless --tiny, Fashion-MNIST's idx files (SLIMDEPLOY_FMNIST_DIR names their folder).
 """
 
 from __future__ import annotations
