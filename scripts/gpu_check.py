@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import shutil
 import sys
@@ -214,8 +215,14 @@ def train_search(cfg, dev, work, data_name, limits) -> dict:
     diff = max(float((full["masks"][k] - resumed["masks"][k]).abs().max()) for k in full["masks"])
     losses = [h["loss"] for h in hist + full["history"]]
     return {"train_top1": hist[-1]["top1"], "search_top1": full["history"][-1]["top1"],
-            "losses_finite": all(map(lambda v: v == v and abs(v) < float("inf"), losses)),
+            "losses_finite": all(map(math.isfinite, losses)),
             "bf16_autocast": dev == "cuda" and bf16_native(torch.device(dev)), "resume_max_mask_diff": diff}
+
+
+def profile_path(out: Path, dev: str, cfg) -> Path:
+    """Where step 4 writes the model's torch profile, named after the device (e.g. h200-torch-cuda-b1-fmnist-vit)."""
+    gpu = "cpu" if dev == "cpu" else torch.cuda.get_device_name(0).split()[-1].lower()
+    return out / "profiles" / f"{gpu}-torch-{dev}-b1-{cfg.name}.json"
 
 
 def profile_torch(cfg, dev, out, quick) -> dict:
@@ -223,9 +230,8 @@ def profile_torch(cfg, dev, out, quick) -> dict:
     from slimdeploy.latency.profile import profile_device
     from slimdeploy.models import create_model
 
-    gpu = "cpu" if dev == "cpu" else torch.cuda.get_device_name(0).split()[-1].lower()
-    name = f"{gpu}-torch-{dev}-b1-{cfg.name}"
-    path = out / "profiles" / f"{name}.json"
+    path = profile_path(out, dev, cfg)
+    name = path.stem
     kw = dict(token_points=3, calibration_models=4, step=8) if quick else {}
     p = profile_device(name, TorchBackend(dev, threads=None), create_model(cfg), cfg, 1, path, **kw)
     cal = p.calibration
@@ -235,13 +241,12 @@ def profile_torch(cfg, dev, out, quick) -> dict:
 
 
 def closed_loop(cfg, dev, work, out) -> dict:
+    from slimdeploy.data import load_data
+    from slimdeploy.models import arch_of, data_config, load_dense
     from slimdeploy.select.stage import SelectOptions, select_run
     from slimdeploy.select.target import parse_target
 
-    gpu = "cpu" if dev == "cpu" else torch.cuda.get_device_name(0).split()[-1].lower()
-    profile = out / "profiles" / f"{gpu}-torch-{dev}-b1-{cfg.name}.json"
-    from slimdeploy.data import load_data
-    from slimdeploy.models import arch_of, data_config, load_dense
+    profile = profile_path(out, dev, cfg)
 
     model, _ = load_dense(work)
     data = load_data("synthetic", data_config(model), arch_of(model).num_classes, 256, 64)
@@ -269,7 +274,7 @@ def retrain_verify(cfg, dev, work, data_name, limits) -> dict:
     export_run(work, batch_size=1)
     rep = verify_run(work, data, backend="torch", torch_device=dev)
     return {"retrain_top1_before": rec["top1_before_retrain"], "retrain_top1": rec["top1"],
-            "retrain_losses_finite": all(v == v and abs(v) < float("inf") for v in losses),
+            "retrain_losses_finite": all(map(math.isfinite, losses)),
             "parity_passed": rep.parity.passed, "max_abs_diff": rep.parity.max_abs_diff,
             "top1": rep.slim.top1, "dense_top1": rep.dense.top1, "slim_ms": rep.slim.latency_ms,
             "dense_ms": rep.dense.latency_ms, "met_target": rep.met_target,
