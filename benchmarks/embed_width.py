@@ -115,7 +115,7 @@ def retrain_one(args, job) -> dict:
     run, _ = source(args, name)
     student = build_slim(SlimSpec.from_dict(row["spec"]), searched_model(run, SlimSpec.dense(cfg, a)))
     work = Path(args.work) / f"{f}-{name.replace(' ', '_').replace(',', '')}-{seed}"
-    return retrain_job(args, student, teacher, bundle, work, f, name, seed)
+    return retrain_job(args, student, teacher, bundle, work, f, name, seed, row["spec"])
 
 
 def retrain_all(args) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import statistics
 from collections.abc import Callable
+from dataclasses import asdict
 
 import torch
 
@@ -50,15 +51,21 @@ def selection_to_target(a, cfg, imp, searched, teacher, bundle, cal, lm, measure
             "candidates": [{k: v for k, v in c.items() if not k.startswith("_")} for c in cands]}
 
 
-def retrain_job(args, student, teacher, bundle, work, f, name: str, seed: int) -> dict:
+def retrain_job(args, student, teacher, bundle, work, f, name: str, seed: int, structure) -> dict:
     """The pipeline's retraining recipe (args.epochs of soft distillation from the dense teacher) on one structure;
-    its result row for retrain_pool."""
+    its result row for retrain_pool. `structure` (JSON) names what the student was built from: as in the retrain
+    stage, an interrupted job resumes, and a checkpoint in `work` made from another structure is dropped first."""
     from slimdeploy.retrain import DistillConfig, retrain
+    from slimdeploy.runs import Run
     from slimdeploy.trainer import TrainConfig
 
-    rec = retrain(student, teacher, bundle, TrainConfig(epochs=args.epochs, batch_size=128, lr=1e-3,
-                                                        warmup_epochs=0.2, seed=seed),
-                  DistillConfig("soft", 0.7, 2.0), work, resume=True, torch_device="cpu")
+    tcfg = TrainConfig(epochs=args.epochs, batch_size=128, lr=1e-3, warmup_epochs=0.2, seed=seed)
+    run = Run(work)
+    inputs = run.inputs({"structure": structure, "train": asdict(tcfg)}, [])
+    run.restart_if_changed("retrain", inputs, ["retrain/checkpoint.pt", "retrain/before.json"])
+    rec = retrain(student, teacher, bundle, tcfg, DistillConfig("soft", 0.7, 2.0), work, resume=True,
+                  torch_device="cpu")
+    run.finished("retrain", inputs, [])
     return {"target": f, "method": name, "seed": seed, "top1": rec["top1"]}
 
 

@@ -234,7 +234,7 @@ def retrain_one(args, job) -> dict:
     base = teacher if weights == "dense" else searched_model(run, SlimSpec.dense(cfg, a))
     student = build_slim(spec, base)
     out = Path(args.work) / f"{f}-{name.replace(' ', '_').replace('(', '').replace(')', '')}-{seed}"
-    return retrain_job(args, student, teacher, bundle, out, f, name, seed)
+    return retrain_job(args, student, teacher, bundle, out, f, name, seed, [spec_d, weights])
 
 
 def phase2(args, results: dict) -> None:

@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import hashlib
 import json
 import os
 import shutil
@@ -238,10 +237,8 @@ def retrain_one(args, job) -> dict:
     else:
         searched = searched_model(r[SEARCH_OF[name]], SlimSpec.dense(cfg, a))
         student = build_slim(SlimSpec.from_dict(row["spec"]), searched)
-    # the structure's digest in the folder's name: a row measured again never resumes another structure's checkpoint
-    digest = hashlib.sha1(json.dumps(row.get("spec", row.get("merged")), sort_keys=True).encode()).hexdigest()[:8]
-    return retrain_job(args, student, teacher, bundle, Path(args.work) / f"{args.data}-{f}-{name}-{seed}-{digest}",
-                       f, name, seed)
+    return retrain_job(args, student, teacher, bundle, Path(args.work) / f"{args.data}-{f}-{name}-{seed}", f, name,
+                       seed, row.get("spec", row.get("merged")))
 
 
 def retrain_all(args) -> None:

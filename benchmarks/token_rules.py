@@ -175,7 +175,8 @@ def main() -> None:
                            ranked(att, weights["attentive"], "attentive") if rule == "attentive" else
                            ranked(att, weights["attentive"], "prior", priors["own"], 0.5))
                 work = Path(args.work) / f"{Path(args.attentive_run).name}-{keep:g}-{rule.replace(' ', '')}"
-                res = retrain_job(args, student, teacher, bundle, work, keep, rule, 0)
+                res = retrain_job(args, student, teacher, bundle, work, keep, rule, 0,
+                                  [spec.to_dict(), rule, args.attentive_run])
                 row.setdefault("retrained", {})[rule] = res["top1"]
                 print(f"keep {keep:g}: {rule} retrained {args.epochs} epochs: {res['top1']:.2f}", flush=True)
                 if args.out:
